@@ -1,0 +1,1 @@
+"""gossipfl: asynchronous peer-to-peer gossip learning."""

@@ -1,0 +1,94 @@
+"""Local training on one node's shard: minibatch SGD over a flat parameter vector."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from gossipfl.learning.data import Dataset
+from gossipfl.learning.params import ParamLayout, param_layout
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    """Runs local SGD steps and evaluates, holding the model as one flat vector ``params``.
+
+    The module only supplies the forward function (``functional_call`` over views of the flat
+    vector), so the gossip layer can read, replace and average ``params`` as a plain tensor.
+    Not thread-safe: the node serialises steps and merges.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        indices: torch.Tensor,
+        *,
+        lr: float = 0.1,
+        batch_size: int = 32,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.layout: ParamLayout = param_layout(model)
+        self.params = self.layout.flatten(dict(model.named_parameters())).contiguous()
+        self.x = data.x_train[indices]
+        self.y = data.y_train[indices]
+        self.x_test, self.y_test = data.x_test, data.y_test
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.batch_size = min(batch_size, len(self.y))
+        self._velocity = torch.zeros_like(self.params) if momentum else None
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+        self.steps = 0
+        self.last_loss = float("nan")
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # One shuffled pass over the shard per epoch: every sample seen, order seeded.
+        if self._pos + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self.y), generator=self._gen)
+            self._pos = 0
+        idx = self._order[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.x[idx], self.y[idx]
+
+    def loss_and_grad(self, params: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """Stochastic loss and gradient at ``params`` (default: the current model) on a minibatch."""
+        p = (self.params if params is None else params).detach().requires_grad_(True)
+        xb, yb = self._batch()
+        out = functional_call(self.model, self.layout.unflatten(p), (xb,))
+        loss = F.cross_entropy(out, yb)
+        (grad,) = torch.autograd.grad(loss, p)
+        return float(loss.detach()), grad
+
+    @torch.no_grad()
+    def apply_gradient(self, grad: torch.Tensor) -> None:
+        """One SGD step (with optional momentum and weight decay) in place on ``params``."""
+        if self.weight_decay:
+            grad = grad + self.weight_decay * self.params
+        if self._velocity is not None:
+            self._velocity.mul_(self.momentum).add_(grad)
+            grad = self._velocity
+        self.params.sub_(grad, alpha=self.lr)
+
+    def step(self) -> float:
+        """One local SGD step on the node's own data; returns the minibatch loss."""
+        loss, grad = self.loss_and_grad()
+        self.apply_gradient(grad)
+        self.steps += 1
+        self.last_loss = loss
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, params: torch.Tensor | None = None) -> tuple[float, float]:
+        """(loss, accuracy) of ``params`` (default: the current model) on the held-out test split."""
+        p = self.params if params is None else params
+        out = functional_call(self.model, self.layout.unflatten(p), (self.x_test,))
+        loss = F.cross_entropy(out, self.y_test)
+        acc = (out.argmax(1) == self.y_test).float().mean()
+        return float(loss), float(acc)

@@ -1,0 +1,46 @@
+"""Turn a `RunConfig` into the learning objects a node needs; shared by every engine and the CLI.
+
+Seeds are derived here, once, so that a node started by ``gossipfl node`` on a LAN, the same node
+in a local cluster and the same row of the vectorised simulator start from the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from gossipfl.algorithms import Algorithm, get_algorithm
+from gossipfl.config import RunConfig
+from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
+
+__all__ = ["build_algorithm", "build_data", "build_trainer", "node_seed", "stable_index"]
+
+
+def build_data(cfg: RunConfig) -> Dataset:
+    return load_data(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+
+
+def node_seed(cfg: RunConfig, index: int) -> int:
+    """Seed of node ``index``'s initial model (shared by all nodes when ``same_init``)."""
+    return cfg.seed if cfg.same_init else cfg.seed * 100_003 + index + 1
+
+
+def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int) -> Trainer:
+    """The Trainer of node ``index`` of ``n_shards``: its data shard, its initial model, its batch order."""
+    shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
+    model = build_model(
+        cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
+        hidden=cfg.hidden, seed=node_seed(cfg, index),
+    )
+    return Trainer(
+        model, data, shards[index % n_shards], lr=cfg.lr, batch_size=cfg.batch_size,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 7919 + index,
+    )
+
+
+def build_algorithm(cfg: RunConfig) -> Algorithm:
+    return get_algorithm(cfg.algorithm, **cfg.algorithm_params)
+
+
+def stable_index(node_id: str, modulo: int) -> int:
+    """A shard index from a node id that every process computes alike (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "little") % modulo

@@ -1,0 +1,337 @@
+"""The ``gossipfl`` command: sim, node, topology, report.
+
+Exit codes: 0 success, 2 bad usage or configuration (one line naming what is wrong), 1 anything
+else. A user mistake never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import math
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gossipfl.config import RunConfig, config_to_toml, load_config, parse_address
+from gossipfl.errors import ConfigError, GossipflError
+
+__all__ = ["main"]
+
+log = logging.getLogger("gossipfl")
+
+
+# ---------------------------------------------------------------- arguments
+
+def _learning_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by sim and node; each maps to the TOML key of the same name."""
+    p.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    p.add_argument("--topology", help="ring, torus, complete, star, hypercube, exponential, ... or a file")
+    p.add_argument("--algorithm", help="dpsgd (default), gossip, averaging")
+    p.add_argument("--data", help="digits (default), synthetic, or pkg.mod:load_data")
+    p.add_argument("--model", help="mlp (default), logreg, cnn, or pkg.mod:make_model")
+    p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="MLP hidden layer sizes")
+    p.add_argument("--partition", help="iid, dirichlet:ALPHA or shards:K")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="local steps per node")
+    g.add_argument("--duration", type=float, metavar="SECONDS", help="train for this long instead")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--gossip-every", type=int, metavar="K", help="local steps between gossip points")
+    p.add_argument("--eval-every", type=int, metavar="K", help="local steps between metric rows")
+    p.add_argument("--weights", help="metropolis (default), max_degree, uniform")
+    p.add_argument("--same-init", action="store_const", const=True,
+                   help="start every node from the same model (default: each its own)")
+    p.add_argument("--timeout", type=float, help="seconds for one peer exchange")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gossipfl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sim = sub.add_parser("sim", help="run many nodes on this host and write a run folder")
+    _learning_flags(sim)
+    sim.add_argument("--engine", help="cluster (real node services, default)")
+    sim.add_argument("--nodes", type=int, help="number of nodes (default 8)")
+    sim.add_argument("--transport", help="http (loopback sockets, default) or memory")
+    sim.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
+    sim.add_argument("--quiet", action="store_true", help="no progress, no table")
+
+    node = sub.add_parser("node", help="run one node on this machine")
+    _learning_flags(node)
+    node.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default 127.0.0.1:0)")
+    node.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT",
+                      help="a peer's address (repeatable)")
+    node.add_argument("--cluster", help="cluster name; nodes of other clusters are ignored")
+    node.add_argument("--id", help="node id (default: kept in --state-dir, else host-port)")
+    node.add_argument("--state-dir", metavar="DIR", help="checkpoint and metrics live here")
+    node.add_argument("--secret-file", metavar="FILE", help="cluster secret: messages are HMAC-signed")
+    node.add_argument("--node-index", type=int, help="which data shard this node trains on")
+    node.add_argument("--shards", type=int, help="how many shards the training data is cut into")
+
+    topo = sub.add_parser("topology", help="describe (and plot) a topology")
+    topo.add_argument("spec", metavar="FILE|NAME")
+    topo.add_argument("--nodes", type=int, default=16)
+    topo.add_argument("--weights", default="metropolis")
+    topo.add_argument("--seed", type=int, default=0)
+    topo.add_argument("--plot", metavar="FILE.png")
+
+    rep = sub.add_parser("report", help="summarise one or more run folders")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    return parser
+
+
+_NOT_CONFIG = {"command", "config", "verbose", "quiet"}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags the user actually gave, as config keys."""
+    out = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
+    if "hidden" in out:
+        out["hidden"] = tuple(out["hidden"])
+    if "peers" in out:
+        out["peers"] = tuple(out["peers"])
+    return out
+
+
+def _setup_logging(verbose: int, default: int = logging.WARNING) -> None:
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else default
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+# ---------------------------------------------------------------- sim
+
+def _run_folder(cfg: RunConfig) -> Path:
+    if cfg.out:
+        out = Path(cfg.out)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{stamp}-{cfg.algorithm}-{cfg.topology.replace('/', '_')}-{cfg.nodes}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "metrics.jsonl").exists():
+            raise ConfigError(f"out: {out} already holds a run (metrics.jsonl); choose another folder")
+        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"out: cannot write to {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    _check_topology(cfg)
+    if cfg.engine != "cluster":
+        raise ConfigError(f"engine: {cfg.engine!r} is not available yet; use cluster")
+    out = _run_folder(cfg)
+    progress = None if args.quiet else sys.stderr
+    if not args.quiet:
+        print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
+              f"{cfg.transport} transport -> {out}", file=sys.stderr)
+    from gossipfl.sim.cluster import run_cluster
+
+    summary = asyncio.run(run_cluster(cfg, out, progress=progress))
+    _write_json(out / "summary.json", summary)
+    if not args.quiet:
+        print(format_summary(summary))
+        print(f"run folder: {out}")
+    return 0
+
+
+def _check_topology(cfg: RunConfig) -> None:
+    """Build the graph once up front so a bad topology is a config error before anything starts."""
+    from gossipfl.topology import build_graph
+
+    build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    try:
+        path.write_text(json.dumps(clean(obj), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        print(f"gossipfl: could not write {path}: {exc.strerror or exc}", file=sys.stderr)
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: per node, then the cluster."""
+    lines = [f"{'node':<10}{'steps':>7}{'accuracy':>10}{'loss':>9}{'msgs out':>10}{'msgs in':>9}{'MB out':>9}"]
+    for nid, row in summary.get("per_node", {}).items():
+        lines.append(
+            f"{nid:<10}{row['steps']:>7}{_fmt(row['accuracy']):>10}{_fmt(row['loss'], '.3f'):>9}"
+            f"{row['msgs_out']:>10}{row['msgs_in']:>9}{row['bytes_out'] / 1e6:>9.2f}"
+        )
+    lines += [
+        "",
+        f"mean accuracy        {_fmt(summary['mean_accuracy'])}  (min {_fmt(summary['min_accuracy'])}, "
+        f"max {_fmt(summary['max_accuracy'])})",
+        f"averaged model       {_fmt(summary['avg_model_accuracy'])}",
+        f"consensus distance   {_fmt(summary['consensus_distance'], '.3e')}  "
+        f"(start {_fmt(summary.get('initial_consensus_distance'), '.3e')})",
+        f"messages             {summary['messages']}  ({summary['bytes'] / 1e6:.2f} MB)",
+        f"node steps           {summary['node_steps']} in {summary['wall_seconds']:.1f} s",
+    ]
+    if "consensus_rate" in summary or "predicted_rate" in summary:
+        lines.append(f"consensus rate       {_fmt(summary.get('consensus_rate'))} per round measured, "
+                     f"{_fmt(summary.get('predicted_rate'))} predicted (SLEM^2)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- node
+
+def _read_secret(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"secret_file: cannot read {path}: {exc.strerror or exc}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"secret_file: {path} holds {len(secret)} bytes; use at least 16 random bytes")
+    return secret
+
+
+def _node_id(cfg: RunConfig) -> str:
+    """Given id, else the one kept in the state dir (stable across restarts), else host-port."""
+    if cfg.id:
+        return cfg.id
+    _, port = parse_address(cfg.listen, key="listen")
+    fresh = f"{socket.gethostname()}-{port if port else uuid.uuid4().hex[:6]}"
+    if cfg.state_dir is None:
+        return fresh
+    path = Path(cfg.state_dir) / "node_id"
+    try:
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip() or fresh
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(fresh + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot use {cfg.state_dir}: {exc.strerror or exc}") from None
+    return fresh
+
+
+async def _serve_node(cfg: RunConfig) -> int:
+    from gossipfl.build import build_algorithm, build_data, build_trainer, stable_index
+    from gossipfl.metrics import MetricsWriter
+    from gossipfl.node import Node
+
+    node_id = _node_id(cfg)
+    secret = _read_secret(cfg.secret_file)
+    data = build_data(cfg)
+    shards = cfg.shards or 1
+    index = cfg.node_index if cfg.node_index is not None else stable_index(node_id, shards)
+    if cfg.shards is None:
+        log.info("no --shards given: this node trains on the whole training set")
+    trainer = build_trainer(cfg, data, index, shards)
+    metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Node(cfg, node_id=node_id, trainer=trainer, algorithm=build_algorithm(cfg),
+                        metrics=metrics, secret=secret, state_dir=cfg.state_dir,
+                        seed=stable_index(node_id, 2**31)) as node:
+            print(f"gossipfl node {node_id} on {node.address} (cluster {cfg.cluster}, shard {index}/{shards})",
+                  file=sys.stderr, flush=True)
+            finished = asyncio.create_task(node.finished.wait())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (finished, stopped):
+                t.cancel()
+            print(f"node {node_id}: step {node.state.step}, accuracy {node.accuracy:.4f}", file=sys.stderr)
+    finally:
+        metrics.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    _setup_logging(args.verbose, default=logging.INFO)
+    return asyncio.run(_serve_node(cfg))
+
+
+# ---------------------------------------------------------------- topology, report
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from gossipfl.topology import build_graph, describe, plot_graph
+
+    if args.nodes < 1:
+        raise ConfigError(f"nodes: must be a positive integer, got {args.nodes}")
+    graph = build_graph(args.spec, args.nodes, seed=args.seed)
+    info = describe(graph, args.weights)
+    for key, value in info.items():
+        print(f"{key:<22}{_fmt(value, '.6g') if isinstance(value, float) else value}")
+    if args.plot:
+        try:
+            plot_graph(graph, args.plot, title=f"{args.spec} ({args.nodes} nodes)")
+        except OSError as exc:
+            raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    for run in args.runs:
+        path = Path(run) / "summary.json"
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"report: cannot read {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"report: {path} is not valid JSON: {exc}") from None
+        print(f"== {run}")
+        print(format_summary(summary))
+    return 0
+
+
+COMMANDS = {"sim": cmd_sim, "node": cmd_node, "topology": cmd_topology, "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits with 2 on bad usage
+    if args.command != "node":
+        _setup_logging(getattr(args, "verbose", 0))
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"gossipfl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except GossipflError as exc:
+        print(f"gossipfl {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gossipfl {args.command}: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Metrics: JSONL rows (one JSON object per line) and the cluster-level measures.
+
+Node rows: node, t, step, loss, accuracy, bytes_out, bytes_in, msgs_out, msgs_in.
+Cluster rows: node = null, t, consensus_distance, avg_model_accuracy, mean_accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["MetricsWriter", "consensus_distance", "read_metrics"]
+
+log = logging.getLogger("gossipfl.metrics")
+
+
+def consensus_distance(params: torch.Tensor) -> float:
+    """Mean over nodes of the squared distance to the average model: (1/N) sum_i ||x_i - x_bar||^2.
+
+    ``params`` is [N, D]. Zero means every node holds the same model.
+    """
+    p = params.double()
+    return float(((p - p.mean(0, keepdim=True)) ** 2).sum(1).mean())
+
+
+def _clean(v: Any) -> Any:
+    # JSON has no NaN/Inf; write null rather than produce a file other tools cannot parse.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.jsonl``; thread-safe; a full disk is logged once, not raised.
+
+    Losing a metrics row must never stop learning, so write errors are counted and reported.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.rows: list[dict[str, Any]] = []  # kept in memory too, for summaries
+        self.write_errors = 0
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        with self._lock:
+            self.rows.append(row)
+            if self._file is None:
+                return
+            try:
+                self._file.write(json.dumps(row) + "\n")
+                self._file.flush()
+            except OSError as exc:
+                self.write_errors += 1
+                if self.write_errors == 1:
+                    log.error("cannot write metrics to %s (%s); learning continues", self.path, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError as exc:
+                    log.error("closing %s failed: %s", self.path, exc)
+                self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file; a truncated last line (crash mid-write) is skipped."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows

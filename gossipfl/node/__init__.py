@@ -1,0 +1,6 @@
+"""The node service: one learner that serves HTTP, trains, gossips and tracks its peers."""
+
+from gossipfl.node.node import Node
+from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
+
+__all__ = ["HttpTransport", "MemoryNetwork", "Node", "Transport"]

@@ -1,0 +1,600 @@
+"""`Node`: one learner as an async service.
+
+A node owns, inside one task group: an HTTP server (aiohttp, or a slot on an in-memory network),
+a training loop (local steps run in a worker thread so the event loop keeps serving), a gossip
+loop (sends the newest snapshot to the algorithm's targets), and a membership loop (probes
+static peers, expires dead ones). Received messages are validated by the wire codec and queued;
+they are merged between two local steps, never during one, so a step sees a consistent model.
+
+There is no barrier: a node trains at most one gossip period ahead of its own outgoing messages
+(back-pressure on its own sends only), and never waits for anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from aiohttp import web
+
+from gossipfl import wire
+from gossipfl.algorithms import Algorithm, LocalState, Message
+from gossipfl.config import RunConfig, parse_address
+from gossipfl.errors import (
+    BadSignature,
+    ConfigError,
+    FingerprintMismatch,
+    GossipflError,
+    MessageTooLarge,
+    PeerError,
+    TopologyError,
+    WireError,
+)
+from gossipfl.learning.trainer import Trainer
+from gossipfl.node.membership import Membership
+from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
+from gossipfl.topology import graph_for_members, local_weights, neighbours
+
+__all__ = ["Node"]
+
+PROBE_INTERVAL = 1.0  # seconds between membership passes
+RECENT_CONTACT = 3.0  # a peer heard from this recently is not probed
+INBOX_LIMIT = 256  # queued messages beyond this drop the oldest (a slow node must not balloon)
+CHECKPOINT_EVERY = 50  # local steps between checkpoints when a state dir is set
+
+_REASONS: list[tuple[type[WireError], str]] = [
+    (MessageTooLarge, "too_large"),
+    (FingerprintMismatch, "fingerprint"),
+    (BadSignature, "signature"),
+]
+
+
+class _Rejected(WireError):
+    """A well-formed message this node still refuses (other cluster or algorithm, bad shape)."""
+
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.http_status = status
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+class Node:
+    """One gossip-learning node: ``async with Node(cfg, ...) as node: await node.finished.wait()``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        node_id: str,
+        trainer: Trainer,
+        algorithm: Algorithm,
+        network: MemoryNetwork | None = None,
+        metrics: Callable[[dict[str, Any]], None] | None = None,
+        secret: bytes | None = None,
+        t0: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        state_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.id = node_id
+        self.trainer = trainer
+        self.algorithm = algorithm
+        self.state = LocalState(params=trainer.params)
+        self.fingerprint = trainer.layout.fingerprint
+        self.secret = secret
+        self.log = logging.getLogger(f"gossipfl.node.{node_id}")
+        self._network = network
+        self._transport: Transport = network.transport() if network else HttpTransport()
+        self._metrics = metrics or (lambda row: None)
+        self._clock = clock
+        self._t0 = t0
+        self._rng = random.Random(seed)
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self.membership = Membership(node_id, peer_timeout=cfg.peer_timeout, clock=clock)
+        for addr in cfg.peers:
+            self.membership.add_static(addr)
+        self.address = ""
+        # learning state, guarded by _lock (worker thread vs. event loop)
+        self._lock = threading.Lock()
+        self._inbox: list[Message] = []
+        self._templates = {k: (v.shape, v.dtype) for k, v in algorithm.message(self.state).tensors.items()}
+        # counters reported by /status and metrics
+        self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
+        self.dropped = 0
+        self.rejected: Counter[str] = Counter()
+        self.loss = float("nan")
+        self.accuracy = float("nan")
+        self.finished = asyncio.Event()
+        # gossip hand-off: the newest encoded message, and whether a send is in flight
+        self._outgoing: bytes | None = None
+        self._outgoing_ready = asyncio.Event()
+        self._send_idle = asyncio.Event()
+        self._send_idle.set()
+        # neighbour view, recomputed when membership changes
+        self._view_version = -1
+        self._neighbours: list[str] = []
+        self._weights: dict[str, float] = {}
+        self._degree = 0
+        self._alone: bool | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._warned: set[str] = set()
+        # the training loop waits for this, so a cluster can wire every node's peers first
+        self.go = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self, *, hold: bool = False) -> None:
+        """Bind the server, restore a checkpoint if any, start the loops. Starting twice is refused.
+
+        With ``hold=True`` training waits until ``node.go`` is set (a cluster uses this to tell
+        every node where its peers are before anyone takes a step).
+        """
+        if self._stack is not None or self._closed:
+            raise RuntimeError(f"node {self.id} was already started")
+        if self._t0 is None:
+            self._t0 = self._clock()
+        self._restore_checkpoint()
+        stack = contextlib.AsyncExitStack()
+        self._stack = stack
+        try:
+            await self._start_server(stack)
+            stack.push_async_callback(self._transport.aclose)
+            tg = await stack.enter_async_context(asyncio.TaskGroup())
+            stack.callback(self._cancel_tasks)  # runs before the task group waits for them
+            self._tasks = [
+                tg.create_task(self._membership_loop(), name=f"{self.id}-membership"),
+                tg.create_task(self._gossip_loop(), name=f"{self.id}-gossip"),
+                tg.create_task(self._train_loop(), name=f"{self.id}-train"),
+            ]
+        except BaseException:
+            self._stack = None
+            await stack.aclose()
+            raise
+        if not hold:
+            self.go.set()
+        self.log.info("node %s listening on %s (model %s, %d parameters)",
+                      self.id, self.address, self.fingerprint, self.trainer.layout.numel)
+
+    def _cancel_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+
+    async def aclose(self) -> None:
+        """Stop loops, save a checkpoint, close the server; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+        if self._state_dir is not None:
+            await asyncio.to_thread(self._save_checkpoint)
+
+    async def _start_server(self, stack: contextlib.AsyncExitStack) -> None:
+        if self._network is not None:
+            host, _ = parse_address(self.cfg.listen, key="listen")
+            self.address = self._network.register(self.handle, host=host)
+            stack.callback(self._network.unregister, self.address)
+            return
+        host, port = parse_address(self.cfg.listen, key="listen")
+        app = web.Application(client_max_size=self.cfg.max_message_bytes + 2**20)
+        app.router.add_route("*", "/{tail:.*}", self._http_entry)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"listen: cannot bind {host}:{port}: {exc.strerror or exc}") from None
+        bound = runner.addresses[0]
+        self.address = _advertised_address(host, bound[1])
+
+    # ------------------------------------------------------------------ serving
+
+    async def _http_entry(self, request: web.Request) -> web.Response:
+        """HTTP adapter around `handle`: enforce the size limit before reading the body."""
+        limit = self.cfg.max_message_bytes
+        if request.content_length is not None and request.content_length > limit:
+            self.rejected["too_large"] += 1
+            return _error_response(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.rejected["too_large"] += 1
+            return _error_response(413, "too_large", f"body exceeds {limit} bytes")
+        status, out = await self.handle(request.method, request.path, body)
+        return web.Response(status=status, body=out, content_type="application/json")
+
+    async def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        """The node's one entry point for requests, shared by HTTP and the in-memory network."""
+        if path == "/status" and method == "GET":
+            return 200, _json(self.status())
+        if path == "/gossip":
+            if method != "POST":
+                return 405, _json({"error": "use POST for /gossip", "reason": "method"})
+            return self.rpc_gossip(body)
+        return 404, _json({"error": f"no such endpoint: {method} {path}", "reason": "not_found"})
+
+    def rpc_gossip(self, body: bytes) -> tuple[int, bytes]:
+        """Validate one message and queue it for the next merge; the model is untouched on error."""
+        try:
+            env = self._accept(body)
+        except WireError as exc:
+            reason = getattr(exc, "reason", None) or next(
+                (r for cls, r in _REASONS if isinstance(exc, cls)), "malformed"
+            )
+            self.rejected[reason] += 1
+            self._warn_once(f"reject-{reason}", "rejected a message (%s): %s", reason, exc)
+            return exc.http_status, _json({"error": str(exc), "reason": reason})
+        self.bytes_in += len(body)
+        self.msgs_in += 1
+        addr = env.meta.get("addr")
+        if isinstance(addr, str) and _valid_address(addr):
+            if self.membership.seen(env.sender, addr):
+                self.log.info("peer %s joined at %s (it messaged us)", env.sender, addr)
+        msg = Message(
+            sender=env.sender, tensors=env.tensors, step=env.step, age=env.age,
+            round=env.round, weight=env.weight, meta=env.meta,
+        )
+        with self._lock:
+            self._inbox.append(msg)
+            if len(self._inbox) > INBOX_LIMIT:
+                del self._inbox[0]
+                self.dropped += 1
+        return 200, _json({"ok": True})
+
+    def _accept(self, body: bytes) -> wire.Envelope:
+        env = wire.decode(body, secret=self.secret, max_bytes=self.cfg.max_message_bytes,
+                          fingerprint=self.fingerprint)
+        if env.cluster != self.cfg.cluster:
+            raise _Rejected("cluster", f"message for cluster {env.cluster!r}, this node is in "
+                            f"{self.cfg.cluster!r}", 409)
+        if env.algorithm != self.algorithm.name:
+            raise _Rejected("algorithm", f"message from algorithm {env.algorithm!r}, this node runs "
+                            f"{self.algorithm.name!r}", 409)
+        if env.sender == self.id or not env.sender:
+            raise _Rejected("sender", f"bad sender id {env.sender!r}")
+        if set(env.tensors) != set(self._templates):
+            raise _Rejected("shape", f"expected tensors {sorted(self._templates)}, got {sorted(env.tensors)}")
+        for name, t in env.tensors.items():
+            shape, dtype = self._templates[name]
+            if t.shape != shape or t.dtype != dtype:
+                raise _Rejected("shape", f"tensor {name!r} is {t.dtype}{list(t.shape)}, "
+                                f"expected {dtype}{list(shape)}")
+        try:
+            wire.require_finite(env)
+        except WireError as exc:
+            raise _Rejected("nonfinite", str(exc)) from None
+        return env
+
+    def status(self) -> dict[str, Any]:
+        """The `/status` document: identity, progress, peers and traffic counters."""
+        return {
+            "id": self.id,
+            "cluster": self.cfg.cluster,
+            "address": self.address,
+            "algorithm": self.algorithm.name,
+            "fingerprint": self.fingerprint,
+            "topology": self.cfg.topology,
+            "step": self.state.step,
+            "loss": _finite_or_none(self.loss),
+            "accuracy": _finite_or_none(self.accuracy),
+            "peers": self.membership.snapshot(),
+            "neighbours": list(self._neighbours),
+            "alone": not self._neighbours,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "msgs_in": self.msgs_in,
+            "msgs_out": self.msgs_out,
+            "dropped": self.dropped,
+            "rejected": dict(self.rejected),
+            "finished": self.finished.is_set(),
+        }
+
+    # ------------------------------------------------------------------ neighbours
+
+    def _refresh_view(self) -> None:
+        """Map the current membership onto the topology; every node computes the same graph."""
+        if self._view_version == self.membership.version:
+            return
+        self._view_version = self.membership.version
+        members = [*self.membership.ids(), self.id]
+        graph = self._member_graph(members)
+        old = set(self._neighbours)
+        self._neighbours = neighbours(graph, self.id)
+        self._degree = len(self._neighbours)
+        if self.algorithm.requirements.weights == "symmetric" and not graph.is_directed():
+            _, self._weights = local_weights(graph, self.id, self.cfg.weights)
+        else:
+            self._weights = {n: 1.0 / (1 + self._degree) for n in self._neighbours}
+        if set(self._neighbours) != old:
+            self.log.info("%d members; neighbours now %s", len(members), ", ".join(self._neighbours) or "none")
+        alone = not self._neighbours
+        if alone != self._alone:
+            self._alone = alone
+            if alone:
+                self.log.warning("no peers reachable: training alone until one appears")
+            else:
+                self.log.info("gossiping with %d neighbour(s)", len(self._neighbours))
+
+    def _member_graph(self, members: list[str]) -> nx.Graph:
+        try:
+            return graph_for_members(self.cfg.topology, members, seed=self.cfg.seed)
+        except TopologyError as exc:
+            # Membership sizes vary on a LAN (a hypercube of 3 does not exist): fall back loudly.
+            fallback = "complete" if len(members) <= 3 else "ring"
+            self._warn_once(f"topo-{len(members)}", "topology %r does not fit %d members (%s); using %s",
+                            self.cfg.topology, len(members), exc, fallback)
+            return graph_for_members(fallback, members, seed=self.cfg.seed)
+
+    def _merge_weights(self, messages: Sequence[Message]) -> dict[str, float]:
+        """Mixing weight per sender; a sender outside our view gets Metropolis-Hastings from its degree."""
+        weights = dict(self._weights)
+        for m in messages:
+            if m.sender not in weights:
+                deg = m.meta.get("deg")
+                d = int(deg) if isinstance(deg, int) and not isinstance(deg, bool) and deg >= 0 else self._degree
+                weights[m.sender] = 1.0 / (1 + max(self._degree, d))
+        senders = {m.sender for m in messages}
+        total = sum(weights[s] for s in senders)
+        if total > 1.0:  # transient view disagreement: keep the merge a convex combination
+            weights = {s: w / total for s, w in weights.items()}
+        return weights
+
+    # ------------------------------------------------------------------ loops
+
+    def _now(self) -> float:
+        assert self._t0 is not None
+        return self._clock() - self._t0
+
+    async def _train_loop(self) -> None:
+        cfg = self.cfg
+        trains = self.algorithm.requirements.trains
+        deadline = None if cfg.duration is None else self._clock() + cfg.duration
+        target = cfg.steps if deadline is None else None
+        await self.go.wait()
+        await self._probe_once()  # learn who is there before the first step
+        await asyncio.to_thread(self._evaluate_and_record)
+        done = 0
+        while True:
+            if target is not None and done >= target:
+                break
+            if deadline is not None and self._clock() >= deadline:
+                break
+            self._refresh_view()
+            gossip_now = (self.state.step + 1) % cfg.gossip_every == 0
+            if gossip_now:
+                await self._send_idle.wait()  # back-pressure on our own sends only
+            body = await asyncio.to_thread(self._work, trains, gossip_now)
+            done += 1
+            if body is not None:
+                self._outgoing = body
+                self._send_idle.clear()
+                self._outgoing_ready.set()
+            if self.state.step % cfg.eval_every == 0:
+                await asyncio.to_thread(self._evaluate_and_record)
+            if self._state_dir is not None and self.state.step % CHECKPOINT_EVERY == 0:
+                await asyncio.to_thread(self._save_checkpoint)
+            if not trains:
+                await asyncio.sleep(0)  # pure averaging does no compute; let messages arrive
+        await self._send_idle.wait()
+        await asyncio.to_thread(self._evaluate_and_record)
+        self.finished.set()
+        self.log.info("finished %d steps: accuracy %.4f", self.state.step, self.accuracy)
+
+    def _work(self, trains: bool, gossip_now: bool) -> bytes | None:
+        """Merge what arrived, take one local step, snapshot and encode a message (worker thread)."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            if inbox:
+                self.algorithm.merge(self.state, inbox, self._merge_weights(inbox))
+            if trains:
+                self.loss = self.trainer.step()
+                self.state.age += 1
+            self.state.step += 1
+            if not gossip_now:
+                return None
+            msg = self.algorithm.message(self.state)
+        env = wire.Envelope(
+            cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
+            fingerprint=self.fingerprint, step=msg.step, age=msg.age, round=msg.round,
+            weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
+            tensors=dict(msg.tensors),
+        )
+        return bytes(wire.encode(env, secret=self.secret))
+
+    def _evaluate_and_record(self) -> None:
+        with self._lock:
+            loss, acc = self.trainer.evaluate(self.state.params)
+        self.accuracy = acc
+        if not self.algorithm.requirements.trains:
+            self.loss = loss
+        self._metrics({
+            "node": self.id, "t": round(self._now(), 4), "step": self.state.step,
+            "loss": loss, "train_loss": self.loss, "accuracy": acc,
+            "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+            "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
+        })
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            await self._outgoing_ready.wait()
+            self._outgoing_ready.clear()
+            body, self._outgoing = self._outgoing, None
+            try:
+                if body is not None:
+                    self._refresh_view()
+                    targets = self.algorithm.targets(self._neighbours, self._rng)
+                    await asyncio.gather(*(self._send(t, body) for t in targets))
+            finally:
+                self._send_idle.set()
+
+    async def _send(self, peer_id: str, body: bytes) -> None:
+        address = self.membership.address(peer_id)
+        if address is None:
+            return
+        try:
+            reply = await self._transport.request(address, "POST", "/gossip", body, timeout=self.cfg.timeout)
+        except PeerError as exc:
+            if self.membership.contact_failed(peer_id):
+                self.log.warning("peer %s left: unreachable for %.0f s (%s)", peer_id, self.cfg.peer_timeout, exc)
+            return
+        if reply.status == 200:
+            self.bytes_out += len(body)
+            self.msgs_out += 1
+            self.membership.seen(peer_id, address)
+        else:
+            self._warn_once(f"refused-{peer_id}-{reply.status}", "peer %s refused our message (%d): %s",
+                            peer_id, reply.status, reply.body[:200].decode(errors="replace"))
+
+    async def _membership_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            await self._probe_once()
+            for gone in self.membership.expire():
+                self.log.warning("peer %s left: no contact for %.0f s", gone, self.cfg.peer_timeout)
+
+    async def _probe_once(self) -> None:
+        due = self.membership.static_due(recent=RECENT_CONTACT)
+        if due:
+            await asyncio.gather(*(self._probe(a) for a in due))
+
+    async def _probe(self, address: str) -> None:
+        """Ask a static peer who it is; a node of another cluster or model is ignored, loudly."""
+        try:
+            reply = await self._transport.request(address, "GET", "/status", timeout=self.cfg.timeout)
+            info = reply.json() if reply.status == 200 else None
+        except PeerError as exc:
+            self._warn_once(f"probe-{address}", "peer %s unreachable (%s); retrying with back-off", address, exc)
+            self.membership.probe_failed(address)
+            return
+        if not isinstance(info, dict) or not isinstance(info.get("id"), str):
+            self._warn_once(f"probe-bad-{address}", "%s is not a gossipfl node; ignoring it", address)
+            self.membership.probe_failed(address)
+            return
+        for key, ours in (("cluster", self.cfg.cluster), ("fingerprint", self.fingerprint),
+                          ("algorithm", self.algorithm.name)):
+            if info.get(key) != ours:
+                self._warn_once(f"probe-{key}-{address}", "ignoring %s at %s: %s %r differs from ours %r",
+                                info["id"], address, key, info.get(key), ours)
+                self.membership.probe_failed(address)
+                return
+        self._warned.discard(f"probe-{address}")
+        if self.membership.seen(info["id"], address):
+            self.log.info("peer %s joined at %s", info["id"], address)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_path(self) -> Path:
+        assert self._state_dir is not None
+        return self._state_dir / "checkpoint.gfl"
+
+    def _save_checkpoint(self) -> None:
+        """Write params, step and age atomically (temp file + rename); a full disk is logged, not fatal."""
+        path = self._checkpoint_path()
+        with self._lock:
+            env = wire.Envelope(
+                cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
+                fingerprint=self.fingerprint, kind="checkpoint", step=self.state.step,
+                age=self.state.age, tensors={"params": self.state.params.clone()},
+            )
+        tmp = path.with_suffix(".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as f:
+                f.write(wire.encode(env))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.log.error("checkpoint not saved to %s: %s (the previous one is kept)", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _restore_checkpoint(self) -> None:
+        if self._state_dir is None or not self._checkpoint_path().exists():
+            return
+        path = self._checkpoint_path()
+        try:
+            env = wire.decode(path.read_bytes(), fingerprint=self.fingerprint)
+            params = env.tensors["params"]
+            if params.shape != self.state.params.shape:
+                raise WireError(f"params of shape {list(params.shape)}")
+            wire.require_finite(env)
+        except (OSError, KeyError, GossipflError) as exc:
+            self.log.warning("ignoring checkpoint %s: %s", path, exc)
+            return
+        self.state.params.copy_(params)
+        self.state.step, self.state.age = env.step, env.age
+        self.log.info("resumed from %s at step %d", path, env.step)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _warn_once(self, key: str, fmt: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warning(fmt, *args)
+
+
+def _error_response(status: int, reason: str, message: str) -> web.Response:
+    return web.Response(status=status, body=_json({"error": message, "reason": reason}),
+                        content_type="application/json")
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _valid_address(addr: str) -> bool:
+    try:
+        parse_address(addr)
+    except ConfigError:
+        return False
+    return True
+
+
+def _advertised_address(host: str, port: int) -> str:
+    """The address peers should use: a wildcard bind advertises this host's primary IP."""
+    if host in ("0.0.0.0", "", "::"):
+        host = _primary_ip()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _primary_ip() -> str:
+    # The source address the kernel would pick for a LAN destination; no packet is sent.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+

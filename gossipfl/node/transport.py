@@ -1,0 +1,124 @@
+"""How requests travel between nodes: real HTTP (aiohttp) or an in-memory network.
+
+Both carry the same bytes to the same handler (`Node.handle`), so everything a node does with a
+message -- size limits, decoding, validation, merge -- is exercised with or without sockets.
+Names mirror the server side: ``call_gossip`` here, ``rpc_gossip`` in the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from gossipfl.errors import PeerError, PeerTimeout
+
+__all__ = ["Handler", "HttpTransport", "MemoryNetwork", "MemoryTransport", "Reply", "Transport"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A peer's answer: HTTP status and its JSON body (or raw bytes for binary replies)."""
+
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            raise PeerError(f"peer answered {self.status} with a body that is not JSON") from None
+
+
+# (method, path, body) -> (status, body); the node's single entry point for requests.
+Handler = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
+
+
+class Transport(Protocol):
+    """Sends one request to a peer address (``host:port``) and returns its reply."""
+
+    async def request(self, address: str, method: str, path: str, body: bytes = b"", *, timeout: float) -> Reply:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+class HttpTransport:
+    """aiohttp client with one pooled session; every call bounded by ``timeout``."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # Loopback and LAN peers: keep connections alive, do not touch proxies from the env.
+            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=60)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
+
+    async def request(self, address: str, method: str, path: str, body: bytes = b"", *, timeout: float) -> Reply:
+        session = self._get_session()
+        url = f"http://{address}{path}"
+        try:
+            async with asyncio.timeout(timeout):
+                async with session.request(
+                    method, url, data=body or None,
+                    headers={"Content-Type": "application/octet-stream"} if body else None,
+                ) as resp:
+                    return Reply(resp.status, await resp.read())
+        except TimeoutError:
+            raise PeerTimeout(f"{address}: no answer to {method} {path} within {timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise PeerError(f"{address}: {method} {path} failed: {exc or type(exc).__name__}") from None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+class MemoryNetwork:
+    """A switchboard of in-process nodes keyed by address; no sockets, same handler code."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self._next_port = 1
+
+    def register(self, handler: Handler, host: str = "mem") -> str:
+        """Attach a node's handler and return its made-up address."""
+        address = f"{host}:{self._next_port}"
+        self._next_port += 1
+        self._handlers[address] = handler
+        return address
+
+    def unregister(self, address: str) -> None:
+        self._handlers.pop(address, None)
+
+    def transport(self) -> MemoryTransport:
+        return MemoryTransport(self)
+
+
+class MemoryTransport:
+    """Delivers requests by calling the peer's handler directly (bytes are still copied)."""
+
+    def __init__(self, network: MemoryNetwork) -> None:
+        self._network = network
+
+    async def request(self, address: str, method: str, path: str, body: bytes = b"", *, timeout: float) -> Reply:
+        handler = self._network._handlers.get(address)
+        if handler is None:
+            raise PeerError(f"{address}: connection refused (no node at this address)")
+        try:
+            async with asyncio.timeout(timeout):
+                status, out = await handler(method, path, bytes(body))
+        except TimeoutError:
+            raise PeerTimeout(f"{address}: no answer to {method} {path} within {timeout:g} s") from None
+        return Reply(status, out)
+
+    async def aclose(self) -> None:
+        return None

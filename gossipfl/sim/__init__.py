@@ -1,0 +1,1 @@
+"""Engines that run many nodes on one host."""

@@ -1,0 +1,179 @@
+"""The local-cluster engine: N real `Node` services in one process.
+
+Nodes talk over loopback HTTP (real sockets, real aiohttp) or an in-memory network (same node
+code, no sockets). Each node only knows the others' addresses, exactly as with ``--peer`` on a
+LAN; topology and weights come from each node's own membership view. A monitor samples every
+node's model periodically to measure what no single node can: consensus distance and the
+accuracy of the averaged model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from gossipfl.build import build_algorithm, build_data, build_trainer
+from gossipfl.config import RunConfig
+from gossipfl.metrics import MetricsWriter, consensus_distance
+from gossipfl.node import MemoryNetwork, Node
+from gossipfl.topology import build_graph, mixing_matrix, slem
+
+__all__ = ["run_cluster"]
+
+log = logging.getLogger("gossipfl.sim")
+
+
+def node_ids(n: int) -> list[str]:
+    width = max(2, len(str(n - 1)))
+    return [f"n{i:0{width}d}" for i in range(n)]
+
+
+class _Monitor:
+    """Samples all nodes: consensus distance, averaged-model accuracy, mean accuracy."""
+
+    def __init__(self, nodes: list[Node], metrics: Callable[[dict[str, Any]], None], t0: float) -> None:
+        self.nodes, self.metrics, self.t0 = nodes, metrics, t0
+        self.history: list[dict[str, Any]] = []
+
+    def snapshot(self) -> torch.Tensor:
+        rows = []
+        for n in self.nodes:
+            with n._lock:
+                rows.append(n.state.params.clone())
+        return torch.stack(rows)
+
+    def sample(self) -> dict[str, Any]:
+        params = self.snapshot()
+        _, avg_acc = self.nodes[0].trainer.evaluate(params.mean(0))
+        accs = [n.accuracy for n in self.nodes if not math.isnan(n.accuracy)]
+        row = {
+            "node": None,
+            "t": round(time.monotonic() - self.t0, 4),
+            "mean_step": sum(n.state.step for n in self.nodes) / len(self.nodes),
+            "consensus_distance": consensus_distance(params),
+            "avg_model_accuracy": avg_acc,
+            "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        }
+        self.metrics(row)
+        self.history.append(row)
+        return row
+
+
+def _progress_line(row: dict[str, Any], nodes: list[Node], cfg: RunConfig) -> str:
+    total = cfg.steps if cfg.duration is None else None
+    steps = f"{row['mean_step']:.0f}" + (f"/{total}" if total else "")
+    acc = row["mean_accuracy"]
+    msgs = sum(n.msgs_out for n in nodes)
+    return (f"t={row['t']:6.1f}s  step {steps:>9}  mean acc "
+            f"{'  -  ' if acc is None else f'{acc:.3f}'}  consensus {row['consensus_distance']:.2e}  msgs {msgs}")
+
+
+def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig) -> dict[str, float]:
+    """Measured per-round contraction of the consensus distance vs. SLEM(W)^2 of the mixing matrix."""
+    pts = [(h["mean_step"], h["consensus_distance"]) for h in history if h["consensus_distance"] > 1e-20]
+    out: dict[str, float] = {}
+    if len(pts) >= 3:
+        xs = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+        ys = torch.log(torch.tensor([p[1] for p in pts], dtype=torch.float64))
+        xm, ym = xs.mean(), ys.mean()
+        denom = ((xs - xm) ** 2).sum()
+        if denom > 0:
+            out["consensus_rate"] = float(torch.exp(((xs - xm) * (ys - ym)).sum() / denom))
+    graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
+    out["predicted_rate"] = slem(mixing_matrix(graph, cfg.weights)) ** 2
+    return out
+
+
+async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sys.stderr,
+                      monitor_every: float = 0.5) -> dict[str, Any]:
+    """Run ``cfg.nodes`` nodes to completion; write metrics.jsonl and return the summary dict."""
+    data = build_data(cfg)
+    algorithm_check = build_algorithm(cfg)  # fail fast on a bad name before binding sockets
+    del algorithm_check
+    network = MemoryNetwork() if cfg.transport == "memory" else None
+    ids = node_ids(cfg.nodes)
+    writer = MetricsWriter(out / "metrics.jsonl")
+    t0 = time.monotonic()
+    nodes = [
+        Node(cfg.replace(listen="127.0.0.1:0", peers=()), node_id=nid,
+             trainer=build_trainer(cfg, data, i, cfg.nodes), algorithm=build_algorithm(cfg),
+             network=network, metrics=writer, t0=t0, seed=cfg.seed * 31 + i)
+        for i, nid in enumerate(ids)
+    ]
+    monitor = _Monitor(nodes, writer, t0)
+    is_tty = progress is not None and progress.isatty()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for n in nodes:
+                await n.start(hold=True)
+                stack.push_async_callback(n.aclose)
+            for n in nodes:  # each node learns the others' addresses, as --peer would tell it
+                for other in nodes:
+                    if other is not n:
+                        n.membership.add_static(other.address)
+            monitor.sample()  # the starting point: distinct random models, nothing learned
+            for n in nodes:
+                n.go.set()
+            last_print = 0.0
+            while not all(n.finished.is_set() for n in nodes):
+                done = asyncio.gather(*(n.finished.wait() for n in nodes))
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), monitor_every)
+                except TimeoutError:
+                    pass
+                finally:
+                    done.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await done
+                row = monitor.sample()
+                if progress is not None and (is_tty or row["t"] - last_print >= 5.0):
+                    last_print = row["t"]
+                    print(("\r" if is_tty else "") + _progress_line(row, nodes, cfg),
+                          end="" if is_tty else "\n", file=progress, flush=True)
+            final = monitor.sample()
+            if progress is not None and is_tty:
+                print(file=progress)
+    finally:
+        writer.close()
+    return _summary(cfg, nodes, monitor, final, time.monotonic() - t0)
+
+
+def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
+             wall: float) -> dict[str, Any]:
+    accs = [n.accuracy for n in nodes]
+    summary: dict[str, Any] = {
+        "engine": "cluster",
+        "transport": cfg.transport,
+        "nodes": len(nodes),
+        "mean_accuracy": sum(accs) / len(accs),
+        "min_accuracy": min(accs),
+        "max_accuracy": max(accs),
+        "avg_model_accuracy": final["avg_model_accuracy"],
+        "consensus_distance": final["consensus_distance"],
+        "initial_consensus_distance": monitor.history[0]["consensus_distance"],
+        "messages": sum(n.msgs_out for n in nodes),
+        "bytes": sum(n.bytes_out for n in nodes),
+        "rejected": sum(sum(n.rejected.values()) for n in nodes),
+        "wall_seconds": round(wall, 3),
+        "node_steps": sum(n.state.step for n in nodes),
+        "per_node": {
+            n.id: {
+                "accuracy": n.accuracy, "loss": n.loss, "steps": n.state.step,
+                "msgs_out": n.msgs_out, "msgs_in": n.msgs_in,
+                "bytes_out": n.bytes_out, "bytes_in": n.bytes_in,
+            }
+            for n in nodes
+        },
+    }
+    if not nodes[0].algorithm.requirements.trains:
+        summary.update(_consensus_rates(monitor.history, cfg))
+    return summary

@@ -1,0 +1,183 @@
+"""The node service over real loopback HTTP: serving, rejecting bad input, peers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import aiohttp
+import pytest
+import torch
+
+from gossipfl import wire
+from gossipfl.config import RunConfig
+from helpers import make_node, running
+
+BASE = RunConfig(steps=10_000, eval_every=10, listen="127.0.0.1:0", timeout=2.0, peer_timeout=1.5)
+
+
+def envelope(node, **changes) -> wire.Envelope:
+    """A valid message for ``node``, built from its own model, with ``changes`` applied."""
+    fields = dict(cluster=node.cfg.cluster, sender="intruder", algorithm=node.algorithm.name,
+                  fingerprint=node.fingerprint, tensors={"params": torch.zeros_like(node.state.params)})
+    fields.update(changes)
+    return wire.Envelope(**fields)
+
+
+async def post(address: str, body: bytes) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.post(f"http://{address}/gossip", data=body) as r:
+        return r.status, json.loads(await r.read())
+
+
+async def get_status(address: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}/status") as r:
+        assert r.status == 200
+        return json.loads(await r.read())
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def test_bad_messages_get_clear_http_errors_and_change_nothing() -> None:
+    cfg = BASE.replace(max_message_mb=0.05, steps=5)
+
+    async def scenario() -> None:
+        async with running(make_node(cfg, "victim")) as node:
+            await node.finished.wait()  # training done: params only change through merges now
+            before = node.state.params.clone()
+            p = node.state.params
+            cases = [
+                (b"\x00garbage", 400, "malformed"),
+                (bytes(wire.encode(envelope(node, fingerprint="0" * 16))), 409, "fingerprint"),
+                (bytes(wire.encode(envelope(node, cluster="other"))), 409, "cluster"),
+                (bytes(wire.encode(envelope(node, algorithm="gossip"))), 409, "algorithm"),
+                (bytes(wire.encode(envelope(node, tensors={"params": torch.zeros(p.numel() - 1)}))), 400, "shape"),
+                (bytes(wire.encode(envelope(node, tensors={"params": torch.full_like(p, math.nan)}))), 400,
+                 "nonfinite"),
+                (bytes(wire.encode(envelope(node, sender="victim"))), 400, "sender"),
+                (b"x" * 60_000, 413, "too_large"),
+            ]
+            for body, status, reason in cases:
+                got, answer = await post(node.address, body)
+                assert (got, answer["reason"]) == (status, reason), answer
+                assert answer["error"]
+            await asyncio.sleep(0.05)
+            node._work(trains=False, gossip_now=False)  # a merge point: nothing may have been queued
+            assert torch.equal(node.state.params, before)
+            status = await get_status(node.address)
+            assert status["rejected"] == {r: 1 for _, _, r in cases}
+            assert status["msgs_in"] == 0
+            # ...and a good message is still accepted afterwards.
+            ok, _ = await post(node.address, bytes(wire.encode(envelope(node))))
+            assert ok == 200
+
+    asyncio.run(scenario())
+
+
+def test_node_keeps_training_while_receiving_garbage() -> None:
+    async def scenario() -> None:
+        async with running(make_node(BASE, "busy")) as node:
+            await wait_for(lambda: node.state.step > 5)
+            for _ in range(20):
+                assert (await post(node.address, b"GFL\x01" + b"\xff" * 100))[0] == 400
+            s1 = (await get_status(node.address))["step"]
+            await wait_for(lambda: node.state.step > s1 + 20)
+            assert node.rejected["malformed"] == 20
+
+    asyncio.run(scenario())
+
+
+def test_signed_cluster_rejects_unsigned_and_forged_messages() -> None:
+    secret = b"s3cret-s3cret-s3cret"
+
+    async def scenario() -> None:
+        async with running(make_node(BASE.replace(steps=3), "guarded", secret=secret)) as node:
+            unsigned = bytes(wire.encode(envelope(node)))
+            assert (await post(node.address, unsigned))[0] == 401
+            forged = bytearray(wire.encode(envelope(node), secret=secret))
+            forged[-40] ^= 1
+            assert (await post(node.address, bytes(forged)))[0] in (400, 401)
+            good = bytes(wire.encode(envelope(node), secret=secret))
+            assert (await post(node.address, good))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_alone_node_trains_then_gossips_when_a_peer_appears() -> None:
+    async def scenario() -> None:
+        async with running(make_node(BASE, "a", index=0, shards=2)) as a:
+            await wait_for(lambda: a.state.step > 20)
+            status = await get_status(a.address)
+            assert status["alone"] is True and status["peers"] == [] and a.msgs_out == 0
+            # b knows a's address; a learns b from b's messages (their envelopes carry b's address)
+            cfg_b = BASE.replace(peers=(a.address,))
+            async with running(make_node(cfg_b, "b", index=1, shards=2)) as b:
+                await wait_for(lambda: a.msgs_out > 5 and b.msgs_out > 5)
+                status = await get_status(a.address)
+                assert status["alone"] is False
+                assert [p["id"] for p in status["peers"]] == ["b"]
+                assert status["bytes_in"] > 0 and status["bytes_out"] > 0
+
+    asyncio.run(scenario())
+
+
+def test_peers_of_a_dead_node_drop_it_and_carry_on() -> None:
+    async def scenario() -> None:
+        a = make_node(BASE, "a", index=0, shards=3)
+        async with running(a):
+            peers = (a.address,)
+            b = make_node(BASE.replace(peers=peers), "b", index=1, shards=3)
+            c = make_node(BASE.replace(peers=peers), "c", index=2, shards=3)
+            async with running(b):
+                async with running(c):
+                    await wait_for(lambda: set(a.membership.ids()) == {"b", "c"} and c.msgs_out > 3)
+                # c is gone (its server closed): a and b must drop it and keep learning together
+                await wait_for(lambda: "c" not in a.membership.ids() and "c" not in b.membership.ids(), 10)
+                sa, sb = a.msgs_out, b.msgs_out
+                await wait_for(lambda: a.msgs_out > sa + 10 and b.msgs_out > sb + 10)
+                assert a.state.step > 0 and b.status()["neighbours"] == ["a"]
+
+    asyncio.run(scenario())
+
+
+def test_lifecycle_start_twice_refused_close_idempotent() -> None:
+    async def scenario() -> None:
+        node = make_node(BASE, "x")
+        await node.start()
+        with pytest.raises(RuntimeError, match="already started"):
+            await node.start()
+        await node.aclose()
+        await node.aclose()
+        with pytest.raises(RuntimeError):
+            await node.start()
+
+    asyncio.run(scenario())
+
+
+def test_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
+    cfg = BASE.replace(steps=60)
+
+    async def scenario() -> None:
+        async with running(make_node(cfg, "ck", state_dir=tmp_path)) as node:
+            await node.finished.wait()
+            saved = node.state.params.clone()
+        assert (tmp_path / "checkpoint.gfl").exists()
+        again = make_node(cfg, "ck", state_dir=tmp_path)
+        assert again.state.step == 0
+        async with running(again):
+            assert again.state.step >= 60
+            await again.finished.wait()
+        assert not torch.equal(again.state.params, saved)  # it trained on from there
+        # a corrupt checkpoint is ignored with a warning, not a crash
+        (tmp_path / "checkpoint.gfl").write_bytes(b"junk")
+        async with running(make_node(cfg.replace(steps=1), "ck", state_dir=tmp_path)) as fresh:
+            await fresh.finished.wait()
+            assert fresh.state.step == 1
+
+    asyncio.run(scenario())

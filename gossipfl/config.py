@@ -22,6 +22,7 @@ __all__ = ["RunConfig", "config_to_toml", "load_config"]
 ENGINES = ("cluster", "vectorized")
 TRANSPORTS = ("http", "memory")
 WEIGHTS = ("metropolis", "max_degree", "uniform")
+SCHEDULES = ("async", "sync")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,9 @@ class RunConfig:
     max_message_mb: float = 256.0
     # simulation (gossipfl sim)
     engine: str = "cluster"
+    device: str = "cpu"  # vectorised engine: "cpu" or "cuda"
+    emulation: dict[str, Any] = field(default_factory=dict)  # compute speeds, latency, loss, churn (sim/emulation.py)
+    schedule: str = "async"  # "sync": lock-step rounds driven by the simulator (engines agree exactly)
     nodes: int = 8
     transport: str = "http"
     out: str | None = None
@@ -79,7 +83,8 @@ class RunConfig:
             raise ConfigError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
         if self.duration is not None and not (self.duration > 0 and math.isfinite(self.duration)):
             raise ConfigError(f"duration: must be a positive number of seconds, got {self.duration}")
-        for key, allowed in (("engine", ENGINES), ("transport", TRANSPORTS), ("weights", WEIGHTS)):
+        for key, allowed in (("engine", ENGINES), ("transport", TRANSPORTS), ("weights", WEIGHTS),
+                             ("schedule", SCHEDULES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if any(h < 1 for h in self.hidden):

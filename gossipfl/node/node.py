@@ -443,6 +443,36 @@ class Node:
             "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
         })
 
+    # ------------------------------------------------------------------ lock-step schedule
+
+    async def work_round(self, *, gossip: bool = True) -> bytes | None:
+        """One round of a synchronous schedule: merge what arrived, step, encode the message.
+
+        A simulation driver calls this on every node, then `send_round` on every node, so that
+        round-r messages are merged in round r+1 everywhere (the schedule the vectorised engine
+        reproduces). The node's own training loop must not be running (start with ``hold=True``).
+        """
+        self._refresh_view()
+        return await asyncio.to_thread(self._work, self.algorithm.requirements.trains, gossip)
+
+    async def send_round(self, body: bytes | None) -> None:
+        """Deliver this round's message to the algorithm's targets, one after another (deterministic)."""
+        if body is None:
+            return
+        for target in self.algorithm.targets(self._neighbours, self._rng):
+            await self._send(target, body)
+
+    async def evaluate_now(self) -> None:
+        """Evaluate and write a metrics row (used by drivers of the synchronous schedule)."""
+        await asyncio.to_thread(self._evaluate_and_record)
+
+    async def probe_peers(self) -> None:
+        """Probe every static peer once and refresh the neighbour view."""
+        await self._probe_once()
+        self._refresh_view()
+
+    # ------------------------------------------------------------------ gossip
+
     async def _gossip_loop(self) -> None:
         while True:
             await self._outgoing_ready.wait()

@@ -48,8 +48,9 @@ def test_bad_messages_get_clear_http_errors_and_change_nothing() -> None:
     cfg = BASE.replace(max_message_mb=0.05, steps=5)
 
     async def scenario() -> None:
-        async with running(make_node(cfg, "victim")) as node:
-            await node.finished.wait()  # training done: params only change through merges now
+        node = make_node(cfg, "victim")
+        await node.start(hold=True)  # serves, never trains: params change only through merges
+        try:
             before = node.state.params.clone()
             p = node.state.params
             cases = [
@@ -67,15 +68,19 @@ def test_bad_messages_get_clear_http_errors_and_change_nothing() -> None:
                 got, answer = await post(node.address, body)
                 assert (got, answer["reason"]) == (status, reason), answer
                 assert answer["error"]
-            await asyncio.sleep(0.05)
-            node._work(trains=False, gossip_now=False)  # a merge point: nothing may have been queued
+            assert node._inbox == []  # nothing was queued for a merge
+            node._work(trains=False, gossip_now=False)  # a merge point
             assert torch.equal(node.state.params, before)
             status = await get_status(node.address)
             assert status["rejected"] == {r: 1 for _, _, r in cases}
             assert status["msgs_in"] == 0
-            # ...and a good message is still accepted afterwards.
+            # ...and a good message is still accepted afterwards, and merged.
             ok, _ = await post(node.address, bytes(wire.encode(envelope(node))))
-            assert ok == 200
+            assert ok == 200 and len(node._inbox) == 1
+            node._work(trains=False, gossip_now=False)
+            assert not torch.equal(node.state.params, before)
+        finally:
+            await node.aclose()
 
     asyncio.run(scenario())
 

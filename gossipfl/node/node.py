@@ -51,7 +51,7 @@ __all__ = ["Node"]
 
 PROBE_INTERVAL = 1.0  # seconds between membership passes
 RECENT_CONTACT = 3.0  # a peer heard from this recently is not probed
-INBOX_LIMIT = 256  # queued messages beyond this drop the oldest (a slow node must not balloon)
+INBOX_PER_NEIGHBOUR = 4  # queued messages per neighbour before the oldest is dropped (bounds memory)
 CHECKPOINT_EVERY = 50  # local steps between checkpoints when a state dir is set
 
 _REASONS: list[tuple[type[WireError], str]] = [
@@ -123,7 +123,7 @@ class Node:
         self.accuracy = float("nan")
         self.finished = asyncio.Event()
         # gossip hand-off: the newest encoded message, and whether a send is in flight
-        self._outgoing: bytes | None = None
+        self._outgoing: bytearray | None = None
         self._outgoing_ready = asyncio.Event()
         self._send_idle = asyncio.Event()
         self._send_idle.set()
@@ -253,6 +253,8 @@ class Node:
             self.rejected[reason] += 1
             self._warn_once(f"reject-{reason}", "rejected a message (%s): %s", reason, exc)
             return exc.http_status, _json({"error": str(exc), "reason": reason})
+        if self.finished.is_set():
+            return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
         self.bytes_in += len(body)
         self.msgs_in += 1
         addr = env.meta.get("addr")
@@ -265,8 +267,8 @@ class Node:
         )
         with self._lock:
             self._inbox.append(msg)
-            if len(self._inbox) > INBOX_LIMIT:
-                del self._inbox[0]
+            if len(self._inbox) > INBOX_PER_NEIGHBOUR * (len(self._neighbours) + 1):
+                del self._inbox[0]  # a slow node keeps the newest messages, not an ever-growing queue
                 self.dropped += 1
         return 200, _json({"ok": True})
 
@@ -361,7 +363,7 @@ class Node:
             if m.sender not in weights:
                 deg = m.meta.get("deg")
                 d = int(deg) if isinstance(deg, int) and not isinstance(deg, bool) and deg >= 0 else self._degree
-                weights[m.sender] = 1.0 / (1 + max(self._degree, d))
+                weights[m.sender] = 1.0 / (1 + max(self._degree, d, 1))  # never more than a pairwise average
         senders = {m.sender for m in messages}
         total = sum(weights[s] for s in senders)
         if total > 1.0:  # transient view disagreement: keep the merge a convex combination
@@ -409,7 +411,7 @@ class Node:
         self.finished.set()
         self.log.info("finished %d steps: accuracy %.4f", self.state.step, self.accuracy)
 
-    def _work(self, trains: bool, gossip_now: bool) -> bytes | None:
+    def _work(self, trains: bool, gossip_now: bool) -> bytearray | None:
         """Merge what arrived, take one local step, snapshot and encode a message (worker thread)."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
@@ -428,7 +430,7 @@ class Node:
             weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
             tensors=dict(msg.tensors),
         )
-        return bytes(wire.encode(env, secret=self.secret))
+        return wire.encode(env, secret=self.secret)  # a bytearray: aiohttp sends it without a copy
 
     def _evaluate_and_record(self) -> None:
         with self._lock:
@@ -445,7 +447,7 @@ class Node:
 
     # ------------------------------------------------------------------ lock-step schedule
 
-    async def work_round(self, *, gossip: bool = True) -> bytes | None:
+    async def work_round(self, *, gossip: bool = True) -> bytearray | None:
         """One round of a synchronous schedule: merge what arrived, step, encode the message.
 
         A simulation driver calls this on every node, then `send_round` on every node, so that
@@ -455,7 +457,7 @@ class Node:
         self._refresh_view()
         return await asyncio.to_thread(self._work, self.algorithm.requirements.trains, gossip)
 
-    async def send_round(self, body: bytes | None) -> None:
+    async def send_round(self, body: bytearray | None) -> None:
         """Deliver this round's message to the algorithm's targets, one after another (deterministic)."""
         if body is None:
             return
@@ -486,7 +488,7 @@ class Node:
             finally:
                 self._send_idle.set()
 
-    async def _send(self, peer_id: str, body: bytes) -> None:
+    async def _send(self, peer_id: str, body: bytes | bytearray) -> None:
         address = self.membership.address(peer_id)
         if address is None:
             return

@@ -41,7 +41,8 @@ Handler = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
 class Transport(Protocol):
     """Sends one request to a peer address (``host:port``) and returns its reply."""
 
-    async def request(self, address: str, method: str, path: str, body: bytes = b"", *, timeout: float) -> Reply:
+    async def request(self, address: str, method: str, path: str, body: bytes | bytearray = b"",
+                      *, timeout: float) -> Reply:
         ...
 
     async def aclose(self) -> None:
@@ -61,7 +62,8 @@ class HttpTransport:
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
-    async def request(self, address: str, method: str, path: str, body: bytes = b"", *, timeout: float) -> Reply:
+    async def request(self, address: str, method: str, path: str, body: bytes | bytearray = b"",
+                      *, timeout: float) -> Reply:
         session = self._get_session()
         url = f"http://{address}{path}"
         try:
@@ -109,7 +111,8 @@ class MemoryTransport:
     def __init__(self, network: MemoryNetwork) -> None:
         self._network = network
 
-    async def request(self, address: str, method: str, path: str, body: bytes = b"", *, timeout: float) -> Reply:
+    async def request(self, address: str, method: str, path: str, body: bytes | bytearray = b"",
+                      *, timeout: float) -> Reply:
         handler = self._network._handlers.get(address)
         if handler is None:
             raise PeerError(f"{address}: connection refused (no node at this address)")

@@ -28,6 +28,7 @@ wrong; the node turns those into HTTP status codes and rejection counts.
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import math
 import struct
@@ -35,9 +36,10 @@ import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
+import numpy as np
 import torch
 
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
@@ -115,8 +117,12 @@ _HEADER_KEYS: Final = frozenset(
     )
 )
 _UINT32: Final = struct.Struct("<I")
+_ZEROS: Final = bytes(_ALIGN)
 _LITTLE_ENDIAN_HOST: bool = sys.byteorder == "little"  # a module global so tests can flip it
 _NOT_WRITABLE_WARNING: Final = "The given buffer is not writable"
+# Same-size integer types, for moving any dtype's bits through NumPy.
+_BITS_TORCH: Final = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS_NUMPY: Final = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 MetaValue = int | float | str | bool | None
 
@@ -162,15 +168,14 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
+class _Plan(NamedTuple):
     """Where everything goes in one frame; computed once per message."""
 
     header: bytes
     data_start: int
     body_end: int  # end of the last tensor; the trailer (if any) starts here
     total: int
-    blocks: tuple[tuple[int, int, torch.Tensor], ...]  # (offset, nbytes, tensor)
+    blocks: list[tuple[int, int, torch.Tensor]]  # (offset, nbytes, tensor)
 
 
 def _check_field_types(env: Envelope) -> None:
@@ -216,11 +221,12 @@ def _plan(env: Envelope, secret: bytes | None) -> _Plan:
             raise WireError(
                 f"cannot encode tensor {name!r}: dtype {t.dtype} is not one of {', '.join(SUPPORTED_DTYPES)}"
             )
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout is not torch.strided or t.is_meta:
             raise WireError(f"cannot encode tensor {name!r}: only dense tensors with data")
-        if t.dim() > _MAX_NDIM:
+        shape = list(t.shape)
+        if len(shape) > _MAX_NDIM:
             raise WireError(f"cannot encode tensor {name!r}: more than {_MAX_NDIM} dimensions")
-        rows.append((name, dtype, list(t.shape), t.numel() * _ITEMSIZE[dtype]))
+        rows.append((name, dtype, shape, t.nbytes))
         items.append(t)
     signed = secret is not None
     trailer = _SIG_LEN if signed else 0
@@ -238,28 +244,30 @@ def _plan(env: Envelope, secret: bytes | None) -> _Plan:
         "meta": dict(env.meta),
         "signed": signed,
     }
-    # Offsets depend on the header's length and the header holds the offsets. Laying out from the
-    # smallest possible data start upwards converges: a later start never shortens the header.
+    # Offsets depend on the header's length and the header holds the offsets. Iterate to the fixed
+    # point data_start == align(8 + len(header)), which decode insists on; starting from the
+    # smallest possible start it climbs monotonically (a later start never shortens the header),
+    # and it takes two packs in practice.
     data_start = _ALIGN
+    mask = ~(_ALIGN - 1)
     while True:
-        table = []
-        offsets = []
+        table: list[list[Any]] = []
+        blocks: list[tuple[int, int, torch.Tensor]] = []
         end = data_start
-        for name, dtype, shape, nbytes in rows:
-            off = _align(end)
+        for (name, dtype, shape, nbytes), t in zip(rows, items, strict=True):
+            off = (end + _ALIGN - 1) & mask
             table.append([name, dtype, shape, off, nbytes])
-            offsets.append(off)
+            blocks.append((off, nbytes, t))
             end = off + nbytes
         header_fields["tensors"] = table
         header_fields["total"] = end + trailer
         header = msgpack.packb(header_fields, use_bin_type=True)
         needed = _align(_PREFIX + len(header))
-        if needed <= data_start:
+        if needed == data_start:
             break
         data_start = needed
     if len(header) > _MAX_HEADER_BYTES:
         raise WireError(f"cannot encode: header of {len(header)} bytes is over the limit")
-    blocks = tuple((off, row[3], t) for off, row, t in zip(offsets, rows, items, strict=True))
     return _Plan(header, data_start, end, end + trailer, blocks)
 
 
@@ -271,13 +279,6 @@ def _check_secret(secret: bytes | None) -> None:
     if len(secret) == 0:
         # An empty key "signs" with a value anyone can compute: almost surely a config mistake.
         raise ValueError("secret must not be empty")
-
-
-def _byteswap_(region: torch.Tensor, itemsize: int) -> None:
-    """Reverse the bytes of each ``itemsize``-byte element of a uint8 tensor, in place."""
-    if itemsize > 1 and region.numel():
-        pairs = region.view(-1, itemsize)
-        pairs.copy_(pairs.flip(-1))
 
 
 def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> int:
@@ -295,24 +296,47 @@ def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> in
     # Pad with zeros explicitly: a reused buffer holds the previous message's bytes.
     mv[header_end : plan.data_start] = bytes(plan.data_start - header_end)
     if plan.blocks:
-        # One uint8 view of the whole output; each tensor is copied into it exactly once, by
-        # torch (which also makes non-contiguous tensors contiguous and moves GPU tensors on
-        # the way, and uses several threads for large copies; faster than memoryview slicing).
-        dst = torch.frombuffer(mv, dtype=torch.uint8, count=plan.body_end)
+        dst = np.frombuffer(mv, dtype=np.uint8, count=plan.body_end)
+        address = dst.ctypes.data
         prev_end = plan.data_start
-        with torch.no_grad():
-            for off, nbytes, t in plan.blocks:
-                if off > prev_end:
-                    mv[prev_end:off] = bytes(off - prev_end)
-                if nbytes:
-                    region = dst[off : off + nbytes]
-                    region.view(t.dtype).view(t.shape).copy_(t.detach())
-                    if not _LITTLE_ENDIAN_HOST:
-                        _byteswap_(region, t.element_size())
-                prev_end = off + nbytes
+        for off, nbytes, t in plan.blocks:
+            if off > prev_end:
+                mv[prev_end:off] = _ZEROS[: off - prev_end]
+            if nbytes:
+                if t.is_cpu and t.is_contiguous() and not t.is_neg() and _LITTLE_ENDIAN_HOST:
+                    # The common case, and the fastest way there is: one memcpy of the
+                    # tensor's bytes, on this thread, without the GIL (ctypes drops it).
+                    # In bounds: nbytes is the tensor's size and the plan fits `out`.
+                    ctypes.memmove(address + off, t.data_ptr(), nbytes)
+                else:
+                    _copy_tensor(t, dst[off : off + nbytes])
+            prev_end = off + nbytes
     if secret is not None:
         mv[plan.body_end : plan.total] = hmac.digest(secret, mv[: plan.body_end], "sha256")
     return plan.total
+
+
+def _copy_tensor(t: torch.Tensor, region: np.ndarray) -> None:
+    """Copy ``t``'s elements, in row-major order and little-endian, into the uint8 ``region``.
+
+    For what the memcpy fast path cannot take: strided views, GPU tensors, big-endian hosts.
+    Copies here and there run on the calling thread, never ``Tensor.copy_``: torch splits large
+    copies over its intra-op threads, which is about 2x faster on an idle machine but, when the
+    cores are busy (a node trains while it gossips), one descheduled thread stalls the whole copy:
+    measured 100x slower for 1 MB. NumPy copies strided data in one pass without the GIL.
+    Elements are moved as same-size integers: NumPy has no bfloat16, and bits stay bits.
+    """
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_neg().resolve_conj()
+    itemsize = t.element_size()
+    src = t.view(_BITS_TORCH[itemsize]).numpy()
+    dst = region.view(_BITS_NUMPY[itemsize]).reshape(src.shape)
+    np.copyto(dst, src, casting="no")
+    if not _LITTLE_ENDIAN_HOST and itemsize > 1:
+        dst.byteswap(inplace=True)
 
 
 def encoded_size(env: Envelope, *, secret: bytes | None = None) -> int:
@@ -340,7 +364,8 @@ def encode(env: Envelope, *, secret: bytes | None = None) -> bytearray:
 
     Returns a ``bytearray`` rather than ``bytes``: converting would copy the whole frame once
     more, and every consumer (aiohttp bodies, sockets, :func:`decode`) takes any bytes-like object.
-    Tensors may be non-contiguous or on a GPU; each is copied into the frame exactly once.
+    Tensors may be non-contiguous (made contiguous on the way) or on a GPU (brought to the CPU
+    first); a CPU tensor's data is copied into the frame exactly once.
     """
     plan = _plan(env, secret)
     out = bytearray(plan.total)
@@ -423,13 +448,8 @@ def _unpack_header(mv: memoryview, header_len: int) -> dict[str, Any]:
     return header
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
+# One validated tensor-table row: name, dtype name, shape, offset, nbytes.
+_Row = tuple[str, str, list[int], int, int]
 
 
 def _check_table(table: object, data_start: int, body_end: int) -> list[_Row]:
@@ -460,13 +480,18 @@ def _check_table(table: object, data_start: int, body_end: int) -> list[_Row]:
         for dim in shape:
             if type(dim) is not int or dim < 0:
                 raise WireError(f"tensor {name!r}: shape {shape!r} has a negative or non-int dim")
-            elements *= max(dim, 1)
-            numel *= dim
+            if dim:
+                elements *= dim
+            else:
+                numel = 0
         if elements > _MAX_ELEMENTS:
             raise WireError(f"tensor {name!r}: shape {shape!r} is absurdly large")
-        for key, value in (("offset", offset), ("nbytes", nbytes)):
-            if type(value) is not int or value < 0:
-                raise WireError(f"tensor {name!r}: {key} must be a non-negative int, got {value!r}")
+        if numel:
+            numel = elements
+        if type(offset) is not int or offset < 0:
+            raise WireError(f"tensor {name!r}: offset must be a non-negative int, got {offset!r}")
+        if type(nbytes) is not int or nbytes < 0:
+            raise WireError(f"tensor {name!r}: nbytes must be a non-negative int, got {nbytes!r}")
         if nbytes != numel * _ITEMSIZE[dtype]:
             raise WireError(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {_ITEMSIZE[dtype]} bytes")
         if offset % _ALIGN:
@@ -479,11 +504,11 @@ def _check_table(table: object, data_start: int, body_end: int) -> list[_Row]:
             raise WireError(
                 f"tensor {name!r}: bytes {offset}..{offset + nbytes} run past the data, which ends at {body_end}"
             )
-        if offset != _align(prev_end):
+        if offset - prev_end >= _ALIGN:
             raise WireError(
                 f"tensor {name!r}: offset {offset} leaves a gap of unreferenced bytes (expected {_align(prev_end)})"
             )
-        rows.append(_Row(name, dtype, tuple(shape), offset, nbytes))
+        rows.append((name, dtype, shape, offset, nbytes))
         prev_end = offset + nbytes
         prev_name = name
     if prev_end != body_end:
@@ -492,8 +517,37 @@ def _check_table(table: object, data_start: int, body_end: int) -> list[_Row]:
 
 
 def _check_zero(mv: memoryview, start: int, end: int, what: str) -> None:
-    if end > start and mv[start:end] != bytes(end - start):
+    # Padding is always shorter than _ALIGN: the layout was checked to be canonical first.
+    if end > start and mv[start:end] != _ZEROS[: end - start]:
         raise WireError(f"non-zero padding {what}")
+
+
+def _views(mv: memoryview, rows: list[_Row], body_end: int) -> dict[str, torch.Tensor]:
+    """One tensor per row, each a view of ``mv`` (one ``frombuffer`` per dtype, then strides)."""
+    bases: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, offset, nbytes in rows:
+        itemsize = _ITEMSIZE[dtype]
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=SUPPORTED_DTYPES[dtype])
+            continue
+        base = bases.get(dtype)
+        if base is None:
+            base = torch.frombuffer(mv, dtype=SUPPORTED_DTYPES[dtype], count=body_end // itemsize)
+            bases[dtype] = base
+        if len(shape) == 1:
+            t = base[offset // itemsize : (offset + nbytes) // itemsize]
+        else:
+            strides = [1] * len(shape)
+            for i in range(len(shape) - 1, 0, -1):
+                strides[i - 1] = strides[i] * shape[i]
+            t = base.as_strided(shape, strides, offset // itemsize)
+        if not _LITTLE_ENDIAN_HOST and itemsize > 1:
+            # Big-endian host: swap a copy; the caller's buffer stays as received.
+            t = t.clone()
+            t.view(_BITS_TORCH[itemsize]).numpy().byteswap(inplace=True)
+        tensors[name] = t
+    return tensors
 
 
 def decode(
@@ -603,28 +657,22 @@ def decode(
         )
 
     tensors: dict[str, torch.Tensor] = {}
+    prev_end = data_start
+    for name, _, _, offset, nbytes in rows:
+        if offset != prev_end:
+            _check_zero(mv, prev_end, offset, f"before tensor {name!r}")
+        prev_end = offset + nbytes
     if rows:
         if mv.readonly:
             # torch.frombuffer warns that it cannot mark tensors read-only; the docstring says
-            # so instead. Only that warning, and only here.
+            # so instead. Only that warning (matched by its text), and only here. In Python 3.11
+            # catch_warnings swaps process-wide state, so decoding bytes from two threads at once
+            # is best avoided; torch emits this warning only once per process anyway.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_NOT_WRITABLE_WARNING, category=UserWarning)
-                base = torch.frombuffer(mv, dtype=torch.uint8, count=body_end)
+                tensors = _views(mv, rows, body_end)
         else:
-            base = torch.frombuffer(mv, dtype=torch.uint8, count=body_end)
-        prev_end = data_start
-        for row in rows:
-            _check_zero(mv, prev_end, row.offset, f"before tensor {row.name!r}")
-            prev_end = row.offset + row.nbytes
-            dtype = SUPPORTED_DTYPES[row.dtype]
-            if row.nbytes == 0:
-                tensors[row.name] = torch.empty(row.shape, dtype=dtype)
-                continue
-            region = base[row.offset : prev_end]
-            if not _LITTLE_ENDIAN_HOST:
-                region = region.clone()  # byte-swapping must not touch the caller's buffer
-                _byteswap_(region, _ITEMSIZE[row.dtype])
-            tensors[row.name] = region.view(dtype).view(row.shape)
+            tensors = _views(mv, rows, body_end)
 
     return Envelope(
         cluster=fields["cluster"],
@@ -651,11 +699,46 @@ def require_finite(env: Envelope) -> None:
     for name, t in env.tensors.items():
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        # A finite sum proves every element finite (NaN and Inf propagate) without allocating a
-        # mask; only a non-finite sum, which may also be a harmless overflow, needs the full check.
-        if torch.isfinite(t.sum()):
+        if _all_finite(t):
             continue
+        t = t.detach()
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
-        if nan or inf:
-            raise WireError(f"tensor {name!r} holds {nan} NaN and {inf} Inf values")
+        raise WireError(f"tensor {name!r} holds {nan} NaN and {inf} Inf values")
+
+
+# IEEE-754 exponent bits per 16-bit float: all ones means Inf or NaN.
+_EXPONENT_16: Final = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+_CHUNK: Final = 1 << 16
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite; one pass on the calling thread, no full-size temporary.
+
+    Torch reductions are avoided for the same reason as ``Tensor.copy_`` in encoding (they stall
+    when the cores are busy training). For float32/64 a finite sum proves every element finite
+    (NaN and Inf propagate); only a non-finite sum, maybe a harmless overflow, needs the exact
+    check. NumPy has no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are
+    checked on their exponent bits, chunk by chunk.
+    """
+    t = t.detach()
+    if t.device.type != "cpu":
+        return bool(torch.isfinite(t).all())
+    if t.is_neg():
+        t = t.resolve_neg()
+    mask = _EXPONENT_16.get(t.dtype)
+    if mask is None:
+        arr = t.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(arr.sum()):
+                return True
+        return bool(np.isfinite(arr).all())
+    bits = t.view(torch.int16).numpy().reshape(-1)
+    scratch = np.empty(min(bits.size, _CHUNK), dtype=np.int16)
+    for start in range(0, bits.size, _CHUNK):
+        chunk = bits[start : start + _CHUNK]
+        out = scratch[: chunk.size]
+        np.bitwise_and(chunk, mask, out=out)
+        if (out == mask).any():
+            return False
+    return True

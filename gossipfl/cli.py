@@ -131,7 +131,7 @@ def _run_folder(cfg: RunConfig) -> Path:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
-    _check_topology(cfg)
+    _preflight(cfg)
     if cfg.engine != "cluster":
         raise ConfigError(f"engine: {cfg.engine!r} is not available yet; use cluster")
     out = _run_folder(cfg)
@@ -149,11 +149,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_topology(cfg: RunConfig) -> None:
-    """Build the graph once up front so a bad topology is a config error before anything starts."""
+def _preflight(cfg: RunConfig) -> None:
+    """Build topology, data, one node's model and the algorithm once, so that a bad setting is
+    reported before a run folder is created or a socket bound."""
+    from gossipfl.build import build_algorithm, build_data, build_trainer
     from gossipfl.topology import build_graph
 
     build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
+    build_algorithm(cfg)
+    build_trainer(cfg, build_data(cfg), 0, cfg.nodes)
 
 
 def _write_json(path: Path, obj: Any) -> None:

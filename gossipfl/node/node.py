@@ -502,6 +502,8 @@ class Node:
             self.bytes_out += len(body)
             self.msgs_out += 1
             self.membership.seen(peer_id, address)
+        elif reply.status == 503:  # the peer finished training: not an error, it just stops merging
+            self.log.debug("peer %s has finished; message not delivered", peer_id)
         else:
             self._warn_once(f"refused-{peer_id}-{reply.status}", "peer %s refused our message (%d): %s",
                             peer_id, reply.status, reply.body[:200].decode(errors="replace"))

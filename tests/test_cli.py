@@ -1,0 +1,137 @@
+"""The command line: run folders, exit codes, clear errors, real `gossipfl node` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gossipfl.cli import main
+
+
+def test_sim_writes_the_run_folder_and_can_be_repeated(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["sim", "--nodes", "3", "--steps", "40", "--transport", "memory", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mean accuracy" in printed and "n02" in printed
+    cfg = tomllib.loads((out / "config.toml").read_text())
+    assert cfg["nodes"] == 3 and cfg["steps"] == 40 and cfg["topology"] == "ring"
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
+                "messages", "bytes", "wall_seconds", "node_steps", "per_node"):
+        assert key in summary
+    assert summary["node_steps"] == 120
+    assert (out / "metrics.jsonl").stat().st_size > 0
+    # the saved config reproduces the run's settings
+    again = tmp_path / "again"
+    assert main(["sim", "--quiet", "--config", str(out / "config.toml"), "--out", str(again)]) == 0
+    assert tomllib.loads((again / "config.toml").read_text()) == {**cfg, "out": str(again)}
+    assert main(["report", str(out)]) == 0
+    assert "consensus distance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["sim", "--nodes", "0"], "nodes"),
+        (["sim", "--topology", "moebius"], "moebius"),
+        (["sim", "--algorithm", "magic"], "algorithm"),
+        (["sim", "--partition", "dirichlet:-2"], "partition"),
+        (["sim", "--data", "imagenet"], "imagenet"),
+        (["sim", "--model", "nosuchmod_q:f"], "model"),
+        (["sim", "--config", "/nonexistent/x.toml"], "config"),
+        (["sim", "--lr", "-1"], "lr"),
+        (["sim", "--transport", "carrier-pigeon"], "transport"),
+        (["topology", "hypercube", "--nodes", "12"], "power of two"),
+        (["report", "/nonexistent-run"], "report"),
+        (["node", "--listen", "localhost"], "listen"),
+        (["node", "--peer", "x:y"], "peer"),
+        (["node", "--secret-file", "/nonexistent/secret"], "secret_file"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_clear_line(tmp_path: Path, capsys, argv: list[str], needle: str) -> None:
+    if argv[0] == "sim":
+        argv = [*argv, "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_bad_config_file_names_the_key(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    for text, needle in [("nodes = 'eight'\n", "nodes"), ("nodez = 8\n", "nodez"), ("steps = [\n", "TOML"),
+                         ("hidden = [32, true]\n", "hidden"), ("lr = true\n", "lr")]:
+        bad.write_text(text)
+        assert main(["sim", "--config", str(bad), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_run_folder_is_never_overwritten(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    args = ["sim", "--nodes", "2", "--steps", "2", "--transport", "memory", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_topology_command_reports_spectral_gap_and_plots(tmp_path: Path, capsys) -> None:
+    png = tmp_path / "ring.png"
+    assert main(["topology", "topologies/ring.toml", "--nodes", "16", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    gap = float(re.search(r"spectral_gap\s+(\S+)", out).group(1))
+    assert gap == pytest.approx(0.050747, abs=1e-5)  # 1 - (1/3 + 2/3 cos(2 pi / 16))
+    assert re.search(r"edges\s+16", out) and re.search(r"degree_max\s+2", out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _start_node(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "gossipfl.cli", "node", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"gossipfl node \S+ on (\S+)", line)
+        if m:
+            return proc, m.group(1)
+    raise AssertionError(f"node did not start (exit {proc.wait()})")
+
+
+def test_two_node_processes_find_each_other_and_stop_on_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    common = ["--listen", "127.0.0.1:0", "--shards", "2", "--steps", "1000000", "--cluster", "t"]
+    a, addr_a = _start_node([*common, "--id", "a", "--node-index", "0", "--state-dir", str(tmp_path / "a")], env)
+    b = None
+    try:
+        b, _ = _start_node([*common, "--id", "b", "--node-index", "1", "--peer", addr_a], env)
+        import urllib.request
+
+        status = {}
+        for _ in range(100):
+            with urllib.request.urlopen(f"http://{addr_a}/status", timeout=5) as r:
+                status = json.loads(r.read())
+            if status["msgs_in"] > 5 and status["msgs_out"] > 5:
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert [p["id"] for p in status["peers"]] == ["b"] and not status["alone"]
+        for proc in (a, b):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (a, b):
+            assert proc.wait(timeout=20) == 0
+        assert (tmp_path / "a" / "checkpoint.gfl").exists()
+        assert (tmp_path / "a" / "metrics.jsonl").stat().st_size > 0
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc is not None and proc.stderr is not None:
+                proc.stderr.close()

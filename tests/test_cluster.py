@@ -1,0 +1,75 @@
+"""The local-cluster engine end to end: real node services learning together, no coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gossipfl.config import RunConfig
+from gossipfl.metrics import read_metrics
+from gossipfl.sim.cluster import run_cluster
+
+
+def run(cfg: RunConfig, out: Path) -> dict:
+    return asyncio.run(run_cluster(cfg, out, progress=None))
+
+
+def test_default_sim_reaches_target_accuracy_and_consensus(tmp_path: Path) -> None:
+    """The acceptance run: `gossipfl sim` defaults (8 nodes, ring, digits, MLP, loopback HTTP)."""
+    s = run(RunConfig(), tmp_path)
+    assert s["mean_accuracy"] >= 0.92, s["mean_accuracy"]
+    # distinct random initial models, pulled together by gossip
+    assert s["initial_consensus_distance"] > 1.0
+    assert s["consensus_distance"] < s["initial_consensus_distance"] / 10
+    assert s["messages"] > 8 * 300 and s["rejected"] == 0
+    assert s["node_steps"] == 8 * 300
+
+
+def test_four_node_loopback_cluster_learns_with_gossip_learning(tmp_path: Path) -> None:
+    s = run(RunConfig(nodes=4, algorithm="gossip", topology="complete", steps=250), tmp_path)
+    assert s["min_accuracy"] >= 0.9, s["per_node"]
+    # one target per gossip point: about one message per node-step, not one per neighbour
+    assert 0.8 * s["node_steps"] <= s["messages"] <= s["node_steps"]
+
+
+def test_memory_transport_runs_the_same_node_code(tmp_path: Path) -> None:
+    s = run(RunConfig(nodes=4, transport="memory", steps=200), tmp_path)
+    assert s["mean_accuracy"] >= 0.9
+    assert s["bytes"] > 0 and s["consensus_distance"] < s["initial_consensus_distance"] / 10
+
+
+def test_gossip_is_what_makes_non_iid_nodes_agree(tmp_path: Path) -> None:
+    """Each node sees ~2 classes: alone it cannot exceed ~0.3; with gossip the cluster learns all ten."""
+    cfg = RunConfig(nodes=8, partition="shards:2", transport="memory", steps=300, topology="complete")
+    s = run(cfg, tmp_path / "gossip")
+    alone = run(cfg.replace(topology="ring", algorithm="gossip", gossip_every=10_000), tmp_path / "alone")
+    assert alone["messages"] == 0
+    assert alone["mean_accuracy"] < 0.45
+    assert s["avg_model_accuracy"] > 0.75 and s["mean_accuracy"] > 0.7
+
+
+def test_pure_averaging_contracts_at_the_rate_the_mixing_matrix_predicts(tmp_path: Path) -> None:
+    """x <- W x on a ring: the consensus distance shrinks by SLEM(W)^2 per round, asymptotically."""
+    cfg = RunConfig(nodes=8, algorithm="averaging", schedule="sync", transport="memory",
+                    steps=40, eval_every=1)
+    s = run(cfg, tmp_path)
+    assert s["predicted_rate"] == pytest.approx(0.6476, abs=1e-3)  # (1/3 + 2/3 cos(2 pi / 8))^2
+    assert s["consensus_rate"] == pytest.approx(s["predicted_rate"], abs=0.02)
+    assert s["consensus_distance"] < 1e-6 * s["initial_consensus_distance"]
+
+
+def test_metrics_rows_follow_the_contract(tmp_path: Path) -> None:
+    run(RunConfig(nodes=3, steps=40, eval_every=10, transport="memory"), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    node_rows = [r for r in rows if r["node"] is not None]
+    cluster_rows = [r for r in rows if r["node"] is None]
+    assert {r["node"] for r in node_rows} == {"n00", "n01", "n02"}
+    for r in node_rows:
+        assert {"t", "step", "loss", "accuracy", "bytes_out", "bytes_in", "msgs_out", "msgs_in"} <= set(r)
+    assert {r["step"] for r in node_rows} >= {0, 10, 20, 30, 40}
+    for r in cluster_rows:
+        assert {"t", "consensus_distance", "avg_model_accuracy", "mean_accuracy"} <= set(r)
+    ts = [r["t"] for r in cluster_rows]
+    assert ts == sorted(ts) and len(cluster_rows) >= 2

@@ -20,9 +20,12 @@ def test_sim_writes_the_run_folder_and_can_be_repeated(tmp_path: Path, capsys) -
     out = tmp_path / "run"
     assert main(["sim", "--nodes", "3", "--steps", "40", "--transport", "memory", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "mean accuracy" in printed and "n02" in printed
+    assert "mean accuracy" in printed
+    assert "n02" in printed
     cfg = tomllib.loads((out / "config.toml").read_text())
-    assert cfg["nodes"] == 3 and cfg["steps"] == 40 and cfg["topology"] == "ring"
+    assert cfg["nodes"] == 3
+    assert cfg["steps"] == 40
+    assert cfg["topology"] == "ring"
     summary = json.loads((out / "summary.json").read_text())
     for key in ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
                 "messages", "bytes", "wall_seconds", "node_steps", "per_node"):
@@ -61,7 +64,8 @@ def test_user_mistakes_exit_2_with_one_clear_line(tmp_path: Path, capsys, argv: 
         argv = [*argv, "--out", str(tmp_path / "r"), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
+    assert needle in err
+    assert "Traceback" not in err
     assert err.count("\n") == 1
 
 
@@ -90,7 +94,8 @@ def test_topology_command_reports_spectral_gap_and_plots(tmp_path: Path, capsys)
     out = capsys.readouterr().out
     gap = float(re.search(r"spectral_gap\s+(\S+)", out).group(1))
     assert gap == pytest.approx(0.050747, abs=1e-5)  # 1 - (1/3 + 2/3 cos(2 pi / 16))
-    assert re.search(r"edges\s+16", out) and re.search(r"degree_max\s+2", out)
+    assert re.search(r"edges\s+16", out)
+    assert re.search(r"degree_max\s+2", out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -121,7 +126,8 @@ def test_two_node_processes_find_each_other_and_stop_on_sigterm(tmp_path: Path) 
             if status["msgs_in"] > 5 and status["msgs_out"] > 5:
                 break
             subprocess.run(["sleep", "0.1"], check=True)
-        assert [p["id"] for p in status["peers"]] == ["b"] and not status["alone"]
+        assert [p["id"] for p in status["peers"]] == ["b"]
+        assert not status["alone"]
         for proc in (a, b):
             proc.send_signal(signal.SIGTERM)
         for proc in (a, b):

@@ -23,7 +23,8 @@ def test_default_sim_reaches_target_accuracy_and_consensus(tmp_path: Path) -> No
     # distinct random initial models, pulled together by gossip
     assert s["initial_consensus_distance"] > 1.0
     assert s["consensus_distance"] < s["initial_consensus_distance"] / 10
-    assert s["messages"] > 8 * 300 and s["rejected"] == 0
+    assert s["messages"] > 8 * 300
+    assert s["rejected"] == 0
     assert s["node_steps"] == 8 * 300
 
 
@@ -37,7 +38,8 @@ def test_four_node_loopback_cluster_learns_with_gossip_learning(tmp_path: Path) 
 def test_memory_transport_runs_the_same_node_code(tmp_path: Path) -> None:
     s = run(RunConfig(nodes=4, transport="memory", steps=200), tmp_path)
     assert s["mean_accuracy"] >= 0.9
-    assert s["bytes"] > 0 and s["consensus_distance"] < s["initial_consensus_distance"] / 10
+    assert s["bytes"] > 0
+    assert s["consensus_distance"] < s["initial_consensus_distance"] / 10
 
 
 def test_gossip_is_what_makes_non_iid_nodes_agree(tmp_path: Path) -> None:
@@ -47,7 +49,8 @@ def test_gossip_is_what_makes_non_iid_nodes_agree(tmp_path: Path) -> None:
     alone = run(cfg.replace(topology="ring", algorithm="gossip", gossip_every=10_000), tmp_path / "alone")
     assert alone["messages"] == 0
     assert alone["mean_accuracy"] < 0.45
-    assert s["avg_model_accuracy"] > 0.75 and s["mean_accuracy"] > 0.7
+    assert s["avg_model_accuracy"] > 0.75
+    assert s["mean_accuracy"] > 0.7
 
 
 def test_pure_averaging_contracts_at_the_rate_the_mixing_matrix_predicts(tmp_path: Path) -> None:
@@ -72,4 +75,5 @@ def test_metrics_rows_follow_the_contract(tmp_path: Path) -> None:
     for r in cluster_rows:
         assert {"t", "consensus_distance", "avg_model_accuracy", "mean_accuracy"} <= set(r)
     ts = [r["t"] for r in cluster_rows]
-    assert ts == sorted(ts) and len(cluster_rows) >= 2
+    assert ts == sorted(ts)
+    assert len(cluster_rows) >= 2

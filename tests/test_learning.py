@@ -19,8 +19,10 @@ def digits():
 
 
 def test_digits_split_is_stratified_and_scaled(digits) -> None:
-    assert digits.x_train.shape == (1437, 64) and digits.x_test.shape == (360, 64)
-    assert 0.0 <= float(digits.x_train.min()) and float(digits.x_train.max()) <= 1.0
+    assert digits.x_train.shape == (1437, 64)
+    assert digits.x_test.shape == (360, 64)
+    assert 0.0 <= float(digits.x_train.min())
+    assert float(digits.x_train.max()) <= 1.0
     assert set(digits.y_test.tolist()) == set(range(10))
 
 
@@ -112,7 +114,8 @@ def test_user_model_and_data_by_import_path(tmp_path: Path, monkeypatch) -> None
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     data = load_data("mylab:load", seed=0)
-    assert data.n_classes == 2 and data.input_shape == (5,)
+    assert data.n_classes == 2
+    assert data.input_shape == (5,)
     model = build_model("mylab:make", input_shape=data.input_shape, n_classes=2)
     trainer = Trainer(model, data, torch.arange(150), lr=0.5)
     for _ in range(100):

@@ -10,10 +10,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import torch
+from helpers import make_node, running
 
 from gossipfl import wire
 from gossipfl.config import RunConfig
-from helpers import make_node, running
 
 BASE = RunConfig(steps=10_000, eval_every=10, listen="127.0.0.1:0", timeout=2.0, peer_timeout=1.5)
 
@@ -37,8 +37,8 @@ async def get_status(address: str) -> dict:
         return json.loads(await r.read())
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
@@ -76,7 +76,8 @@ def test_bad_messages_get_clear_http_errors_and_change_nothing() -> None:
             assert status["msgs_in"] == 0
             # ...and a good message is still accepted afterwards, and merged.
             ok, _ = await post(node.address, bytes(wire.encode(envelope(node))))
-            assert ok == 200 and len(node._inbox) == 1
+            assert ok == 200
+            assert len(node._inbox) == 1
             node._work(trains=False, gossip_now=False)
             assert not torch.equal(node.state.params, before)
         finally:
@@ -119,7 +120,9 @@ def test_alone_node_trains_then_gossips_when_a_peer_appears() -> None:
         async with running(make_node(BASE, "a", index=0, shards=2)) as a:
             await wait_for(lambda: a.state.step > 20)
             status = await get_status(a.address)
-            assert status["alone"] is True and status["peers"] == [] and a.msgs_out == 0
+            assert status["alone"] is True
+            assert status["peers"] == []
+            assert a.msgs_out == 0
             # b knows a's address; a learns b from b's messages (their envelopes carry b's address)
             cfg_b = BASE.replace(peers=(a.address,))
             async with running(make_node(cfg_b, "b", index=1, shards=2)) as b:
@@ -127,7 +130,8 @@ def test_alone_node_trains_then_gossips_when_a_peer_appears() -> None:
                 status = await get_status(a.address)
                 assert status["alone"] is False
                 assert [p["id"] for p in status["peers"]] == ["b"]
-                assert status["bytes_in"] > 0 and status["bytes_out"] > 0
+                assert status["bytes_in"] > 0
+                assert status["bytes_out"] > 0
 
     asyncio.run(scenario())
 
@@ -146,7 +150,8 @@ def test_peers_of_a_dead_node_drop_it_and_carry_on() -> None:
                 await wait_for(lambda: "c" not in a.membership.ids() and "c" not in b.membership.ids(), 10)
                 sa, sb = a.msgs_out, b.msgs_out
                 await wait_for(lambda: a.msgs_out > sa + 10 and b.msgs_out > sb + 10)
-                assert a.state.step > 0 and b.status()["neighbours"] == ["a"]
+                assert a.state.step > 0
+                assert b.status()["neighbours"] == ["a"]
 
     asyncio.run(scenario())
 

@@ -22,24 +22,39 @@ Lifecycle::
                          on_change=lambda view: ...) as disco:
         disco.peers()        # {"b": PeerInfo(...), ...}, never ourselves
         disco.forget("b")    # b unreachable for too long: out of the view until
-                             # zeroconf reports it again
+                             # zeroconf hears of it again
 
 Leaving the block (or ``aclose()``) sends goodbye packets so the other nodes drop this one
-at once; a node killed without them stays in the others' views until they ``forget`` it or
-its records expire (``RECORD_TTL``).
+at once. A node killed without them stays in the others' views until they ``forget`` it (the
+node does so when the peer stops answering), or else until its PTR record expires from their
+caches: zeroconf keeps a received PTR at least 1125 s (~19 min), whatever TTL was sent.
+
+Network facts worth knowing (see also the README, "Run on several machines"):
+
+- mDNS is UDP multicast to 224.0.0.251:5353 on the local segment only: every node must be
+  on one L2 segment (or behind an mDNS reflector), and UDP 5353 open in the firewall. A
+  host without a default route needs a route for 224.0.0.0/4 on the interface
+  (``ip route add 224.0.0.0/4 dev eth0``); switches with IGMP snooping and no querier may
+  drop the traffic.
+- ``interfaces`` limits mDNS to the given addresses' interfaces (``["127.0.0.1"]`` works
+  for several nodes on one host, loopback only); ``addresses`` is what is advertised.
+- Questions ask for multicast answers (``QUESTION_TYPE``), because with several mDNS stacks
+  on one host a unicast answer reaches only one of them. The name-conflict probe that
+  refuses a second live node with our id still relies on unicast answers, so it is
+  reliable across hosts but only best-effort between processes on one host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -65,6 +80,7 @@ __all__ = [
     "build_txt",
     "incompatibility",
     "instance_label",
+    "on_link_first",
     "parse_advert",
 ]
 
@@ -73,7 +89,9 @@ PROTOCOL_VERSION = 1
 
 # Timing constants, in one place.
 RESOLVE_TIMEOUT = 3.0  # seconds to resolve one advertised instance (SRV, TXT, A)
-RECORD_TTL = 120  # seconds our records live in other nodes' caches without a refresh
+RECORD_TTL = 120  # seconds our SRV/TXT/A records live in others' caches (PTR: >= 1125, see above)
+FORGET_RECHECK = 30.0  # seconds after forget() before we ask for the peer again
+FORGET_RECHECK_MAX = 600.0  # the interval doubles up to this
 BROWSE_SETTLE = 1.0  # seconds browse() waits for resolutions still running after `duration`
 
 # Ask for multicast answers (QM), never unicast ones (QU): when several mDNS stacks share a
@@ -84,16 +102,12 @@ QUESTION_TYPE = DNSQuestionType.QM
 _MAX_FIELD_BYTES = 200  # a TXT string is at most 255 bytes, "key=" included
 _LABEL_ID_CHARS = 40  # readable part of the instance name; the label stays well under 63
 _HASH_CHARS = 8
-_DNS_TYPE_PTR = 12
-_DNS_CLASS_IN = 1
 
 _UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _DECIMAL = re.compile(r"[0-9]{1,9}")
 
-ChangeCallback = Callable[[dict[str, "PeerInfo"]], None]
 
-
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PeerInfo:
     """One other node as advertised on the network."""
 
@@ -132,6 +146,9 @@ class PeerInfo:
         if best is not None:
             return best[1]
         return f"{self.host.rstrip('.')}:{self.port}"
+
+
+ChangeCallback = Callable[[dict[str, PeerInfo]], None]
 
 
 # -- advert building, parsing and filtering (pure functions) ---------------------------------
@@ -211,10 +228,25 @@ def incompatibility(peer: PeerInfo, *, cluster: str, protocol_version: int, fing
     return None
 
 
+def on_link_first(peer: PeerInfo, networks: Sequence[ipaddress.IPv4Network]) -> PeerInfo:
+    """``peer`` with its addresses on one of ``networks`` (our own subnets) moved first.
+
+    A multi-homed peer advertises every address it has (a docker bridge, a VPN, ...), and
+    ``PeerInfo.address`` takes the first usable one: make it one we share a subnet with.
+    """
+
+    def off_link(text: str) -> bool:
+        ip = ipaddress.ip_address(text)
+        return not (ip.version == 4 and any(ip in net for net in networks))
+
+    ordered = tuple(sorted(peer.addresses, key=off_link))  # stable: keeps the advertised order
+    return peer if ordered == peer.addresses else dataclasses.replace(peer, addresses=ordered)
+
+
 # -- the peer table: browse events in, filtered view out -------------------------------------
 
 # check(peer) -> None to accept, or (log level, reason) to ignore it.
-_Check = Callable[[PeerInfo], "tuple[int, str] | None"]
+_Check = Callable[[PeerInfo], tuple[int, str] | None]
 
 
 class _PeerTable:
@@ -232,15 +264,18 @@ class _PeerTable:
         own_name: str | None,
         on_change: ChangeCallback | None,
         logger: logging.Logger,
+        networks: Callable[[], Sequence[ipaddress.IPv4Network]] = list,
     ) -> None:
         self._check = check
+        self._networks = networks
         self._own_key = own_name.lower() if own_name else None
         self._on_change = on_change
         self._log = logger
         self._zc: Zeroconf | None = None
         self._by_name: dict[str, PeerInfo] = {}  # instance name -> accepted peer, oldest first
         self._ignored: dict[str, str] = {}  # instance name -> reason already logged
-        self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._resolving: dict[str, asyncio.Task[None]] = {}  # resolution or recheck, by name
+        self._recheck_delay: dict[str, float] = {}  # forgotten name -> next first delay
         self._view: dict[str, PeerInfo] = {}
         self._closed = False
 
@@ -276,13 +311,18 @@ class _PeerTable:
         if state_change is ServiceStateChange.Removed:
             self._cancel_resolve(name)
             self._ignored.pop(name, None)
+            self._recheck_delay.pop(name, None)
             self.drop(name)
         else:  # Added or Updated: (re)resolve; this also brings back a forgotten peer
             self._schedule_resolve(zeroconf, name)
 
     def _schedule_resolve(self, zc: Zeroconf, name: str) -> None:
+        self._start_task(name, self._resolve(zc, name))
+
+    def _start_task(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Run coro as the one task for instance ``name``, cancelling the previous one."""
         self._cancel_resolve(name)
-        task = asyncio.get_running_loop().create_task(self._resolve(zc, name), name=f"gossipfl-resolve {name}")
+        task = asyncio.get_running_loop().create_task(coro, name=f"gossipfl-discovery {name}")
         self._resolving[name] = task
         task.add_done_callback(self._resolve_done)
 
@@ -314,6 +354,7 @@ class _PeerTable:
         except WireError as exc:
             self._ignore(name, logging.WARNING, f"malformed advert ({exc})")
             return
+        peer = on_link_first(peer, self._networks())
         verdict = self._check(peer)
         if verdict is not None:
             level, reason = verdict
@@ -335,33 +376,44 @@ class _PeerTable:
             self._publish()
 
     def forget(self, peer_id: str) -> None:
-        """Drop ``peer_id`` until zeroconf reports it (added or updated) again."""
+        """Drop ``peer_id`` until zeroconf reports it (added or updated) again.
+
+        Its SRV and TXT records leave zeroconf's cache too, so that the next time they are
+        heard (its announcements when it restarts, its answer to any query) they are new
+        and the browser reports the instance as updated. And we ask for it ourselves now
+        and then (``FORGET_RECHECK``, doubling up to ``FORGET_RECHECK_MAX``, the doubling
+        kept across forgets until it leaves for good): a peer that merely dropped off the
+        network for a while comes back even if nothing else queries for it.
+        """
         names = [name for name, peer in self._by_name.items() if peer.id == peer_id]
         for name in names:
             self._cancel_resolve(name)
             del self._by_name[name]
             self._evict_cached(name)
+            delay = self._recheck_delay.get(name, FORGET_RECHECK)
+            self._recheck_delay[name] = min(2 * delay, FORGET_RECHECK_MAX)
+            if self._zc is not None and not self._closed:
+                self._start_task(name, self._recheck(self._zc, name, delay))
         if names:
             self._publish()
 
+    async def _recheck(self, zc: Zeroconf, name: str, delay: float) -> None:
+        # Ends when the instance answers, or is cancelled by any browser event for it (which
+        # resolves it anew), by its removal or by aclose().
+        while True:
+            await asyncio.sleep(delay)
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            if await info.async_request(zc, RESOLVE_TIMEOUT * 1000, question_type=QUESTION_TYPE):
+                self.update_from_info(name, info)
+                return
+            delay = min(2 * delay, FORGET_RECHECK_MAX)
+
     def _evict_cached(self, name: str) -> None:
-        # Drop the instance's PTR, SRV and TXT from zeroconf's cache: the next answer that
-        # carries them (its re-announcement after a restart, its answer to anyone's query,
-        # our own browser's periodic refresh) is then new to the cache, and the browser
-        # reports the instance as added again. Without this an instance that never changes
-        # would stay forgotten for as long as it lives.
+        # The PTR stays: a goodbye is only acted upon for a PTR in the cache, and its expiry
+        # is what finally removes a peer that died without one.
         zc = self._zc
-        if zc is None or zc.done:
-            return
-        cache = zc.cache
-        key = name.lower()
-        stale = [
-            record
-            for record in cache.async_all_by_details(SERVICE_TYPE, _DNS_TYPE_PTR, _DNS_CLASS_IN)
-            if getattr(record, "alias", "").lower() == key
-        ]
-        stale.extend(cache.async_entries_with_name(name))
-        cache.async_remove_records(stale)
+        if zc is not None and not zc.done:
+            zc.cache.async_remove_records(zc.cache.async_entries_with_name(name))
 
     def _publish(self) -> None:
         view = {peer.id: peer for peer in self._by_name.values()}
@@ -419,6 +471,32 @@ def _check_ips(key: str, values: Sequence[str] | None) -> list[str] | None:
     return checked
 
 
+def _host_ipv4() -> list[ipaddress.IPv4Address]:
+    return [ipaddress.IPv4Address(ip.ip) for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4]
+
+
+def _host_networks(interfaces: Sequence[str] | None) -> list[ipaddress.IPv4Network]:
+    """The IPv4 subnets this host is on (those of ``interfaces`` only, when given)."""
+    return [
+        ipaddress.IPv4Interface(f"{ip.ip}/{ip.network_prefix}").network
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if ip.is_IPv4 and (interfaces is None or ip.ip in interfaces)
+    ]
+
+
+def _check_interfaces_exist(interfaces: Sequence[str]) -> None:
+    # zeroconf fails on an address no interface has with a bare OSError (ENODEV), and leaks
+    # a socket doing so: catch it first, with a message that says what is wrong.
+    host = {str(ip) for ip in _host_ipv4()}
+    for text in interfaces:
+        if ipaddress.ip_address(text).version == 4 and text not in host:
+            raise ConfigError(
+                f"discovery: interfaces holds {text}, which is not an address of this host "
+                f"(it has {', '.join(sorted(host)) or 'none'})"
+            )
+
+
 def _default_addresses(interfaces: Sequence[str] | None) -> list[str]:
     """IPv4 addresses to advertise when none are given.
 
@@ -430,7 +508,7 @@ def _default_addresses(interfaces: Sequence[str] | None) -> list[str]:
         ipv4 = [ip for ip in interfaces if ipaddress.ip_address(ip).version == 4]
         if ipv4:
             return ipv4
-    found = [ipaddress.IPv4Address(ip.ip) for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4]
+    found = _host_ipv4()
     best = [str(ip) for ip in found if not (ip.is_loopback or ip.is_link_local)]
     if best:
         return best
@@ -481,12 +559,14 @@ class Discovery:
             own_name=self.service_name,
             on_change=on_change,
             logger=self._log,
+            networks=lambda: _host_networks(self._interfaces),
         )
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._announce: asyncio.Future[Any] | None = None
         self._started = False
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     def _check(self, peer: PeerInfo) -> tuple[int, str] | None:
         if peer.id == self.node_id and peer.cluster == self.cluster:
@@ -539,6 +619,8 @@ class Discovery:
             raise
 
     async def _start(self) -> None:
+        if self._interfaces is not None:
+            _check_interfaces_exist(self._interfaces)
         addresses = self._addresses or _default_addresses(self._interfaces)
         interfaces = self._interfaces if self._interfaces is not None else InterfaceChoice.All
         self._aiozc = aiozc = AsyncZeroconf(interfaces=interfaces)
@@ -579,10 +661,17 @@ class Discovery:
         )
 
     async def aclose(self) -> None:
-        """Withdraw our advert (goodbye packets) and stop browsing. Idempotent."""
-        if self._closed:
-            return
+        """Withdraw our advert (goodbye packets) and stop browsing. Idempotent.
+
+        The shutdown runs in a task of its own: if the caller is cancelled it still
+        completes, and any later ``aclose()`` waits for that same shutdown.
+        """
         self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
         await self._table.aclose()
         if self._announce is not None and not self._announce.done():
             self._announce.cancel()
@@ -599,7 +688,14 @@ class Discovery:
         return self._table.view()
 
     def forget(self, peer_id: str) -> None:
-        """Drop a peer judged unreachable; it comes back when zeroconf reports it again."""
+        """Drop a peer judged unreachable; it comes back when zeroconf reports it again.
+
+        That is when it restarts (a new ``boot`` token), when it answers someone's query, or
+        when it answers ours: we ask for it ``FORGET_RECHECK`` s later, then at doubling
+        intervals up to ``FORGET_RECHECK_MAX``. The doubling carries over to the next forget
+        of the same peer, so a peer reachable by mDNS but not by HTTP is retried less and
+        less often. Forgetting an id not in the view does nothing.
+        """
         self._table.forget(peer_id)
 
 
@@ -625,7 +721,9 @@ async def browse(
             return logging.DEBUG, f"is in cluster {peer.cluster!r}"
         return None
 
-    table = _PeerTable(check=check, own_name=None, on_change=None, logger=log)
+    if checked is not None:
+        _check_interfaces_exist(checked)
+    table = _PeerTable(check=check, own_name=None, on_change=None, logger=log, networks=lambda: _host_networks(checked))
     aiozc = AsyncZeroconf(interfaces=checked if checked is not None else InterfaceChoice.All)
     try:
         table.attach(aiozc.zeroconf)

@@ -63,7 +63,8 @@ class Algorithm(Protocol):
         ...
 
     def message(self, state: LocalState) -> Message:
-        """What to send (tensors are snapshots: the sender keeps training while they travel)."""
+        """What to send. Tensors may alias the state: the node encodes them (a copy) before the
+        next step, under the same lock."""
         ...
 
     def merge(
@@ -72,5 +73,9 @@ class Algorithm(Protocol):
         messages: Sequence[Message],
         weights: Mapping[str, float],
     ) -> None:
-        """Fold received messages into ``state`` in place; ``weights`` maps sender -> mixing weight."""
+        """Fold received messages into ``state`` in place; ``weights`` maps sender -> mixing weight.
+
+        Message tensors alias receive buffers that the node reuses once ``merge`` returns: copy
+        anything that must outlive the call.
+        """
         ...

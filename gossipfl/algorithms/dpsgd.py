@@ -54,7 +54,7 @@ class DPSGD:
         return list(neighbours)
 
     def message(self, state: LocalState) -> Message:
-        return Message(sender="", tensors={"params": state.params.clone()}, step=state.step)
+        return Message(sender="", tensors={"params": state.params}, step=state.step)
 
     @torch.no_grad()
     def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:

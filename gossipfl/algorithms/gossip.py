@@ -53,7 +53,7 @@ class GossipLearning:
         return [rng.choice(list(neighbours))] if neighbours else []
 
     def message(self, state: LocalState) -> Message:
-        return Message(sender="", tensors={"params": state.params.clone()}, step=state.step, age=state.age)
+        return Message(sender="", tensors={"params": state.params}, step=state.step, age=state.age)
 
     @torch.no_grad()
     def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:

@@ -43,6 +43,7 @@ from gossipfl.errors import (
     WireError,
 )
 from gossipfl.learning.trainer import Trainer
+from gossipfl.node.buffers import BufferPool
 from gossipfl.node.membership import Membership
 from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
 from gossipfl.topology import graph_for_members, local_weights, neighbours
@@ -113,7 +114,9 @@ class Node:
         self.address = ""
         # learning state, guarded by _lock (worker thread vs. event loop)
         self._lock = threading.Lock()
-        self._inbox: list[Message] = []
+        self._inbox: list[tuple[Message, bytes | bytearray]] = []  # message, and the buffer it aliases
+        self._rx_pool = BufferPool(keep=4)
+        self._tx_buf = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
         self._templates = {k: (v.shape, v.dtype) for k, v in algorithm.message(self.state).tensors.items()}
         # counters reported by /status and metrics
         self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
@@ -123,7 +126,7 @@ class Node:
         self.accuracy = float("nan")
         self.finished = asyncio.Event()
         # gossip hand-off: the newest encoded message, and whether a send is in flight
-        self._outgoing: bytearray | None = None
+        self._outgoing: memoryview | None = None
         self._outgoing_ready = asyncio.Event()
         self._send_idle = asyncio.Event()
         self._send_idle.set()
@@ -225,7 +228,7 @@ class Node:
             self.rejected["too_large"] += 1
             return _error_response(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
         try:
-            body = await request.read()
+            body = await _read_body(request, self._rx_pool)
         except web.HTTPRequestEntityTooLarge:
             self.rejected["too_large"] += 1
             return _error_response(413, "too_large", f"body exceeds {limit} bytes")
@@ -242,11 +245,12 @@ class Node:
             return self.rpc_gossip(body)
         return 404, _json({"error": f"no such endpoint: {method} {path}", "reason": "not_found"})
 
-    def rpc_gossip(self, body: bytes) -> tuple[int, bytes]:
+    def rpc_gossip(self, body: bytes | bytearray) -> tuple[int, bytes]:
         """Validate one message and queue it for the next merge; the model is untouched on error."""
         try:
             env = self._accept(body)
         except WireError as exc:
+            self._rx_pool.give(body)
             reason = getattr(exc, "reason", None) or next(
                 (r for cls, r in _REASONS if isinstance(exc, cls)), "malformed"
             )
@@ -254,6 +258,8 @@ class Node:
             self._warn_once(f"reject-{reason}", "rejected a message (%s): %s", reason, exc)
             return exc.http_status, _json({"error": str(exc), "reason": reason})
         if self.finished.is_set():
+            del env
+            self._rx_pool.give(body)
             return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
         self.bytes_in += len(body)
         self.msgs_in += 1
@@ -265,14 +271,15 @@ class Node:
             sender=env.sender, tensors=env.tensors, step=env.step, age=env.age,
             round=env.round, weight=env.weight, meta=env.meta,
         )
+        del env
         with self._lock:
-            self._inbox.append(msg)
+            self._inbox.append((msg, body))
             if len(self._inbox) > INBOX_PER_NEIGHBOUR * (len(self._neighbours) + 1):
                 del self._inbox[0]  # a slow node keeps the newest messages, not an ever-growing queue
                 self.dropped += 1
         return 200, _json({"ok": True})
 
-    def _accept(self, body: bytes) -> wire.Envelope:
+    def _accept(self, body: bytes | bytearray) -> wire.Envelope:
         env = wire.decode(body, secret=self.secret, max_bytes=self.cfg.max_message_bytes,
                           fingerprint=self.fingerprint)
         if env.cluster != self.cfg.cluster:
@@ -411,12 +418,29 @@ class Node:
         self.finished.set()
         self.log.info("finished %d steps: accuracy %.4f", self.state.step, self.accuracy)
 
-    def _work(self, trains: bool, gossip_now: bool) -> bytearray | None:
-        """Merge what arrived, take one local step, snapshot and encode a message (worker thread)."""
+    def merge_pending(self) -> int:
+        """Merge every queued message now, without a local step; returns how many were merged."""
         with self._lock:
-            inbox, self._inbox = self._inbox, []
-            if inbox:
-                self.algorithm.merge(self.state, inbox, self._merge_weights(inbox))
+            return self._merge_pending_locked()
+
+    def _merge_pending_locked(self) -> int:
+        inbox, self._inbox = self._inbox, []
+        if inbox:
+            messages = [m for m, _ in inbox]
+            self.algorithm.merge(self.state, messages, self._merge_weights(messages))
+            del messages
+        for _, body in inbox:  # merged: nothing references these buffers any more
+            self._rx_pool.give(body)
+        return len(inbox)
+
+    def _work(self, trains: bool, gossip_now: bool) -> memoryview | None:
+        """Merge what arrived, take one local step, encode a message (worker thread).
+
+        Encoding happens under the lock and copies the parameters into the send buffer: that copy
+        is the snapshot, so the model can change as soon as the lock is released.
+        """
+        with self._lock:
+            self._merge_pending_locked()
             if trains:
                 self.loss = self.trainer.step()
                 self.state.age += 1
@@ -424,13 +448,17 @@ class Node:
             if not gossip_now:
                 return None
             msg = self.algorithm.message(self.state)
-        env = wire.Envelope(
-            cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
-            fingerprint=self.fingerprint, step=msg.step, age=msg.age, round=msg.round,
-            weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
-            tensors=dict(msg.tensors),
-        )
-        return wire.encode(env, secret=self.secret)  # a bytearray: aiohttp sends it without a copy
+            env = wire.Envelope(
+                cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
+                fingerprint=self.fingerprint, step=msg.step, age=msg.age, round=msg.round,
+                weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
+                tensors=dict(msg.tensors),
+            )
+            size = wire.encoded_size(env, secret=self.secret)
+            if len(self._tx_buf) < size:
+                self._tx_buf = bytearray(size)
+            n = wire.encode_into(env, self._tx_buf, secret=self.secret)
+        return memoryview(self._tx_buf)[:n]
 
     def _evaluate_and_record(self) -> None:
         with self._lock:
@@ -447,7 +475,7 @@ class Node:
 
     # ------------------------------------------------------------------ lock-step schedule
 
-    async def work_round(self, *, gossip: bool = True) -> bytearray | None:
+    async def work_round(self, *, gossip: bool = True) -> memoryview | None:
         """One round of a synchronous schedule: merge what arrived, step, encode the message.
 
         A simulation driver calls this on every node, then `send_round` on every node, so that
@@ -457,7 +485,7 @@ class Node:
         self._refresh_view()
         return await asyncio.to_thread(self._work, self.algorithm.requirements.trains, gossip)
 
-    async def send_round(self, body: bytearray | None) -> None:
+    async def send_round(self, body: memoryview | None) -> None:
         """Deliver this round's message to the algorithm's targets, one after another (deterministic)."""
         if body is None:
             return
@@ -488,7 +516,7 @@ class Node:
             finally:
                 self._send_idle.set()
 
-    async def _send(self, peer_id: str, body: bytes | bytearray) -> None:
+    async def _send(self, peer_id: str, body: bytes | bytearray | memoryview) -> None:
         address = self.membership.address(peer_id)
         if address is None:
             return
@@ -595,6 +623,26 @@ class Node:
         if key not in self._warned:
             self._warned.add(key)
             self.log.warning(fmt, *args)
+
+
+async def _read_body(request: web.Request, pool: BufferPool) -> bytes | bytearray:
+    """The request body, read straight into one buffer of the announced size when there is one.
+
+    One copy per byte instead of aiohttp's chunk list + join; the frame's tensors then alias a
+    writable buffer. A body longer or shorter than its Content-Length is malformed."""
+    n = request.content_length
+    if n is None or n < 1 << 16:
+        return await request.read()
+    buf = pool.take(n)
+    view = memoryview(buf)
+    off = 0
+    async for chunk in request.content.iter_any():
+        end = off + len(chunk)
+        if end > n:
+            return b""  # longer than announced: let the codec reject an empty frame
+        view[off:end] = chunk
+        off = end
+    return buf if off == n else b""
 
 
 def _error_response(status: int, reason: str, message: str) -> web.Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ Handler = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
 class Transport(Protocol):
     """Sends one request to a peer address (``host:port``) and returns its reply."""
 
-    async def request(self, address: str, method: str, path: str, body: bytes | bytearray = b"",
+    async def request(self, address: str, method: str, path: str, body: bytes | bytearray | memoryview = b"",
                       *, timeout: float) -> Reply:
         ...
 
@@ -62,16 +62,17 @@ class HttpTransport:
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
-    async def request(self, address: str, method: str, path: str, body: bytes | bytearray = b"",
+    async def request(self, address: str, method: str, path: str, body: bytes | bytearray | memoryview = b"",
                       *, timeout: float) -> Reply:
         session = self._get_session()
         url = f"http://{address}{path}"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))} if body else None
+        # Large bodies go out in slices: one big write makes Python 3.11's asyncio transport buffer
+        # the remainder and shift it after every send, which is quadratic in the body size.
+        data: Any = _slices(body) if len(body) > _SLICE else (body or None)
         try:
             async with asyncio.timeout(timeout):
-                async with session.request(
-                    method, url, data=body or None,
-                    headers={"Content-Type": "application/octet-stream"} if body else None,
-                ) as resp:
+                async with session.request(method, url, data=data, headers=headers) as resp:
                     return Reply(resp.status, await resp.read())
         except TimeoutError:
             raise PeerTimeout(f"{address}: no answer to {method} {path} within {timeout:g} s") from None
@@ -82,6 +83,15 @@ class HttpTransport:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+_SLICE = 1 << 20
+
+
+async def _slices(body: bytes | bytearray | memoryview) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for off in range(0, len(view), _SLICE):
+        yield view[off : off + _SLICE]
 
 
 class MemoryNetwork:
@@ -111,7 +121,7 @@ class MemoryTransport:
     def __init__(self, network: MemoryNetwork) -> None:
         self._network = network
 
-    async def request(self, address: str, method: str, path: str, body: bytes | bytearray = b"",
+    async def request(self, address: str, method: str, path: str, body: bytes | bytearray | memoryview = b"",
                       *, timeout: float) -> Reply:
         handler = self._network._handlers.get(address)
         if handler is None:

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="run many nodes on this host and write a run folder")
     _learning_flags(sim)
-    sim.add_argument("--engine", help="cluster (real node services, default)")
+    sim.add_argument("--engine", help="cluster (real node services, default) or vectorized (one tensor, many nodes)")
+    sim.add_argument("--device", help="vectorized engine: cpu (default) or cuda")
     sim.add_argument("--nodes", type=int, help="number of nodes (default 8)")
     sim.add_argument("--transport", help="http (loopback sockets, default) or memory")
     sim.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--id", help="node id (default: kept in --state-dir, else host-port)")
     node.add_argument("--state-dir", metavar="DIR", help="checkpoint and metrics live here")
     node.add_argument("--secret-file", metavar="FILE", help="cluster secret: messages are HMAC-signed")
+    node.add_argument("--no-mdns", dest="mdns", action="store_const", const=False,
+                      help="do not advertise or discover peers over mDNS (use --peer)")
+    node.add_argument("--mdns-interface", dest="mdns_interfaces", action="append", metavar="IP",
+                      help="run mDNS on this interface address only (repeatable)")
     node.add_argument("--node-index", type=int, help="which data shard this node trains on")
     node.add_argument("--shards", type=int, help="how many shards the training data is cut into")
 
@@ -86,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--weights", default="metropolis")
     topo.add_argument("--seed", type=int, default=0)
     topo.add_argument("--plot", metavar="FILE.png")
+
+    peers = sub.add_parser("peers", help="list the gossipfl nodes on this network (mDNS)")
+    peers.add_argument("--cluster", help="only nodes of this cluster")
+    peers.add_argument("--duration", type=float, default=3.0, metavar="SECONDS", help="how long to listen")
+    peers.add_argument("--interface", dest="interfaces", action="append", metavar="IP",
+                       help="listen on this interface address only (repeatable)")
+    peers.add_argument("--json", action="store_true", help="one JSON object per node")
 
     rep = sub.add_parser("report", help="summarise one or more run folders")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -100,8 +112,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
     if "hidden" in out:
         out["hidden"] = tuple(out["hidden"])
-    if "peers" in out:
-        out["peers"] = tuple(out["peers"])
+    for key in ("peers", "mdns_interfaces"):
+        if key in out:
+            out[key] = tuple(out[key])
     return out
 
 
@@ -132,16 +145,22 @@ def _run_folder(cfg: RunConfig) -> Path:
 def cmd_sim(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     _preflight(cfg)
-    if cfg.engine != "cluster":
-        raise ConfigError(f"engine: {cfg.engine!r} is not available yet; use cluster")
     out = _run_folder(cfg)
     progress = None if args.quiet else sys.stderr
-    if not args.quiet:
-        print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
-              f"{cfg.transport} transport -> {out}", file=sys.stderr)
-    from gossipfl.sim.cluster import run_cluster
+    if cfg.engine == "vectorized":
+        if not args.quiet:
+            print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
+                  f"vectorized engine on {cfg.device} ({cfg.schedule}) -> {out}", file=sys.stderr)
+        from gossipfl.sim.vectorized import run_vectorized
 
-    summary = asyncio.run(run_cluster(cfg, out, progress=progress))
+        summary = run_vectorized(cfg, out, progress=progress)
+    else:
+        if not args.quiet:
+            print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
+                  f"{cfg.transport} transport -> {out}", file=sys.stderr)
+        from gossipfl.sim.cluster import run_cluster
+
+        summary = asyncio.run(run_cluster(cfg, out, progress=progress))
     _write_json(out / "summary.json", summary)
     if not args.quiet:
         print(format_summary(summary))
@@ -260,7 +279,8 @@ async def _serve_node(cfg: RunConfig) -> int:
     try:
         async with Node(cfg, node_id=node_id, trainer=trainer, algorithm=build_algorithm(cfg),
                         metrics=metrics, secret=secret, state_dir=cfg.state_dir,
-                        seed=stable_index(node_id, 2**31)) as node:
+                        seed=stable_index(node_id, 2**31), mdns=cfg.mdns,
+                        mdns_interfaces=cfg.mdns_interfaces) as node:
             print(f"gossipfl node {node_id} on {node.address} (cluster {cfg.cluster}, shard {index}/{shards})",
                   file=sys.stderr, flush=True)
             finished = asyncio.create_task(node.finished.wait())
@@ -316,7 +336,49 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sim": cmd_sim, "node": cmd_node, "topology": cmd_topology, "report": cmd_report}
+async def _peers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Browse mDNS, then ask each node found for its /status (step, accuracy)."""
+    from gossipfl.node.discovery import browse
+    from gossipfl.node.transport import HttpTransport
+
+    found = await browse(duration=args.duration, cluster=args.cluster, interfaces=args.interfaces)
+    transport = HttpTransport()
+
+    async def row(info: Any) -> dict[str, Any]:
+        out = {"id": info.id, "address": info.address, "cluster": info.cluster, "step": None, "accuracy": None}
+        try:
+            reply = await transport.request(info.address, "GET", "/status", timeout=3.0)
+            status = reply.json() if reply.status == 200 else {}
+            out.update(step=status.get("step"), accuracy=status.get("accuracy"))
+        except GossipflError as exc:
+            out["error"] = str(exc)
+        return out
+
+    try:
+        return list(await asyncio.gather(*(row(i) for i in found)))
+    finally:
+        await transport.aclose()
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    if not args.duration > 0:
+        raise ConfigError(f"duration: must be a positive number of seconds, got {args.duration}")
+    rows = asyncio.run(_peers(args))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if not rows:
+        print("no gossipfl nodes found (is UDP 5353 open, and are you on the same network segment?)")
+        return 0
+    print(f"{'id':<24}{'address':<24}{'cluster':<14}{'step':>8}{'accuracy':>10}")
+    for r in rows:
+        print(f"{r['id']:<24}{r['address']:<24}{r['cluster']:<14}{r['step'] if r['step'] is not None else '-':>8}"
+              f"{_fmt(r['accuracy']):>10}")
+    return 0
+
+
+COMMANDS = {"sim": cmd_sim, "node": cmd_node, "topology": cmd_topology, "peers": cmd_peers, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

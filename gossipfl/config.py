@@ -69,6 +69,8 @@ class RunConfig:
     peers: tuple[str, ...] = ()
     state_dir: str | None = None
     secret_file: str | None = None
+    mdns: bool = True  # gossipfl node: advertise and discover peers over mDNS (zeroconf)
+    mdns_interfaces: tuple[str, ...] = ()  # IPs of the interfaces mDNS runs on (default: the listen IP, or all)
     node_index: int | None = None  # which data shard this node trains on; default from its id
     shards: int | None = None  # how many shards the data is split into on a LAN; default 1 per node
 

@@ -45,12 +45,11 @@ class Membership:
         fresh = {p.address for p in self._peers.values() if now - p.last_ok < recent and p.failing_since is None}
         return [a for a, (due, _) in self._static.items() if due <= now and a not in fresh]
 
-    def probe_failed(self, address: str) -> None:
+    def probe_failed(self, address: str) -> list[str]:
+        """Back off this static address; returns ids of peers at it that are now dropped."""
         _, backoff = self._static.get(address, (0.0, 1.0))
         self._static[address] = (self._clock() + backoff, min(backoff * 2, 30.0))
-        for p in list(self._peers.values()):
-            if p.address == address:
-                self.contact_failed(p.id)
+        return [p.id for p in list(self._peers.values()) if p.address == address and self.contact_failed(p.id)]
 
     def seen(self, peer_id: str, address: str) -> bool:
         """Record a successful contact; returns True if the peer is new (joined)."""

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from gossipfl.errors import (
 )
 from gossipfl.learning.trainer import Trainer
 from gossipfl.node.buffers import BufferPool
+from gossipfl.node.discovery import Discovery, PeerInfo
 from gossipfl.node.membership import Membership
 from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
 from gossipfl.topology import graph_for_members, local_weights, neighbours
@@ -92,6 +93,8 @@ class Node:
         clock: Callable[[], float] = time.monotonic,
         state_dir: str | Path | None = None,
         seed: int = 0,
+        mdns: bool = False,
+        mdns_interfaces: Sequence[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.id = node_id
@@ -108,6 +111,10 @@ class Node:
         self._t0 = t0
         self._rng = random.Random(seed)
         self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._mdns = mdns
+        self._mdns_interfaces = list(mdns_interfaces) if mdns_interfaces else None
+        self._discovery: Discovery | None = None
+        self._discovered: set[str] = set()
         self.membership = Membership(node_id, peer_timeout=cfg.peer_timeout, clock=clock)
         for addr in cfg.peers:
             self.membership.add_static(addr)
@@ -168,6 +175,8 @@ class Node:
         try:
             await self._start_server(stack)
             stack.push_async_callback(self._transport.aclose)
+            if self._mdns:
+                await self._start_discovery(stack)
             tg = await stack.enter_async_context(asyncio.TaskGroup())
             stack.callback(self._cancel_tasks)  # runs before the task group waits for them
             self._tasks = [
@@ -218,6 +227,36 @@ class Node:
             raise ConfigError(f"listen: cannot bind {host}:{port}: {exc.strerror or exc}") from None
         bound = runner.addresses[0]
         self.address = _advertised_address(host, bound[1])
+
+    async def _start_discovery(self, stack: contextlib.AsyncExitStack) -> None:
+        """Advertise over mDNS and feed what we hear into membership (closed before the server)."""
+        host, port = parse_address(self.address, key="listen")
+        specific = host not in ("0.0.0.0", "", "::")
+        interfaces = self._mdns_interfaces or ([host] if specific else None)
+        self._discovery = Discovery(
+            node_id=self.id, cluster=self.cfg.cluster, port=port, fingerprint=self.fingerprint,
+            protocol_version=wire.PROTOCOL_VERSION, addresses=[host] if specific else None,
+            interfaces=interfaces, on_change=self._on_discovery, logger=self.log,
+        )
+        await self._discovery.start()
+        stack.push_async_callback(self._discovery.aclose)
+
+    def _on_discovery(self, view: Mapping[str, PeerInfo]) -> None:
+        for peer_id, info in view.items():
+            if self.membership.seen(peer_id, info.address):
+                self.log.info("peer %s discovered at %s", peer_id, info.address)
+            self._discovered.add(peer_id)
+        for gone in self._discovered - set(view):
+            self._discovered.discard(gone)
+            if gone in self.membership.ids():
+                self.membership.remove(gone)
+                self.log.info("peer %s left (its mDNS service was withdrawn)", gone)
+
+    def _peer_left(self, peer_id: str, why: str) -> None:
+        self.log.warning("peer %s left: %s", peer_id, why)
+        if self._discovery is not None:
+            self._discovery.forget(peer_id)  # mDNS will report it again if it comes back
+        self._discovered.discard(peer_id)
 
     # ------------------------------------------------------------------ serving
 
@@ -524,7 +563,7 @@ class Node:
             reply = await self._transport.request(address, "POST", "/gossip", body, timeout=self.cfg.timeout)
         except PeerError as exc:
             if self.membership.contact_failed(peer_id):
-                self.log.warning("peer %s left: unreachable for %.0f s (%s)", peer_id, self.cfg.peer_timeout, exc)
+                self._peer_left(peer_id, f"unreachable for {self.cfg.peer_timeout:.0f} s ({exc})")
             return
         if reply.status == 200:
             self.bytes_out += len(body)
@@ -541,7 +580,7 @@ class Node:
             await asyncio.sleep(PROBE_INTERVAL)
             await self._probe_once()
             for gone in self.membership.expire():
-                self.log.warning("peer %s left: no contact for %.0f s", gone, self.cfg.peer_timeout)
+                self._peer_left(gone, f"no contact for {self.cfg.peer_timeout:.0f} s")
 
     async def _probe_once(self) -> None:
         due = self.membership.static_due(recent=RECENT_CONTACT)
@@ -555,22 +594,26 @@ class Node:
             info = reply.json() if reply.status == 200 else None
         except PeerError as exc:
             self._warn_once(f"probe-{address}", "peer %s unreachable (%s); retrying with back-off", address, exc)
-            self.membership.probe_failed(address)
+            self._probe_failed(address)
             return
         if not isinstance(info, dict) or not isinstance(info.get("id"), str):
             self._warn_once(f"probe-bad-{address}", "%s is not a gossipfl node; ignoring it", address)
-            self.membership.probe_failed(address)
+            self._probe_failed(address)
             return
         for key, ours in (("cluster", self.cfg.cluster), ("fingerprint", self.fingerprint),
                           ("algorithm", self.algorithm.name)):
             if info.get(key) != ours:
                 self._warn_once(f"probe-{key}-{address}", "ignoring %s at %s: %s %r differs from ours %r",
                                 info["id"], address, key, info.get(key), ours)
-                self.membership.probe_failed(address)
+                self._probe_failed(address)
                 return
         self._warned.discard(f"probe-{address}")
         if self.membership.seen(info["id"], address):
             self.log.info("peer %s joined at %s", info["id"], address)
+
+    def _probe_failed(self, address: str) -> None:
+        for gone in self.membership.probe_failed(address):
+            self._peer_left(gone, f"{address} unreachable for {self.cfg.peer_timeout:.0f} s")
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,0 +1,167 @@
+"""Loss, gradient and logits of many models at once, their parameters stacked as ``[n, D]`` rows.
+
+Two implementations of one small interface (`BatchedModel`):
+
+- `BatchedMLP`: the built-in ``mlp`` and ``logreg`` (``Flatten`` then ``Linear``/``ReLU`` layers)
+  with batched matmuls and a hand-written backward pass. Measured on 2 cores it is 1.1-3x faster
+  than ``torch.func.vmap`` (no per-op batching rules, no autograd graph, and the softmax over a
+  short class axis is written out: ``torch.softmax`` on a last axis of 10 is slow on CPU).
+- `FuncModel`: any ``nn.Module`` (the CNN, user models) through ``torch.func``:
+  ``vmap(grad_and_value(loss))`` over ``functional_call`` on views of each row.
+
+Both compute, per node, the mean cross-entropy over its minibatch (optionally over a ``weight``
+mask, for nodes whose shard is smaller than the batch) and its gradient, exactly the quantities
+`gossipfl.learning.Trainer.loss_and_grad` computes for one node.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from gossipfl.errors import ConfigError
+from gossipfl.learning.params import ParamLayout
+
+__all__ = ["BatchedMLP", "BatchedModel", "FuncModel", "batched_model"]
+
+
+class BatchedModel(Protocol):
+    """What the vectorised engine needs from a model family."""
+
+    kind: str
+
+    def loss_and_grad(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-node minibatch loss ``[n]`` and gradient ``[n, D]`` at rows ``p [n, D]``.
+
+        ``x [n, B, *input]``, ``y [n, B]``; ``weight [n, B]`` (1 for real samples, 0 for padding)
+        or None when every node has a full batch.
+        """
+        ...
+
+    def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``[n, T, classes]``: every node's model applied to the same inputs ``x [T, *input]``."""
+        ...
+
+
+class BatchedMLP:
+    """Batched-matmul forward and backward for ``Sequential(Flatten, Linear, ReLU, ..., Linear)``."""
+
+    kind = "batched"
+
+    def __init__(self, layers: list[tuple[int, int, int, int]], numel: int) -> None:
+        # (weight offset, bias offset, out features, in features) per Linear, in order
+        self.layers = layers
+        self.numel = numel
+
+    @classmethod
+    def from_module(cls, model: nn.Module, layout: ParamLayout) -> BatchedMLP | None:
+        """The fast path for ``model`` if it is a plain MLP (or logistic regression), else None."""
+        if not isinstance(model, nn.Sequential) or len(model) < 2 or not isinstance(model[0], nn.Flatten):
+            return None
+        mods = list(model)[1:]
+        if not all(isinstance(m, nn.Linear) if i % 2 == 0 else type(m) is nn.ReLU for i, m in enumerate(mods)):
+            return None
+        if not isinstance(mods[-1], nn.Linear) or any(m.bias is None for m in mods[::2]):
+            return None
+        offsets = dict(zip(layout.names, layout.offsets, strict=True))
+        layers = []
+        for i, m in enumerate(mods[::2]):
+            idx = 1 + 2 * i
+            layers.append((offsets[f"{idx}.weight"], offsets[f"{idx}.bias"], m.out_features, m.in_features))
+        return cls(layers, layout.numel)
+
+    def _weights(self, p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_off, b_off, out, inp = self.layers[k]
+        return p[:, w_off:w_off + out * inp].view(-1, out, inp), p[:, b_off:b_off + out]
+
+    def _forward(self, p: torch.Tensor, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        acts = [x.reshape(x.shape[0], x.shape[1], -1)]
+        pre: list[torch.Tensor] = []
+        for k in range(len(self.layers)):
+            w, b = self._weights(p, k)
+            z = torch.baddbmm(b.unsqueeze(1), acts[-1], w.transpose(1, 2))
+            pre.append(z)
+            if k < len(self.layers) - 1:
+                acts.append(torch.relu(z))
+        return acts, pre
+
+    def loss_and_grad(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        acts, pre = self._forward(p, x)
+        z = pre[-1]
+        # softmax cross-entropy, written out (see module docstring)
+        zmax = z.amax(-1, keepdim=True)
+        e = torch.exp(z - zmax)
+        s = e.sum(-1, keepdim=True)
+        zy = z.gather(-1, y.unsqueeze(-1))
+        nll = (torch.log(s) + zmax - zy).squeeze(-1)  # [n, B]
+        dz = e.div_(s)
+        dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(zy, -1.0))
+        if weight is None:
+            loss = nll.mean(1)
+            dz.mul_(1.0 / z.shape[1])
+        else:
+            count = weight.sum(1, keepdim=True)
+            loss = (nll * weight).sum(1) / count.squeeze(1)
+            dz.mul_((weight / count).unsqueeze(-1))
+        grad = torch.empty(p.shape[0], self.numel, dtype=p.dtype, device=p.device)
+        for k in range(len(self.layers) - 1, -1, -1):
+            w_off, b_off, out, inp = self.layers[k]
+            grad[:, w_off:w_off + out * inp].view(-1, out, inp).copy_(torch.bmm(dz.transpose(1, 2), acts[k]))
+            grad[:, b_off:b_off + out].copy_(dz.sum(1))
+            if k:
+                w, _ = self._weights(p, k)
+                dz = torch.bmm(dz, w).mul_(pre[k - 1] > 0)
+        return loss, grad
+
+    @torch.no_grad()
+    def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        xs = x.reshape(1, x.shape[0], -1).expand(p.shape[0], -1, -1)
+        return self._forward(p, xs)[1][-1]
+
+
+class FuncModel:
+    """Any module, batched with ``torch.func``: ``vmap`` over rows of the flat parameter matrix."""
+
+    kind = "func"
+
+    def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
+        self.model, self.layout = model, layout
+
+        def loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, layout.unflatten(p), (x,))
+            return (F.cross_entropy(out, y, reduction="none") * w).sum() / w.sum()
+
+        def forward(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, layout.unflatten(p), (x,))
+
+        self._grad = vmap(grad_and_value(loss))
+        self._logits = vmap(forward, in_dims=(0, None))
+
+    def loss_and_grad(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.ones(y.shape, dtype=p.dtype, device=p.device) if weight is None else weight
+        grad, loss = self._grad(p, x, y, w)
+        return loss, grad
+
+    @torch.no_grad()
+    def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(p, x)
+
+
+def batched_model(model: nn.Module, layout: ParamLayout, kernel: str = "auto") -> BatchedModel:
+    """``kernel``: ``auto`` (batched matmuls for plain MLPs, torch.func otherwise), ``batched``, ``func``."""
+    if kernel not in ("auto", "batched", "func"):
+        raise ConfigError(f"kernel: {kernel!r} is not one of auto, batched, func")
+    if kernel != "func":
+        fast = BatchedMLP.from_module(model, layout)
+        if fast is not None:
+            return fast
+        if kernel == "batched":
+            raise ConfigError("kernel: batched matmuls cover only the built-in mlp and logreg; use func")
+    return FuncModel(model, layout)

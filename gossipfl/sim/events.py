@@ -1,0 +1,123 @@
+"""Messages on a simulated clock, held as tensors: the bookkeeping of the vectorised engine.
+
+A message does not carry a copy of its model. The sender's model at send time goes once into a
+`SnapshotRing` (the last few models each node sent), and a message in flight is one row of
+`Messages`: receiver, sender, ring slot, send sequence number, arrival time and mixing weight.
+Sending to 20 neighbours costs 20 index rows, not 20 copies of D floats; merging is an indexed
+read of the ring (a sparse product for D-PSGD). If a slow link outlives the ring (the sender has
+sent ``depth`` newer models since), the message is reported as expired, like a bounded inbox
+dropping its oldest entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["Messages", "SnapshotRing", "latest_per_pair", "merge_waves"]
+
+
+@dataclass
+class Messages:
+    """Messages in flight, one row per message (all tensors on one device, same length)."""
+
+    recv: torch.Tensor  # int64
+    send: torch.Tensor  # int64
+    slot: torch.Tensor  # int64, ring slot of the sender's snapshot
+    seq: torch.Tensor  # int64, the sender's send counter when it sent this message
+    arrive: torch.Tensor  # float64, simulated arrival time
+    weight: torch.Tensor  # float32, mixing weight the receiver gives the sender (D-PSGD)
+
+    @classmethod
+    def empty(cls, device: torch.device) -> Messages:
+        i = torch.empty(0, dtype=torch.int64, device=device)
+        return cls(i, i, i, i, torch.empty(0, dtype=torch.float64, device=device),
+                   torch.empty(0, dtype=torch.float32, device=device))
+
+    def __len__(self) -> int:
+        return self.recv.shape[0]
+
+    def select(self, index: torch.Tensor) -> Messages:
+        """Rows at ``index`` (a bool mask or int64 positions), in that order."""
+        return Messages(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def extend(self, other: Messages) -> Messages:
+        if not len(other):
+            return self
+        if not len(self):
+            return other
+        return Messages(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+
+
+class SnapshotRing:
+    """The last ``depth`` models each of ``n`` nodes sent, with their ages, as one tensor."""
+
+    def __init__(self, depth: int, n: int, d: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.depth, self.n = depth, n
+        self.params = torch.zeros(depth, n, d, dtype=dtype, device=device)
+        self.age = torch.zeros(depth, n, dtype=dtype, device=device)
+        self.seq = torch.full((depth, n), -1, dtype=torch.int64, device=device)
+        self.sent = torch.zeros(n, dtype=torch.int64, device=device)  # send counter per node
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """``[depth * n, D]``: row ``slot * n + node``."""
+        return self.params.view(-1, self.params.shape[-1])
+
+    def record(self, nodes: torch.Tensor, params: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the models ``nodes`` send now; returns (slot, seq) per node."""
+        seq = self.sent[nodes]
+        slot = seq % self.depth
+        self.params[slot, nodes] = params
+        self.age[slot, nodes] = age
+        self.seq[slot, nodes] = seq
+        self.sent[nodes] = seq + 1
+        return slot, seq
+
+    def valid(self, m: Messages) -> torch.Tensor:
+        """True where the message's snapshot is still in the ring."""
+        return self.seq[m.slot, m.send] == m.seq
+
+    def rows(self, m: Messages) -> torch.Tensor:
+        """Row of each message's model in `flat`."""
+        return m.slot * self.n + m.send
+
+
+def latest_per_pair(m: Messages, n: int) -> Messages:
+    """Keep only the newest message (highest seq) of each (receiver, sender) pair, sorted by pair.
+
+    The vectorised form of `gossipfl.algorithms.dpsgd.latest_per_sender`, for all receivers at once.
+    """
+    if not len(m):
+        return m
+    order = torch.argsort(m.seq, stable=True)
+    key = m.recv[order] * n + m.send[order]
+    order = order[torch.argsort(key, stable=True)]
+    key = m.recv[order] * n + m.send[order]
+    last = torch.ones_like(key, dtype=torch.bool)
+    last[:-1] = key[1:] != key[:-1]
+    return m.select(order[last])
+
+
+def merge_waves(recv: torch.Tensor, *keys: torch.Tensor) -> list[torch.Tensor]:
+    """Split messages into waves for sequential merges: wave k holds each receiver's k-th message.
+
+    Messages are ordered per receiver by ``keys`` (most significant first); within a wave every
+    receiver appears at most once, so a wave is one batched merge. Returns positions into the
+    original arrays, one tensor per wave.
+    """
+    if not recv.numel():
+        return []
+    order = torch.arange(recv.numel(), device=recv.device)
+    for key in reversed(keys):
+        order = order[torch.argsort(key[order], stable=True)]
+    order = order[torch.argsort(recv[order], stable=True)]
+    r = recv[order]
+    start = torch.ones_like(r, dtype=torch.bool)
+    start[1:] = r[1:] != r[:-1]
+    pos = torch.arange(r.numel(), device=r.device)
+    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
+    rank = pos - first
+    waves = int(rank.max()) + 1  # one host sync per merge batch: how many sequential waves
+    return [order[rank == k] for k in range(waves)]

@@ -1,0 +1,775 @@
+"""The vectorised engine: thousands of nodes as rows of one ``[N, D]`` tensor, on a simulated clock.
+
+Every node's flat parameter vector is a row of ``params`` (and its momentum a row of
+``velocity``); a local step of many nodes is one batched forward/backward
+(`gossipfl.sim._batched_models`), a D-PSGD merge is a sparse product on the node axis fed to
+`gossipfl.algorithms.dpsgd.mix`, and gossip-learning merges are batched calls of
+`gossipfl.algorithms.gossip.age_weighted_merge`. The algorithm math is reused unchanged.
+
+Two schedules, chosen by ``cfg.schedule``:
+
+``sync``
+    Lock-step rounds, exactly those of the local cluster's ``_run_lockstep``: in round r every
+    node merges the messages of round r-1 (in sender-index order), takes one SGD step, and at
+    gossip points sends. Simulated time is ``r * emulation.step_time``.
+``async``
+    Events on a simulated clock drawn from `gossipfl.sim.emulation` (per-node speeds,
+    stragglers, per-link latency, jitter, loss, bandwidth, churn). A node's step starts when its
+    previous one ends; at its start it merges every message that has arrived; at its end it
+    sends. Events are processed in batches: all steps that start within one time slice
+    (``emulation.time_slice``, default the fastest node's step time, so no node steps twice in
+    a slice) run as one vectorised batch. Messages sent within a batch are merged in a later
+    one; everything else keeps its order. With an ideal emulation this reproduces ``sync``.
+
+Randomness, chosen by ``sampling``:
+
+``fast`` (default)
+    Minibatches for all nodes at once from one generator on the device: per node, shuffled
+    passes over its shard (a new permutation when the next batch would overrun it, as the
+    Trainer does), drawn as an ``argsort`` of random keys over ``[N, shard]``, no loop over nodes.
+    Gossip targets are drawn the same way.
+``exact``
+    Reproduces each node's own `Trainer` batch order (``torch.Generator`` seeded
+    ``seed * 7919 + i``) and its gossip-target RNG (``random.Random(seed * 31 + i)``), with a
+    Python loop over nodes at epoch boundaries and sends. For agreement tests and small runs.
+
+Initial models are always node i's model of the local cluster (``build_trainer``'s seed).
+
+On a GPU (``device="cuda"``) every tensor lives on the device; the step loop reads back only
+scalars that steer it (how many nodes step in a time slice, the next event time, how many merge
+waves) and copies data to the host only at metric points. (Written for CUDA; tested on CPU only.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gossipfl import wire
+from gossipfl.algorithms.dpsgd import DPSGD, mix
+from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
+from gossipfl.build import build_algorithm, build_data, node_seed
+from gossipfl.config import RunConfig
+from gossipfl.errors import ConfigError
+from gossipfl.learning import Dataset, build_model, param_layout, partition
+from gossipfl.learning.models import BUILTIN_MODELS
+from gossipfl.metrics import MetricsWriter
+from gossipfl.sim._batched_models import BatchedModel, batched_model
+from gossipfl.sim.emulation import Emulation, parse_emulation
+from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
+from gossipfl.topology import build_graph, graph_spectral_gap, mixing_matrix_sparse
+
+__all__ = ["NODE_ROWS", "VectorizedSim", "run_vectorized"]
+
+log = logging.getLogger("gossipfl.sim")
+
+NODE_ROWS = 64
+"""Default number of nodes whose rows go to metrics.jsonl (evenly spaced ids); all nodes are evaluated."""
+MAX_RING = 16  # deepest snapshot ring (messages per sender in flight at once)
+
+
+def node_ids(n: int) -> list[str]:
+    """Same ids as the local cluster: n00, n01, ... (zero-padded, so sorted order is index order)."""
+    width = max(2, len(str(n - 1)))
+    return [f"n{i:0{width}d}" for i in range(n)]
+
+
+def _device(spec: str) -> torch.device:
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: {spec!r} is not a torch device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is available; use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: {spec!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from parts built here (valid by construction, so invariants go unchecked)."""
+    with warnings.catch_warnings():
+        # torch warns once per process that sparse CSR is "beta"; not a concern of our callers.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
+
+
+class _Batches:
+    """Minibatch indices for many nodes: per node, shuffled passes over its shard (see module doc)."""
+
+    def __init__(self, shards: Sequence[torch.Tensor], batch_size: int, *, device: torch.device,
+                 generator: torch.Generator, seeds: Sequence[int] | None) -> None:
+        n = len(shards)
+        lengths = torch.tensor([len(s) for s in shards], dtype=torch.int64)
+        smax = int(lengths.max())
+        idx = torch.zeros(n, smax, dtype=torch.int64)
+        for i, s in enumerate(shards):
+            idx[i, : len(s)] = s
+        self.exact = seeds is not None
+        home = torch.device("cpu") if self.exact else device  # exact mode keeps its state on the host
+        self.device = device
+        self.idx = idx.to(device)
+        self.n = lengths.to(home)
+        self.b = lengths.clamp_max(batch_size).to(home)
+        self.bmax = int(self.b.max())
+        self.full = bool((self.b == self.bmax).all())
+        self.pad = (torch.arange(smax) >= lengths.unsqueeze(1)).to(home)
+        self.order = torch.zeros(n, smax, dtype=torch.int64, device=home)
+        self.pos = self.n.clone()  # every node starts with a new epoch, like a fresh Trainer
+        self.ar = torch.arange(self.bmax, device=home)
+        self.gen = generator
+        self.smax = smax
+        if seeds is not None:
+            self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+            self.lengths = lengths.tolist()
+
+    def next(self, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Global training-set indices ``[n, bmax]`` for ``rows``, and a 0/1 weight if batches differ."""
+        n, b, pos = self.n[rows], self.b[rows], self.pos[rows]
+        need = pos + b > n
+        if self.exact:
+            r = torch.arange(self.n.shape[0])[rows] if isinstance(rows, slice) else rows.cpu()
+            for i in r[need].tolist():  # epoch boundaries only: the Trainer's own randperm
+                self.order[i, : self.lengths[i]] = torch.randperm(self.lengths[i], generator=self.gens[i])
+            rows_h: slice | torch.Tensor = rows if isinstance(rows, slice) else r
+            pos = torch.where(need, 0, pos)
+            local = self.order[rows_h].gather(1, (pos.unsqueeze(1) + self.ar).clamp_max(self.smax - 1))
+            self.pos[rows_h] = pos + b
+            local = local.to(self.device)
+        else:
+            keys = torch.rand(b.shape[0], self.smax, generator=self.gen, device=self.device)
+            perm = keys.masked_fill_(self.pad[rows], 2.0).argsort(1)
+            order = torch.where(need.unsqueeze(1), perm, self.order[rows])
+            self.order[rows] = order
+            pos = torch.where(need, 0, pos)
+            local = order.gather(1, (pos.unsqueeze(1) + self.ar).clamp_max(self.smax - 1))
+            self.pos[rows] = pos + b
+        gidx = self.idx[rows].gather(1, local)
+        if self.full:
+            return gidx, None
+        weight = (self.ar.to(self.device) < b.to(self.device).unsqueeze(1)).float()
+        return gidx, weight
+
+
+class _Progress:
+    """One status line: simulated time, node-steps per second, mean accuracy."""
+
+    def __init__(self, stream: TextIO | None, total: int | None, duration: float | None) -> None:
+        self.stream, self.total, self.duration = stream, total, duration
+        self.tty = stream is not None and stream.isatty()
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.accuracy: float | None = None
+
+    def __call__(self, sim_t: float, node_steps: int, mean_step: float, *, force: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.5 if self.tty else 5.0):
+            return
+        self.last = now
+        rate = node_steps / max(now - self.t0, 1e-9)
+        goal = f"/{self.total}" if self.total else f" (of {self.duration:g}s)" if self.duration else ""
+        acc = "  -  " if self.accuracy is None else f"{self.accuracy:.3f}"
+        line = (f"sim t={sim_t:9.3f}s  step {mean_step:7.1f}{goal}  {rate:12,.0f} node-steps/s  "
+                f"mean acc {acc}")
+        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.stream is not None and self.tty:
+            print(file=self.stream)
+
+
+class VectorizedSim:
+    """All nodes of a run as stacked tensors: build with a config, `run`, then read `params`.
+
+    ``sampling``: ``fast`` or ``exact`` (module docstring). ``kernel``: ``auto``, ``batched``
+    (built-in MLP/logreg only) or ``func`` (torch.func, any model). ``block``: nodes per batched
+    step (default: sized to the CPU cache, or all nodes on a GPU). ``node_rows``: how many nodes
+    (evenly spaced ids) get rows in metrics.jsonl and entries in the summary's ``per_node``; every
+    node is still evaluated for the cluster rows. ``data``: a prebuilt dataset (else from cfg).
+    """
+
+    def __init__(self, cfg: RunConfig, *, device: str | None = None, sampling: str = "fast",
+                 kernel: str = "auto", block: int | None = None, node_rows: int = NODE_ROWS,
+                 data: Dataset | None = None) -> None:
+        if sampling not in ("fast", "exact"):
+            raise ConfigError(f"sampling: {sampling!r} is not one of fast, exact")
+        self.cfg = cfg
+        self.device = _device(device or cfg.device)
+        self.n = n = cfg.nodes
+        self.ids = node_ids(n)
+        self.sampling = sampling
+        self.algorithm = build_algorithm(cfg)
+        if isinstance(self.algorithm, DPSGD):
+            self.rule = "mix"
+        elif isinstance(self.algorithm, GossipLearning):
+            self.rule = "age"
+        else:
+            raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in the vectorised engine yet")
+        self.trains = self.algorithm.requirements.trains
+        self.emulation: Emulation = parse_emulation(cfg.emulation)
+        self.data = data if data is not None else build_data(cfg)
+        self.graph = build_graph(cfg.topology, n, seed=cfg.seed)
+        if self.algorithm.requirements.undirected and self.graph.is_directed():
+            raise ConfigError(f"topology: {cfg.algorithm} needs an undirected graph; "
+                              f"{cfg.topology!r} is directed")
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 17)
+        self._links()
+        self._learning(kernel, block)
+        dev = self.device
+        self.step = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.age = torch.zeros(n, dtype=self.params.dtype, device=dev)
+        self.last_loss = torch.full((n,), float("nan"), device=dev)
+        self.accuracy = torch.full((n,), float("nan"), device=dev)
+        self.test_loss = torch.full((n,), float("nan"), device=dev)
+        self.msgs_out = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.msgs_in = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.lost = torch.zeros((), dtype=torch.int64, device=dev)
+        self.expired = torch.zeros((), dtype=torch.int64, device=dev)
+        self.sim_time = 0.0
+        self.node_steps = 0
+        k = min(max(node_rows, 0), n)
+        self.sample = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
+        self.msg_bytes = self._message_bytes()
+        if sampling == "exact":
+            self.rngs = [random.Random(cfg.seed * 31 + i) for i in range(n)]
+
+    # ------------------------------------------------------------------ setup
+
+    def _links(self) -> None:
+        """Out-neighbour lists (CSR by sender) and, for D-PSGD, mixing weights (CSR by receiver)."""
+        n, g = self.n, self.graph
+        pairs = np.array(list(g.edges()), dtype=np.int64).reshape(-1, 2)
+        src, dst = pairs[:, 0], pairs[:, 1]
+        if not g.is_directed():
+            src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
+        order = np.lexsort((dst, src))
+        src, dst = src[order], dst[order]
+        deg = np.bincount(src, minlength=n)
+        ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(deg, out=ptr[1:])
+        dev = self.device
+        self.send_ptr = torch.from_numpy(ptr).to(dev)
+        self.send_col = torch.from_numpy(dst).to(dev)
+        self.send_deg = torch.from_numpy(deg).to(dev)
+        self.recv_deg = torch.from_numpy(np.bincount(dst, minlength=n)).to(dev)
+        self.neighbour_lists = [dst[ptr[i]:ptr[i + 1]].tolist() for i in range(n)] \
+            if self.sampling == "exact" else []
+        self.send_weight = torch.zeros(len(dst), dtype=torch.float32, device=dev)
+        self.w_blocks: list[torch.Tensor] = []
+        self.wsum = torch.zeros(n, dtype=torch.float32, device=dev)
+        if self.rule != "mix":
+            return
+        w = mixing_matrix_sparse(g, self.cfg.weights, dtype=torch.float64)
+        crow, col, val = w.crow_indices().numpy(), w.col_indices().numpy(), w.values().numpy()
+        row = np.repeat(np.arange(n), np.diff(crow))
+        off = row != col
+        row, col, val = row[off], col[off], val[off].astype(np.float32)  # W[receiver, sender]
+        # the weight a receiver gives each message, looked up per (sender -> receiver) link
+        key = row * n + col
+        at = np.searchsorted(key, dst * n + src)
+        self.send_weight = torch.from_numpy(val[at]).to(dev)
+        wptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=n), out=wptr[1:])
+        self._w = (torch.from_numpy(wptr), torch.from_numpy(col), torch.from_numpy(val))
+        self.wsum = torch.zeros(n, dtype=torch.float32).index_add_(
+            0, torch.from_numpy(row), torch.from_numpy(val)).to(dev)
+
+    def _learning(self, kernel: str, block: int | None) -> None:
+        cfg, data, n, dev = self.cfg, self.data, self.n, self.device
+        n_shards = cfg.shards or n
+        shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
+        model = build_model(cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
+                            hidden=cfg.hidden, seed=node_seed(cfg, 0))
+        self.layout = param_layout(model)
+        self.params = _initial_params(cfg, data, model, self.layout, n).to(dev)
+        self.velocity = torch.zeros_like(self.params) if cfg.momentum else None
+        self.model: BatchedModel = batched_model(model.to(dev), self.layout, kernel)
+        self.x_train, self.y_train = data.x_train.to(dev), data.y_train.to(dev)
+        self.x_test, self.y_test = data.x_test.to(dev), data.y_test.to(dev)
+        seeds = [cfg.seed * 7919 + i for i in range(n)] if self.sampling == "exact" else None
+        self.batches = _Batches([shards[i % n_shards] for i in range(n)], cfg.batch_size, device=dev,
+                                generator=self.gen, seeds=seeds)
+        width = max(math.prod(data.input_shape), 1) + sum(cfg.hidden) + data.n_classes
+        budget = 2**20 if dev.type == "cpu" else 2**27  # floats of activations per block
+        self.block = block or max(16, min(n, budget // (self.batches.bmax * width)))
+        self.blocks = [(a, min(a + self.block, n)) for a in range(0, n, self.block)]
+        if self.rule == "mix":
+            wptr, col, val = self._w
+            for a, b in self.blocks:
+                lo, hi = int(wptr[a]), int(wptr[b])
+                self.w_blocks.append(_csr((wptr[a:b + 1] - lo).to(dev), col[lo:hi].to(dev), val[lo:hi].to(dev),
+                                          (b - a, n)))
+        tsize = max(1, data.x_test.shape[0])
+        self.eval_block = max(1, min(n, (2**22 if dev.type == "cpu" else 2**28) // (tsize * width)))
+
+    def _message_bytes(self) -> int:
+        """Size of one encoded gossip message, as the wire codec would frame it."""
+        deg = int(self.send_deg.max()) if self.n else 0
+        env = wire.Envelope(
+            cluster=self.cfg.cluster, sender=self.ids[0], algorithm=self.algorithm.name,
+            fingerprint=self.layout.fingerprint, step=self.cfg.steps, age=float(self.cfg.steps),
+            meta={"addr": "127.0.0.1:65535", "deg": deg},
+            tensors={"params": torch.zeros(self.layout.numel, dtype=self.layout.dtype)},
+        )
+        return wire.encoded_size(env)
+
+    # ------------------------------------------------------------------ learning
+
+    def _train(self, p: torch.Tensor, v: torch.Tensor | None, rows: slice | torch.Tensor) -> None:
+        """One local SGD step, in place on ``p`` (and ``v``), for the nodes ``rows``."""
+        gidx, weight = self.batches.next(rows)
+        loss, grad = self.model.loss_and_grad(p, self.x_train[gidx], self.y_train[gidx], weight)
+        cfg = self.cfg
+        with torch.no_grad():  # the Trainer's apply_gradient, row-wise
+            if cfg.weight_decay:
+                grad = grad + cfg.weight_decay * p
+            if v is not None:
+                v.mul_(cfg.momentum).add_(grad)
+                grad = v
+            p.sub_(grad, alpha=cfg.lr)
+        self.last_loss[rows] = loss.detach()
+
+    def _train_rows(self, p: torch.Tensor, v: torch.Tensor | None, rows: torch.Tensor) -> None:
+        for a in range(0, rows.shape[0], self.block):
+            b = a + self.block
+            self._train(p[a:b], None if v is None else v[a:b], rows[a:b])
+
+    @torch.no_grad()
+    def _mix_into(self, out: torch.Tensor, x: torch.Tensor, nbr_sum: torch.Tensor, wsum: torch.Tensor) -> None:
+        """D-PSGD merge via `mix`: the fresh neighbours' weighted sum enters as one weighted model."""
+        w = wsum.unsqueeze(1)
+        out.copy_(mix(x, (nbr_sum / w.clamp_min(1e-30)).unsqueeze(1), w))
+
+    @torch.no_grad()
+    def _age_merge(self, p: torch.Tensor, age: torch.Tensor, recv: torch.Tensor,
+                   models: torch.Tensor, ages: torch.Tensor, waves: list[torch.Tensor]) -> None:
+        """Gossip learning: each receiver folds its messages in, one after another, in wave order."""
+        for wave in waves:
+            r = recv[wave]
+            merged, a = age_weighted_merge(p[r], age[r], models[wave], ages[wave])
+            p[r] = merged
+            age[r] = a
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test loss and accuracy of every node's model (device tensors ``[N]``)."""
+        losses, accs = [], []
+        y = self.y_test
+        for a in range(0, self.n, self.eval_block):
+            out = self.model.logits(self.params[a:a + self.eval_block], self.x_test)
+            k, t, c = out.shape
+            losses.append(F.cross_entropy(out.reshape(k * t, c), y.repeat(k), reduction="none").view(k, t).mean(1))
+            accs.append((out.argmax(-1) == y).float().mean(1))
+        return torch.cat(losses), torch.cat(accs)
+
+    @torch.no_grad()
+    def consensus_distance(self) -> float:
+        """(1/N) sum_i ||x_i - x_bar||^2 in float64, in blocks (as `gossipfl.metrics.consensus_distance`)."""
+        total = torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
+        for a in range(0, self.n, self.eval_block):
+            total += self.params[a:a + self.eval_block].double().sum(0)
+        mean = total / self.n
+        acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        for a in range(0, self.n, self.eval_block):
+            acc += ((self.params[a:a + self.eval_block].double() - mean) ** 2).sum()
+        return float(acc / self.n)
+
+    @torch.no_grad()
+    def average_model_accuracy(self) -> float:
+        out = self.model.logits(self.params.mean(0, keepdim=True), self.x_test)[0]
+        return float((out.argmax(-1) == self.y_test).float().mean())
+
+    def _record(self, writer: Callable[[dict[str, Any]], None], t: float, *, node_rows: bool,
+                evaluate: bool = True) -> dict[str, Any]:
+        """Evaluate every node and write node rows (sampled) and one cluster row; a metric point."""
+        if evaluate:
+            self.test_loss, self.accuracy = self.evaluate()
+        if node_rows and self.sample:
+            idx = torch.tensor(self.sample, device=self.device)
+            cols = [self.step, self.test_loss, self.last_loss, self.accuracy, self.msgs_out, self.msgs_in]
+            step, loss, train_loss, acc, mo, mi = (c[idx].tolist() for c in cols)
+            for k, i in enumerate(self.sample):
+                writer({
+                    "node": self.ids[i], "t": round(t, 6), "step": step[k], "loss": loss[k],
+                    "train_loss": train_loss[k], "accuracy": acc[k],
+                    "bytes_out": mo[k] * self.msg_bytes, "bytes_in": mi[k] * self.msg_bytes,
+                    "msgs_out": mo[k], "msgs_in": mi[k],
+                })
+        evaluated = bool(torch.isfinite(self.accuracy).any())
+        row = {
+            "node": None, "t": round(t, 6),
+            "mean_step": float(self.step.double().mean()),
+            "consensus_distance": self.consensus_distance(),
+            "avg_model_accuracy": self.average_model_accuracy(),
+            "mean_accuracy": float(self.accuracy.nanmean()) if evaluated else None,
+        }
+        writer(row)
+        self.history.append(row)
+        return row
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, out: Path | None = None, *, progress: TextIO | None = None) -> dict[str, Any]:
+        """Run to completion; write ``out/metrics.jsonl`` (if ``out``) and return the summary."""
+        cfg = self.cfg
+        writer = MetricsWriter(None if out is None else Path(out) / "metrics.jsonl")
+        self.history: list[dict[str, Any]] = []
+        self.progress = _Progress(progress, cfg.steps if cfg.duration is None else None, cfg.duration)
+        wall0 = time.monotonic()
+        try:
+            if cfg.schedule == "sync":
+                self._run_sync(writer)
+            else:
+                self._run_async(writer)
+        finally:
+            writer.close()
+            self.progress.close()
+        return self._summary(time.monotonic() - wall0)
+
+    def _tick(self, *, force: bool = False) -> None:
+        if self.progress.stream is not None:
+            self.progress(self.sim_time, self.node_steps, self.node_steps / self.n, force=force)
+
+    def _after_metric(self, row: dict[str, Any]) -> None:
+        self.progress.accuracy = row["mean_accuracy"]
+        self._tick(force=True)
+
+    # ---------------------------------------------------------- sync schedule
+
+    def _run_sync(self, writer: Callable[[dict[str, Any]], None]) -> None:
+        cfg = self.cfg
+        if cfg.duration is not None:
+            raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
+        if not self.emulation.ideal:
+            log.warning("the sync schedule ignores the emulation table (speeds, latency, loss, churn); "
+                        "use schedule = \"async\" to apply it")
+        self._record(writer, 0.0, node_rows=False, evaluate=False)
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None  # messages of the previous round
+        sent_last_round = False
+        for r in range(1, cfg.steps + 1):
+            if self.rule == "mix":
+                self._sync_mix_round(sent_last_round)
+            else:
+                if pending is not None:
+                    self._sync_age_merge(*pending)
+                if self.trains:
+                    self._sync_train()
+            pending, sent_last_round = None, False
+            self.step += 1
+            if self.trains:
+                self.age += 1
+            self.node_steps += self.n
+            self.sim_time = r * self.emulation.step_time
+            if r % cfg.gossip_every == 0:
+                pending, sent_last_round = self._sync_send(), True
+            if r % cfg.eval_every == 0 or r == cfg.steps:
+                self._after_metric(self._record(writer, self.sim_time, node_rows=True))
+            else:
+                self._tick()
+
+    def _sync_train(self) -> None:
+        v = self.velocity
+        for a, b in self.blocks:
+            self._train(self.params[a:b], None if v is None else v[a:b], slice(a, b))
+
+    def _sync_mix_round(self, merging: bool) -> None:
+        """Merge round r-1's models (every neighbour sent: a sparse product with W) and step, per block.
+
+        Fused per block so a block's merged rows are still in cache for its step. Round r-1's
+        messages are the models as they were at the end of round r-1, i.e. ``params`` now.
+        """
+        p, v = self.params, self.velocity
+        if merging and not hasattr(self, "_spare"):
+            self._spare = torch.empty_like(p)
+        for k, (a, b) in enumerate(self.blocks):
+            rows = p[a:b]
+            if merging:
+                rows = self._spare[a:b]
+                with torch.no_grad():
+                    self._mix_into(rows, p[a:b], self.w_blocks[k] @ p, self.wsum[a:b])
+            if self.trains:
+                self._train(rows, None if v is None else v[a:b], slice(a, b))
+        if merging:
+            self.params, self._spare = self._spare, self.params
+
+    def _targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gossip learning: one random out-neighbour per sender; returns (senders, receivers)."""
+        deg = self.send_deg[senders]
+        if self.sampling == "exact":
+            recv = [self.rngs[i].choice(self.neighbour_lists[i]) if self.neighbour_lists[i] else -1
+                    for i in senders.tolist()]
+            r = torch.tensor(recv, dtype=torch.int64, device=self.device)
+        elif not self.send_col.numel():
+            r = torch.full_like(senders, -1)
+        else:
+            u = torch.rand(senders.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
+            k = (u * deg).long().clamp_max((deg - 1).clamp_min(0))
+            link = (self.send_ptr[senders] + k).clamp_max(self.send_col.shape[0] - 1)
+            r = torch.where(deg > 0, self.send_col[link], -1)
+        keep = r >= 0
+        return senders[keep], r[keep]
+
+    def _sync_send(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Count this round's messages; for gossip learning, return (senders, receivers)."""
+        if self.rule == "mix":
+            self.msgs_out += self.send_deg
+            self.msgs_in += self.recv_deg
+            return None
+        send, recv = self._targets(torch.arange(self.n, device=self.device))
+        self.msgs_out.index_add_(0, send, torch.ones_like(send))
+        self.msgs_in.index_add_(0, recv, torch.ones_like(recv))
+        return send, recv
+
+    def _sync_age_merge(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        # What each sender sent at the end of round r-1 is its model now, before anyone merges.
+        models, ages = self.params[send], self.age[send]
+        self._age_merge(self.params, self.age, recv, models, ages, merge_waves(recv, send))
+
+    # ---------------------------------------------------------- async schedule
+
+    def _run_async(self, writer: Callable[[dict[str, Any]], None]) -> None:
+        cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
+        dur_h = emu.step_seconds(n, seed=cfg.seed)
+        dur = dur_h.to(dev)
+        width = emu.slice_width(dur_h)
+        delay_max = emu.max_latency + emu.jitter + emu.transfer_seconds(self.msg_bytes)
+        depth = min(MAX_RING, 1 + math.ceil(delay_max / float(dur_h.min())) + (1 if delay_max else 0))
+        ring = SnapshotRing(depth, n, self.layout.numel, dtype=self.params.dtype, device=dev)
+        inflight = Messages.empty(dev)
+        t_next = torch.zeros(n, dtype=torch.float64, device=dev)
+        up = torch.ones(n, dtype=torch.bool, device=dev)
+        mean_up, mean_down = emu.churn_means()
+        churn = emu.churn > 0
+        t_toggle = self._exponential(n, mean_up) if churn else None
+        eval_dt = cfg.eval_every * emu.step_time
+        next_eval = eval_dt
+        self._record(writer, 0.0, node_rows=True)
+        inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
+        while True:
+            finished = (t_next >= cfg.duration) if cfg.duration is not None else (self.step >= cfg.steps)
+            candidates = torch.where(up & ~finished, t_next, inf).min()
+            if t_toggle is not None:
+                candidates = torch.minimum(candidates, torch.where(finished, inf, t_toggle).min())
+            t0 = float(candidates)  # the next event time: one scalar read per time slice
+            if math.isinf(t0):
+                break
+            while t0 >= next_eval:  # nothing has happened between next_eval and t0
+                self.sim_time = next_eval
+                self._after_metric(self._record(writer, next_eval, node_rows=True))
+                next_eval += eval_dt
+            if t_toggle is not None:
+                flip = (t_toggle <= t0) & ~finished
+                coming = flip & ~up
+                t_next = torch.where(coming, torch.maximum(t_next, t_toggle), t_next)
+                up = up ^ flip
+                mean = torch.where(up, mean_up, mean_down).to(torch.float64)
+                t_toggle = torch.where(flip, t_toggle + self._exponential(n, 1.0) * mean, t_toggle)
+            t_end = t0 + width
+            self.sim_time = t0
+            stepping = up & ~finished & (t_next < t_end)
+            inflight = self._async_batch(stepping, t_next, t_end, dur, up, finished, ring, inflight)
+            t_next = torch.where(stepping, t_next + dur, t_next)
+            self._tick()
+        self.sim_time = float(t_next.max()) if cfg.duration is None else cfg.duration
+        while next_eval < self.sim_time:
+            self._after_metric(self._record(writer, next_eval, node_rows=True))
+            next_eval += eval_dt
+        self._after_metric(self._record(writer, self.sim_time, node_rows=True))
+
+    def _exponential(self, k: int, mean: float) -> torch.Tensor:
+        return torch.empty(k, dtype=torch.float64, device=self.device).exponential_(generator=self.gen) * mean
+
+    def _async_batch(self, stepping: torch.Tensor, t_next: torch.Tensor, t_end: float, dur: torch.Tensor,
+                     up: torch.Tensor, finished: torch.Tensor, ring: SnapshotRing, inflight: Messages) -> Messages:
+        """All steps that start in one time slice: deliver, merge, step, send."""
+        n, dev, emu = self.n, self.device, self.emulation
+        rows = stepping.nonzero().squeeze(1)  # host sync: the batch size
+        count = rows.shape[0]
+        if not count:
+            return inflight
+        self.node_steps += count
+        p = self.params[rows]
+        age = self.age[rows]
+        # deliveries: messages that arrived by the start of their receiver's step
+        if len(inflight):
+            m = inflight
+            deliver = stepping[m.recv] & (m.arrive <= t_next[m.recv])
+            dropped = ~up[m.recv] & (m.arrive < t_end)  # the receiver is offline: lost
+            self.lost += dropped.sum()
+            inflight = m.select(~(deliver | dropped))
+            got = m.select(deliver)
+            if len(got):
+                self.msgs_in.index_add_(0, got.recv, torch.ones_like(got.recv))
+                pos = torch.full((n,), -1, dtype=torch.int64, device=dev)
+                pos[rows] = torch.arange(count, device=dev)
+                if self.rule == "mix":
+                    got = latest_per_pair(got, n)
+                ok = ring.valid(got)
+                self.expired += (~ok).sum()
+                got = got.select(ok)
+                r = pos[got.recv]
+                if self.rule == "mix":
+                    order = torch.argsort(r * (ring.depth * n) + ring.rows(got))
+                    r, cols, w = r[order], ring.rows(got)[order], got.weight[order]
+                    crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
+                    crow[1:] = torch.cumsum(torch.bincount(r, minlength=count), 0)
+                    nbr = _csr(crow, cols, w, (count, ring.depth * n)) @ ring.flat
+                    wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, r, w)
+                    self._mix_into(p, p, nbr, wsum)
+                else:
+                    waves = merge_waves(r, got.arrive, got.send)
+                    flat = ring.rows(got)
+                    self._age_merge(p, age, r, ring.flat[flat], ring.age.view(-1)[flat], waves)
+        if self.trains:
+            v = None if self.velocity is None else self.velocity[rows]
+            self._train_rows(p, v, rows)
+            if v is not None:
+                self.velocity[rows] = v
+            age += 1
+        self.params[rows] = p
+        step = self.step[rows] + 1
+        self.step[rows] = step
+        self.age[rows] = age
+        # sends, at the end of each step
+        sending = step % self.cfg.gossip_every == 0
+        senders = rows[sending]
+        if not senders.numel():
+            return inflight
+        slot, seq = ring.record(senders, p[sending], age[sending])
+        which = torch.arange(senders.shape[0], device=dev)
+        if self.rule == "mix":
+            deg = self.send_deg[senders]
+            which = torch.repeat_interleave(which, deg)
+            first = torch.cumsum(deg, 0) - deg
+            link = self.send_ptr[senders][which] + torch.arange(which.shape[0], device=dev) - first[which]
+            send, recv, weight = senders[which], self.send_col[link], self.send_weight[link]
+        else:
+            send, recv = self._targets(senders)
+            which = torch.searchsorted(senders, send)
+            weight = torch.zeros(send.shape[0], dtype=torch.float32, device=dev)
+        delay = emu.link_latency(send, recv, seed=self.cfg.seed)
+        if emu.jitter:  # uniform in +-jitter, never before the message was sent
+            u = torch.rand(send.shape[0], dtype=torch.float64, generator=self.gen, device=dev)
+            delay = (delay + (2 * u - 1) * emu.jitter).clamp_min(0.0)
+        arrive = (t_next + dur)[send] + delay + emu.transfer_seconds(self.msg_bytes)
+        keep = ~finished[recv]
+        if emu.loss:
+            lost = torch.rand(send.shape[0], generator=self.gen, device=dev) < emu.loss
+            self.lost += (lost & keep).sum()
+            keep &= ~lost
+        self.msgs_out.index_add_(0, send, keep.long())
+        new = Messages(recv, send, slot[which], seq[which], arrive, weight).select(keep)
+        return inflight.extend(new)
+
+    # ------------------------------------------------------------------ results
+
+    def _summary(self, wall: float) -> dict[str, Any]:
+        final = self.history[-1]
+        acc = self.accuracy.cpu()
+        loss = self.test_loss.cpu()
+        steps = self.step.cpu()
+        mo, mi = self.msgs_out.cpu(), self.msgs_in.cpu()
+        summary: dict[str, Any] = {
+            "engine": "vectorized",
+            "transport": "simulated",
+            "schedule": self.cfg.schedule,
+            "device": str(self.device),
+            "sampling": self.sampling,
+            "kernel": self.model.kind,
+            "nodes": self.n,
+            "mean_accuracy": float(acc.mean()),
+            "min_accuracy": float(acc.min()),
+            "max_accuracy": float(acc.max()),
+            "avg_model_accuracy": final["avg_model_accuracy"],
+            "consensus_distance": final["consensus_distance"],
+            "initial_consensus_distance": self.history[0]["consensus_distance"],
+            "messages": int(mo.sum()),
+            "bytes": int(mo.sum()) * self.msg_bytes,
+            "rejected": 0,
+            "lost": int(self.lost),
+            "expired": int(self.expired),
+            "wall_seconds": round(wall, 3),
+            "simulated_seconds": self.sim_time,
+            "node_steps": int(steps.sum()),
+            "node_steps_per_second": int(steps.sum()) / max(wall, 1e-9),
+            "per_node_sampled": len(self.sample) < self.n,
+            "per_node": {
+                self.ids[i]: {
+                    "accuracy": float(acc[i]), "loss": float(loss[i]), "steps": int(steps[i]),
+                    "msgs_out": int(mo[i]), "msgs_in": int(mi[i]),
+                    "bytes_out": int(mo[i]) * self.msg_bytes, "bytes_in": int(mi[i]) * self.msg_bytes,
+                }
+                for i in self.sample
+            },
+        }
+        if not self.trains:
+            summary.update(self._consensus_rates())
+        return summary
+
+    def _consensus_rates(self) -> dict[str, float]:
+        """Measured per-round contraction of the consensus distance, and SLEM(W)^2 of the graph."""
+        pts = [(h["mean_step"], h["consensus_distance"]) for h in self.history if h["consensus_distance"] > 1e-20]
+        out: dict[str, float] = {}
+        if len(pts) >= 3:
+            xs = torch.tensor([q[0] for q in pts], dtype=torch.float64)
+            ys = torch.log(torch.tensor([q[1] for q in pts], dtype=torch.float64))
+            denom = ((xs - xs.mean()) ** 2).sum()
+            if denom > 0:
+                out["consensus_rate"] = float(torch.exp(((xs - xs.mean()) * (ys - ys.mean())).sum() / denom))
+        try:
+            out["predicted_rate"] = (1.0 - graph_spectral_gap(self.graph, self.cfg.weights)) ** 2
+        except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
+            log.warning("predicted consensus rate unavailable: %s", exc)
+        return out
+
+
+def _initial_params(cfg: RunConfig, data: Dataset, model: torch.nn.Module, layout: Any, n: int) -> torch.Tensor:
+    """Row i = node i's initial model, the same numbers `build_trainer` gives node i in the cluster.
+
+    Built-in models draw their weights only in their layers' ``reset_parameters`` (in module
+    order), so re-seeding and resetting one module reproduces ``build_model(seed=...)`` without
+    building N modules; user models are built once per node.
+    """
+    if cfg.same_init:
+        return layout.flatten(dict(model.named_parameters())).unsqueeze(0).repeat(n, 1)
+    out = torch.empty(n, layout.numel, dtype=layout.dtype)
+    if cfg.model in BUILTIN_MODELS:
+        resettable = [m for m in model.modules() if hasattr(m, "reset_parameters")]
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for i in range(n):
+                torch.manual_seed(node_seed(cfg, i))
+                for m in resettable:
+                    m.reset_parameters()
+                out[i] = layout.flatten(params)
+        return out
+    for i in range(n):
+        m = build_model(cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
+                        hidden=cfg.hidden, seed=node_seed(cfg, i))
+        out[i] = layout.flatten(dict(m.named_parameters()))
+    return out
+
+
+def run_vectorized(cfg: RunConfig, out: Path | None, *, progress: TextIO | None = sys.stderr,
+                   **options: Any) -> dict[str, Any]:
+    """Run ``cfg`` in the vectorised engine; write ``out/metrics.jsonl`` and return the summary dict.
+
+    ``options`` go to `VectorizedSim` (``sampling``, ``kernel``, ``block``, ``node_rows``, ``device``).
+    """
+    sim = VectorizedSim(cfg, **options)
+    return sim.run(out, progress=progress)

@@ -10,9 +10,10 @@ import hashlib
 
 from gossipfl.algorithms import Algorithm, get_algorithm
 from gossipfl.config import RunConfig
+from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
 
-__all__ = ["build_algorithm", "build_data", "build_trainer", "node_seed", "stable_index"]
+__all__ = ["build_algorithm", "build_data", "build_trainer", "check_requirements", "node_seed", "stable_index"]
 
 
 def build_data(cfg: RunConfig) -> Dataset:
@@ -44,3 +45,26 @@ def build_algorithm(cfg: RunConfig) -> Algorithm:
 def stable_index(node_id: str, modulo: int) -> int:
     """A shard index from a node id that every process computes alike (unlike ``hash``)."""
     return int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "little") % modulo
+
+
+def check_requirements(cfg: RunConfig, algorithm: Algorithm, *, directed: bool, time_varying: bool) -> None:
+    """Refuse a run whose topology or network breaks what the algorithm assumes, naming both."""
+    req = algorithm.requirements
+    name = algorithm.name
+    if req.undirected and directed:
+        raise ConfigError(
+            f"algorithm: {name} needs an undirected graph (symmetric, doubly stochastic weights), but topology "
+            f"{cfg.topology!r} is directed; use pushsum (or gossip) on directed graphs"
+        )
+    if req.lossless:
+        from gossipfl.sim.emulation import parse_emulation
+
+        loss = parse_emulation(cfg.emulation).loss
+        if loss > 0:
+            raise ConfigError(
+                f"algorithm: {name} assumes lossless delivery (a lost message corrupts its state), but "
+                f"emulation.loss = {loss}; use an algorithm that tolerates loss (gossip, pushsum, dpsgd)"
+            )
+    if req.rounds and time_varying and name in ("choco",):
+        raise ConfigError(f"algorithm: {name} keeps a copy of each neighbour's model and needs a static topology, "
+                          f"not the time-varying {cfg.topology!r}")

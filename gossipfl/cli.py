@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -171,11 +172,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def _preflight(cfg: RunConfig) -> None:
     """Build topology, data, one node's model and the algorithm once, so that a bad setting is
     reported before a run folder is created or a socket bound."""
-    from gossipfl.build import build_algorithm, build_data, build_trainer
-    from gossipfl.topology import build_graph
+    from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
+    from gossipfl.topology import build_schedule
 
-    build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
-    build_algorithm(cfg)
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
+    algorithm = build_algorithm(cfg)
+    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
     build_trainer(cfg, build_data(cfg), 0, cfg.nodes)
 
 
@@ -305,11 +307,15 @@ def cmd_node(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- topology, report
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    from gossipfl.topology import build_graph, describe, plot_graph
+    from gossipfl.topology import build_schedule, describe, plot_graph
 
     if args.nodes < 1:
         raise ConfigError(f"nodes: must be a positive integer, got {args.nodes}")
-    graph = build_graph(args.spec, args.nodes, seed=args.seed)
+    schedule = build_schedule(args.spec, args.nodes, seed=args.seed)
+    graph = schedule(0)
+    if schedule.period != 1:
+        print(f"time-varying: a new graph every round (period {schedule.period or 'none, random'}); "
+              "round 0 shown")
     info = describe(graph, args.weights)
     for key, value in info.items():
         print(f"{key:<22}{_fmt(value, '.6g') if isinstance(value, float) else value}")
@@ -397,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gossipfl {args.command}: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

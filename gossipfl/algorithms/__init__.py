@@ -1,19 +1,20 @@
 """Learning algorithms, each written once as pure tensor math and run by every engine.
 
-To add one: write a module with pure functions and a small class implementing
-`gossipfl.algorithms.base.Algorithm`, then list it in ``ALGORITHMS`` below.
+To add one: write a module with pure functions and a small class deriving from
+`gossipfl.algorithms.base.AlgorithmBase` (see `Algorithm` there for what an engine calls and in
+which order), then list it in ``ALGORITHMS`` below.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gossipfl.algorithms.base import Algorithm, LocalState, Message, Requirements
+from gossipfl.algorithms.base import Algorithm, AlgorithmBase, LocalState, Message, Requirements
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging
 from gossipfl.algorithms.gossip import GossipLearning
 from gossipfl.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "Algorithm", "LocalState", "Message", "Requirements", "get_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmBase", "LocalState", "Message", "Requirements", "get_algorithm"]
 
 ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (DPSGD, GossipLearning, Averaging)}
 

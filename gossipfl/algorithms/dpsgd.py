@@ -14,13 +14,12 @@ in every round it is exactly synchronous D-PSGD.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
-from gossipfl.algorithms.base import LocalState, Message, Requirements
+from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements
 
 __all__ = ["DPSGD", "mix"]
 
@@ -44,17 +43,11 @@ def latest_per_sender(messages: Sequence[Message]) -> dict[str, Message]:
     return latest
 
 
-class DPSGD:
+class DPSGD(AlgorithmBase):
     """Push the model to every neighbour each gossip point; mix fresh neighbour models."""
 
     name: ClassVar[str] = "dpsgd"
     requirements: ClassVar[Requirements] = Requirements(weights="symmetric", undirected=True)
-
-    def targets(self, neighbours: Sequence[str], rng: random.Random) -> list[str]:
-        return list(neighbours)
-
-    def message(self, state: LocalState) -> Message:
-        return Message(sender="", tensors={"params": state.params}, step=state.step)
 
     @torch.no_grad()
     def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:

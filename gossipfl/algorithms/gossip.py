@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from gossipfl.algorithms.base import LocalState, Message, Requirements
+from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements
 
 __all__ = ["GossipLearning", "age_weighted_merge"]
 
@@ -43,17 +43,17 @@ def age_weighted_merge(
     return wa * x + (1.0 - wa) * y, max(float(age), float(age_y))
 
 
-class GossipLearning:
+class GossipLearning(AlgorithmBase):
     """Send to one random neighbour per gossip point; age-weighted merge on arrival."""
 
     name: ClassVar[str] = "gossip"
     requirements: ClassVar[Requirements] = Requirements(weights="none", undirected=False)
 
-    def targets(self, neighbours: Sequence[str], rng: random.Random) -> list[str]:
+    def targets(self, neighbours: Sequence[str], rng: random.Random, *, round: int = 0) -> list[str]:
         return [rng.choice(list(neighbours))] if neighbours else []
 
-    def message(self, state: LocalState) -> Message:
-        return Message(sender="", tensors={"params": state.params}, step=state.step, age=state.age)
+    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
+        return Message(tensors={"params": state.params}, step=state.step, round=state.step, age=state.age)
 
     @torch.no_grad()
     def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:

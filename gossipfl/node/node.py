@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import torch
 from aiohttp import web
 
 from gossipfl import wire
@@ -47,7 +48,7 @@ from gossipfl.node.buffers import BufferPool
 from gossipfl.node.discovery import Discovery, PeerInfo
 from gossipfl.node.membership import Membership
 from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
-from gossipfl.topology import graph_for_members, local_weights, neighbours
+from gossipfl.topology import Schedule, build_schedule, graph_for_members, local_weights, neighbours
 
 __all__ = ["Node"]
 
@@ -101,6 +102,7 @@ class Node:
         self.trainer = trainer
         self.algorithm = algorithm
         self.state = LocalState(params=trainer.params)
+        algorithm.init_state(self.state)
         self.fingerprint = trainer.layout.fingerprint
         self.secret = secret
         self.log = logging.getLogger(f"gossipfl.node.{node_id}")
@@ -124,7 +126,14 @@ class Node:
         self._inbox: list[tuple[Message, bytes | bytearray]] = []  # message, and the buffer it aliases
         self._rx_pool = BufferPool(keep=4)
         self._tx_buf = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
-        self._templates = {k: (v.shape, v.dtype) for k, v in algorithm.message(self.state).tensors.items()}
+        self._templates = {
+            name: (torch.Size(shape), dtype)
+            for name, (shape, dtype) in algorithm.tensor_specs(trainer.layout.numel, trainer.params.dtype).items()
+        }
+        self._arrived = asyncio.Event()  # set on every accepted message (neighbour-local rounds wait on it)
+        self._exchanging = False  # pairwise: this node is the initiator of an exchange in flight
+        self.busy_replies = 0  # pairwise: exchanges a peer refused because it was busy
+        self.round_timeouts = 0  # rounds: waits for neighbours that ran out
         # counters reported by /status and metrics
         self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
         self.dropped = 0
@@ -133,12 +142,15 @@ class Node:
         self.accuracy = float("nan")
         self.finished = asyncio.Event()
         # gossip hand-off: the newest encoded message, and whether a send is in flight
-        self._outgoing: memoryview | None = None
+        self._outgoing: tuple[memoryview | None, list[str]] | None = None
         self._outgoing_ready = asyncio.Event()
         self._send_idle = asyncio.Event()
         self._send_idle.set()
         # neighbour view, recomputed when membership changes
         self._view_version = -1
+        self._members: list[str] = [node_id]
+        self._schedule: Schedule | None = None
+        self._round_view: tuple[int, list[str], list[str], dict[str, float]] | None = None
         self._neighbours: list[str] = []
         self._weights: dict[str, float] = {}
         self._degree = 0
@@ -272,16 +284,18 @@ class Node:
             self.rejected["too_large"] += 1
             return _error_response(413, "too_large", f"body exceeds {limit} bytes")
         status, out = await self.handle(request.method, request.path, body)
-        return web.Response(status=status, body=out, content_type="application/json")
+        binary = request.path == "/exchange" and status == 200
+        return web.Response(status=status, body=out,
+                            content_type="application/octet-stream" if binary else "application/json")
 
     async def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         """The node's one entry point for requests, shared by HTTP and the in-memory network."""
         if path == "/status" and method == "GET":
             return 200, _json(self.status())
-        if path == "/gossip":
+        if path in ("/gossip", "/exchange"):
             if method != "POST":
-                return 405, _json({"error": "use POST for /gossip", "reason": "method"})
-            return self.rpc_gossip(body)
+                return 405, _json({"error": f"use POST for {path}", "reason": "method"})
+            return self.rpc_gossip(body) if path == "/gossip" else await self.rpc_exchange(body)
         return 404, _json({"error": f"no such endpoint: {method} {path}", "reason": "not_found"})
 
     def rpc_gossip(self, body: bytes | bytearray) -> tuple[int, bytes]:
@@ -306,11 +320,9 @@ class Node:
         if isinstance(addr, str) and _valid_address(addr):
             if self.membership.seen(env.sender, addr):
                 self.log.info("peer %s joined at %s (it messaged us)", env.sender, addr)
-        msg = Message(
-            sender=env.sender, tensors=env.tensors, step=env.step, age=env.age,
-            round=env.round, weight=env.weight, meta=env.meta,
-        )
+        msg = _message(env)
         del env
+        self._arrived.set()
         with self._lock:
             self._inbox.append((msg, body))
             if len(self._inbox) > INBOX_PER_NEIGHBOUR * (len(self._neighbours) + 1):
@@ -329,8 +341,9 @@ class Node:
                             f"{self.algorithm.name!r}", 409)
         if env.sender == self.id or not env.sender:
             raise _Rejected("sender", f"bad sender id {env.sender!r}")
-        if set(env.tensors) != set(self._templates):
-            raise _Rejected("shape", f"expected tensors {sorted(self._templates)}, got {sorted(env.tensors)}")
+        unknown = set(env.tensors) - set(self._templates)
+        if unknown or not env.tensors:
+            raise _Rejected("shape", f"expected tensors among {sorted(self._templates)}, got {sorted(env.tensors)}")
         for name, t in env.tensors.items():
             shape, dtype = self._templates[name]
             if t.shape != shape or t.dtype != dtype:
@@ -369,28 +382,60 @@ class Node:
     # ------------------------------------------------------------------ neighbours
 
     def _refresh_view(self) -> None:
-        """Map the current membership onto the topology; every node computes the same graph."""
+        """Map the current membership onto the topology; every node computes the same graphs."""
         if self._view_version == self.membership.version:
             return
         self._view_version = self.membership.version
-        members = [*self.membership.ids(), self.id]
-        graph = self._member_graph(members)
+        self._members = sorted([*self.membership.ids(), self.id])
+        self._schedule = self._member_schedule(self._members)
+        self._round_view = None
         old = set(self._neighbours)
-        self._neighbours = neighbours(graph, self.id)
-        self._degree = len(self._neighbours)
-        if self.algorithm.requirements.weights == "symmetric" and not graph.is_directed():
-            _, self._weights = local_weights(graph, self.id, self.cfg.weights)
-        else:
-            self._weights = {n: 1.0 / (1 + self._degree) for n in self._neighbours}
-        if set(self._neighbours) != old:
-            self.log.info("%d members; neighbours now %s", len(members), ", ".join(self._neighbours) or "none")
-        alone = not self._neighbours
+        self._set_round(self.state.step)
+        if set(self._neighbours) != old and self._schedule.period == 1:
+            self.log.info("%d members; neighbours now %s", len(self._members), ", ".join(self._neighbours) or "none")
+        alone = len(self._members) == 1
         if alone != self._alone:
             self._alone = alone
             if alone:
                 self.log.warning("no peers reachable: training alone until one appears")
             else:
-                self.log.info("gossiping with %d neighbour(s)", len(self._neighbours))
+                self.log.info("gossiping: %d members", len(self._members))
+
+    def _member_schedule(self, members: list[str]) -> Schedule:
+        """The per-round graph over sorted member ids (static topologies: one graph for every round)."""
+        labels = dict(enumerate(members))
+        try:
+            sched = build_schedule(self.cfg.topology, len(members), seed=self.cfg.seed) if len(members) > 1 else None
+        except TopologyError:
+            sched = None
+        if sched is not None and sched.period != 1:
+            return Schedule(sched.name, sched.n, sched.period, sched.directed,
+                            lambda t: nx.relabel_nodes(sched(t), labels, copy=True))
+        graph = self._member_graph(members)
+        return Schedule(str(self.cfg.topology), len(members), 1, graph.is_directed(), lambda t: graph)
+
+    def _set_round(self, t: int) -> None:
+        """Neighbours, in-neighbours and weights for round ``t`` (cached: static graphs never change)."""
+        assert self._schedule is not None
+        key = 0 if self._schedule.period == 1 else t
+        if self._round_view is not None and self._round_view[0] == key:
+            return
+        graph = self._schedule(key)
+        outs = neighbours(graph, self.id)
+        ins = sorted(graph.predecessors(self.id)) if graph.is_directed() else outs
+        if self.algorithm.requirements.weights == "symmetric" and not graph.is_directed():
+            _, weights = local_weights(graph, self.id, self.cfg.weights)
+        else:
+            weights = {n: 1.0 / (1 + len(ins)) for n in ins}
+        self._round_view = (key, outs, ins, weights)
+        self._neighbours, self._weights, self._degree = outs, weights, len(outs)
+
+    def _in_neighbours(self, t: int) -> list[str]:
+        """Who sends to us in round ``t`` (for a time-varying graph, the graph of round ``t``)."""
+        assert self._schedule is not None
+        key = 0 if self._schedule.period == 1 else t
+        graph = self._schedule(key)
+        return sorted(graph.predecessors(self.id)) if graph.is_directed() else neighbours(graph, self.id)
 
     def _member_graph(self, members: list[str]) -> nx.Graph:
         try:
@@ -437,13 +482,15 @@ class Node:
             if deadline is not None and self._clock() >= deadline:
                 break
             self._refresh_view()
+            if self.algorithm.requirements.rounds:
+                await self._wait_for_round(self.state.step)
             gossip_now = (self.state.step + 1) % cfg.gossip_every == 0
             if gossip_now:
                 await self._send_idle.wait()  # back-pressure on our own sends only
-            body = await asyncio.to_thread(self._work, trains, gossip_now)
+            out = await asyncio.to_thread(self._work, trains, gossip_now)
             done += 1
-            if body is not None:
-                self._outgoing = body
+            if out is not None:
+                self._outgoing = out
                 self._send_idle.clear()
                 self._outgoing_ready.set()
             if self.state.step % cfg.eval_every == 0:
@@ -457,13 +504,48 @@ class Node:
         self.finished.set()
         self.log.info("finished %d steps: accuracy %.4f", self.state.step, self.accuracy)
 
+    async def _wait_for_round(self, r: int) -> None:
+        """Neighbour-local round: wait (bounded) until every in-neighbour's round-r message is here.
+
+        No barrier and no coordinator: a node only waits for the peers that send to it, and only
+        up to ``timeout`` seconds; a neighbour that stays silent is dropped by membership later.
+        """
+        if r < 1:
+            return
+        expected = set(self.algorithm.expected_senders(self._in_neighbours(r), round=r))
+        deadline = self._clock() + self.cfg.timeout
+        while True:
+            with self._lock:
+                have = {m.sender for m, _ in self._inbox if m.round >= r}
+            missing = expected - have
+            missing &= set(self.membership.ids())  # peers that left are not waited for
+            if not missing:
+                return
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                self.round_timeouts += 1
+                self._warn_once(f"round-timeout-{sorted(missing)}", "round %d: no message from %s within %.1f s; "
+                                "going on without", r, ", ".join(sorted(missing)), self.cfg.timeout)
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.5)):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+
     def merge_pending(self) -> int:
         """Merge every queued message now, without a local step; returns how many were merged."""
         with self._lock:
             return self._merge_pending_locked()
 
-    def _merge_pending_locked(self) -> int:
-        inbox, self._inbox = self._inbox, []
+    def _merge_pending_locked(self, max_round: int | None = None) -> int:
+        """Merge queued messages (for round algorithms, only those of rounds <= ``max_round``)."""
+        if max_round is None:
+            inbox, self._inbox = self._inbox, []
+        else:
+            inbox = [item for item in self._inbox if item[0].round <= max_round]
+            self._inbox = [item for item in self._inbox if item[0].round > max_round]
         if inbox:
             messages = [m for m, _ in inbox]
             self.algorithm.merge(self.state, messages, self._merge_weights(messages))
@@ -472,36 +554,47 @@ class Node:
             self._rx_pool.give(body)
         return len(inbox)
 
-    def _work(self, trains: bool, gossip_now: bool) -> memoryview | None:
-        """Merge what arrived, take one local step, encode a message (worker thread).
+    def _work(self, trains: bool, gossip_now: bool) -> tuple[memoryview | None, list[str]] | None:
+        """Merge what arrived, take one local step, encode this gossip point's message (worker thread).
 
-        Encoding happens under the lock and copies the parameters into the send buffer: that copy
-        is the snapshot, so the model can change as soon as the lock is released.
+        Returns (frame, targets), (None, [peer]) for a pairwise exchange, or None. Encoding happens
+        under the lock and copies the parameters into the send buffer: that copy is the snapshot,
+        so the model can change as soon as the lock is released.
         """
         with self._lock:
-            self._merge_pending_locked()
+            rounds = self.algorithm.requirements.rounds
+            self._merge_pending_locked(self.state.step if rounds else None)
             if trains:
-                self.loss = self.trainer.step()
+                self.loss = self.algorithm.local_step(self.state, self.trainer)
                 self.state.age += 1
             self.state.step += 1
             if not gossip_now:
                 return None
-            msg = self.algorithm.message(self.state)
-            env = wire.Envelope(
-                cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
-                fingerprint=self.fingerprint, step=msg.step, age=msg.age, round=msg.round,
-                weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
-                tensors=dict(msg.tensors),
-            )
-            size = wire.encoded_size(env, secret=self.secret)
-            if len(self._tx_buf) < size:
-                self._tx_buf = bytearray(size)
-            n = wire.encode_into(env, self._tx_buf, secret=self.secret)
+            self._set_round(self.state.step)
+            targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
+            if not targets:
+                return None
+            if self.algorithm.requirements.pairwise:
+                return None, targets[:1]
+            body = self._encode_locked(self.algorithm.message(self.state, targets=targets))
+        return body, targets
+
+    def _encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
+        env = wire.Envelope(
+            cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
+            fingerprint=self.fingerprint, step=msg.step, age=msg.age, round=msg.round,
+            weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
+            tensors=dict(msg.tensors),
+        )
+        size = wire.encoded_size(env, secret=self.secret)
+        if len(self._tx_buf) < size:
+            self._tx_buf = bytearray(size)
+        n = wire.encode_into(env, self._tx_buf, secret=self.secret)
         return memoryview(self._tx_buf)[:n]
 
     def _evaluate_and_record(self) -> None:
         with self._lock:
-            loss, acc = self.trainer.evaluate(self.state.params)
+            loss, acc = self.trainer.evaluate(self.algorithm.model(self.state))
         self.accuracy = acc
         if not self.algorithm.requirements.trains:
             self.loss = loss
@@ -512,9 +605,14 @@ class Node:
             "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
         })
 
+    def model_snapshot(self) -> torch.Tensor:
+        """A copy of the model this node would deploy (push-sum: de-biased), for cluster metrics."""
+        with self._lock:
+            return self.algorithm.model(self.state).clone()
+
     # ------------------------------------------------------------------ lock-step schedule
 
-    async def work_round(self, *, gossip: bool = True) -> memoryview | None:
+    async def work_round(self, *, gossip: bool = True) -> tuple[memoryview | None, list[str]] | None:
         """One round of a synchronous schedule: merge what arrived, step, encode the message.
 
         A simulation driver calls this on every node, then `send_round` on every node, so that
@@ -524,12 +622,16 @@ class Node:
         self._refresh_view()
         return await asyncio.to_thread(self._work, self.algorithm.requirements.trains, gossip)
 
-    async def send_round(self, body: memoryview | None) -> None:
-        """Deliver this round's message to the algorithm's targets, one after another (deterministic)."""
-        if body is None:
+    async def send_round(self, out: tuple[memoryview | None, list[str]] | None) -> None:
+        """Deliver this round's message to its targets, one after another (deterministic)."""
+        if out is None:
             return
-        for target in self.algorithm.targets(self._neighbours, self._rng):
-            await self._send(target, body)
+        body, targets = out
+        for target in targets:
+            if body is None:
+                await self._exchange(target)
+            else:
+                await self._send(target, body)
 
     async def evaluate_now(self) -> None:
         """Evaluate and write a metrics row (used by drivers of the synchronous schedule)."""
@@ -546,14 +648,92 @@ class Node:
         while True:
             await self._outgoing_ready.wait()
             self._outgoing_ready.clear()
-            body, self._outgoing = self._outgoing, None
+            out, self._outgoing = self._outgoing, None
             try:
-                if body is not None:
-                    self._refresh_view()
-                    targets = self.algorithm.targets(self._neighbours, self._rng)
-                    await asyncio.gather(*(self._send(t, body) for t in targets))
+                if out is not None:
+                    body, targets = out
+                    if body is None:
+                        await self._exchange(targets[0])
+                    else:
+                        await asyncio.gather(*(self._send(t, body) for t in targets))
             finally:
                 self._send_idle.set()
+
+    async def _acquire(self, within: float) -> bool:
+        """Take the state lock from the event loop without blocking it (cancellation-safe)."""
+        deadline = self._clock() + within
+        while not self._lock.acquire(blocking=False):
+            if self._clock() > deadline:
+                return False
+            await asyncio.sleep(0.0005)
+        return True
+
+    async def _exchange(self, peer_id: str) -> None:
+        """Pairwise (AD-PSGD): freeze our state, send it, apply the reply; both sides end equal.
+
+        Our lock is held for the whole round trip so no step or merge interleaves; an incoming
+        exchange meanwhile is answered 423 (busy) at once, so two nodes exchanging with each
+        other at the same moment both back off instead of deadlocking.
+        """
+        address = self.membership.address(peer_id)
+        if address is None or not await self._acquire(self.cfg.timeout):
+            return
+        self._exchanging = True
+        try:
+            body = self._encode_locked(self.algorithm.message(self.state, targets=[peer_id]), kind="exchange")
+            try:
+                reply = await self._transport.request(address, "POST", "/exchange", body, timeout=self.cfg.timeout)
+            except PeerError as exc:
+                if self.membership.contact_failed(peer_id):
+                    self._peer_left(peer_id, f"unreachable for {self.cfg.peer_timeout:.0f} s ({exc})")
+                return
+            if reply.status == 423:
+                self.busy_replies += 1
+                return
+            if reply.status != 200:
+                self._warn_once(f"xrefused-{peer_id}-{reply.status}", "peer %s refused the exchange (%d): %s",
+                                peer_id, reply.status, reply.body[:200].decode(errors="replace"))
+                return
+            try:
+                env = self._accept(reply.body)
+            except WireError as exc:
+                self._warn_once(f"xbad-{peer_id}", "bad exchange reply from %s: %s", peer_id, exc)
+                return
+            self.algorithm.apply_reply(self.state, _message(env))
+            self.bytes_out += len(body)
+            self.msgs_out += 1
+            self.bytes_in += len(reply.body)
+            self.msgs_in += 1
+            self.membership.seen(peer_id, address)
+        finally:
+            self._exchanging = False
+            self._lock.release()
+
+    async def rpc_exchange(self, body: bytes | bytearray) -> tuple[int, bytes]:
+        """The responder's side of a pairwise exchange: average atomically, return our part."""
+        if not self.algorithm.requirements.pairwise:
+            return 409, _json({"error": f"{self.algorithm.name} does not exchange pairwise", "reason": "algorithm"})
+        try:
+            env = self._accept(body)
+        except WireError as exc:
+            reason = getattr(exc, "reason", None) or next((r for c, r in _REASONS if isinstance(exc, c)), "malformed")
+            self.rejected[reason] += 1
+            return exc.http_status, _json({"error": str(exc), "reason": reason})
+        if self.finished.is_set():
+            return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
+        if self._exchanging or not await self._acquire(self.cfg.timeout / 2):
+            return 423, _json({"error": f"node {self.id} is busy exchanging", "reason": "busy"})
+        try:
+            reply = self.algorithm.respond(self.state, _message(env))
+            out = bytes(self._encode_locked(reply, kind="reply"))
+        finally:
+            self._lock.release()
+        self.bytes_in += len(body)
+        self.msgs_in += 1
+        addr = env.meta.get("addr")
+        if isinstance(addr, str) and _valid_address(addr):
+            self.membership.seen(env.sender, addr)
+        return 200, out
 
     async def _send(self, peer_id: str, body: bytes | bytearray | memoryview) -> None:
         address = self.membership.address(peer_id)
@@ -584,8 +764,24 @@ class Node:
 
     async def _probe_once(self) -> None:
         due = self.membership.static_due(recent=RECENT_CONTACT)
-        if due:
-            await asyncio.gather(*(self._probe(a) for a in due))
+        quiet = self.membership.quiet(recent=RECENT_CONTACT)
+        if due or quiet:
+            await asyncio.gather(*(self._probe(a) for a in due), *(self._ping(p, a) for p, a in quiet))
+
+    async def _ping(self, peer_id: str, address: str) -> None:
+        """Check a member we have not heard from lately (typically not a neighbour) is still there.
+
+        Without it a crashed member that no one sends to never fails a contact, and stays in
+        the view of every non-neighbour, whose graph then disagrees with everyone else's."""
+        try:
+            reply = await self._transport.request(address, "GET", "/status", timeout=self.cfg.timeout)
+            info = reply.json() if reply.status == 200 else None
+        except PeerError:
+            info = None
+        if isinstance(info, dict) and info.get("id") == peer_id:
+            self.membership.seen(peer_id, address)
+        elif self.membership.contact_failed(peer_id):
+            self._peer_left(peer_id, f"unreachable for {self.cfg.peer_timeout:.0f} s")
 
     async def _probe(self, address: str) -> None:
         """Ask a static peer who it is; a node of another cluster or model is ignored, loudly."""
@@ -628,7 +824,7 @@ class Node:
             env = wire.Envelope(
                 cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
                 fingerprint=self.fingerprint, kind="checkpoint", step=self.state.step,
-                age=self.state.age, tensors={"params": self.state.params.clone()},
+                age=self.state.age, weight=self.state.weight, tensors={"params": self.state.params.clone()},
             )
         tmp = path.with_suffix(".tmp")
         try:
@@ -657,7 +853,7 @@ class Node:
             self.log.warning("ignoring checkpoint %s: %s", path, exc)
             return
         self.state.params.copy_(params)
-        self.state.step, self.state.age = env.step, env.age
+        self.state.step, self.state.age, self.state.weight = env.step, env.age, env.weight
         self.log.info("resumed from %s at step %d", path, env.step)
 
     # ------------------------------------------------------------------ helpers
@@ -686,6 +882,11 @@ async def _read_body(request: web.Request, pool: BufferPool) -> bytes | bytearra
         view[off:end] = chunk
         off = end
     return buf if off == n else b""
+
+
+def _message(env: wire.Envelope) -> Message:
+    return Message(sender=env.sender, tensors=env.tensors, step=env.step, age=env.age,
+                   round=env.round, weight=env.weight, meta=env.meta)
 
 
 def _error_response(status: int, reason: str, message: str) -> web.Response:

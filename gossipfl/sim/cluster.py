@@ -21,11 +21,11 @@ from typing import Any, TextIO
 
 import torch
 
-from gossipfl.build import build_algorithm, build_data, build_trainer
+from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
 from gossipfl.config import RunConfig
 from gossipfl.metrics import MetricsWriter, consensus_distance
 from gossipfl.node import MemoryNetwork, Node
-from gossipfl.topology import build_graph, mixing_matrix, slem
+from gossipfl.topology import build_schedule, mixing_matrix, slem
 
 __all__ = ["run_cluster"]
 
@@ -45,11 +45,7 @@ class _Monitor:
         self.history: list[dict[str, Any]] = []
 
     def snapshot(self) -> torch.Tensor:
-        rows = []
-        for n in self.nodes:
-            with n._lock:
-                rows.append(n.state.params.clone())
-        return torch.stack(rows)
+        return torch.stack([n.model_snapshot() for n in self.nodes])
 
     def sample(self) -> dict[str, Any]:
         params = self.snapshot()
@@ -89,8 +85,9 @@ def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig) -> dict[str,
         denom = ((xs - xm) ** 2).sum()
         if denom > 0:
             out["consensus_rate"] = float(torch.exp(((xs - xm) * (ys - ym)).sum() / denom))
-    graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
-    out["predicted_rate"] = slem(mixing_matrix(graph, cfg.weights)) ** 2
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
+    if schedule.period == 1 and not schedule.directed:  # SLEM^2 predicts the rate of a fixed symmetric W
+        out["predicted_rate"] = slem(mixing_matrix(schedule(0), cfg.weights)) ** 2
     return out
 
 
@@ -98,8 +95,8 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
                       monitor_every: float = 0.5) -> dict[str, Any]:
     """Run ``cfg.nodes`` nodes to completion; write metrics.jsonl and return the summary dict."""
     data = build_data(cfg)
-    algorithm_check = build_algorithm(cfg)  # fail fast on a bad name before binding sockets
-    del algorithm_check
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
+    check_requirements(cfg, build_algorithm(cfg), directed=schedule.directed, time_varying=schedule.period != 1)
     network = MemoryNetwork() if cfg.transport == "memory" else None
     ids = node_ids(cfg.nodes)
     trainers = [build_trainer(cfg, data, i, cfg.nodes) for i in range(cfg.nodes)]  # user errors surface here
@@ -166,9 +163,9 @@ async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
         await n.probe_peers()
     for r in range(1, cfg.steps + 1):
         gossip = r % cfg.gossip_every == 0
-        bodies = [await n.work_round(gossip=gossip) for n in nodes]
-        for n, body in zip(nodes, bodies, strict=True):
-            await n.send_round(body)
+        outs = [await n.work_round(gossip=gossip) for n in nodes]
+        for n, out in zip(nodes, outs, strict=True):
+            await n.send_round(out)
         if r % cfg.eval_every == 0 or r == cfg.steps:
             await asyncio.gather(*(n.evaluate_now() for n in nodes))
             row = monitor.sample()

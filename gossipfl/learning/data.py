@@ -48,7 +48,9 @@ class Dataset:
                 raise DataError(f"data {self.name!r}: {split} labels outside [0, {self.n_classes})")
 
 
-def _split(x: np.ndarray, y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+def _split(
+    x: np.ndarray, y: np.ndarray, *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     # Stratified so that every class appears in the test split even for small data.
     from sklearn.model_selection import train_test_split
 

@@ -288,7 +288,7 @@ class Node:
         return web.Response(status=status, body=out,
                             content_type="application/octet-stream" if binary else "application/json")
 
-    async def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    async def handle(self, method: str, path: str, body: bytes | bytearray) -> tuple[int, bytes]:
         """The node's one entry point for requests, shared by HTTP and the in-memory network."""
         if path == "/status" and method == "GET":
             return 200, _json(self.status())

@@ -35,7 +35,7 @@ class Reply:
 
 
 # (method, path, body) -> (status, body); the node's single entry point for requests.
-Handler = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
+Handler = Callable[[str, str, bytes | bytearray], Awaitable[tuple[int, bytes]]]
 
 
 class Transport(Protocol):

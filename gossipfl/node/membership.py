@@ -45,6 +45,19 @@ class Membership:
         fresh = {p.address for p in self._peers.values() if now - p.last_ok < recent and p.failing_since is None}
         return [a for a, (due, _) in self._static.items() if due <= now and a not in fresh]
 
+    def quiet(self, *, recent: float) -> list[tuple[str, str]]:
+        """``(id, address)`` of members not heard from within ``recent`` s, static ones excepted.
+
+        A member we neither send to (not our neighbour) nor hear from would otherwise never be
+        contacted, so it could never fail a contact and never leave the view after a crash:
+        the node checks these members itself (static addresses have ``static_due``).
+        """
+        now = self._clock()
+        return [
+            (p.id, p.address) for p in sorted(self._peers.values(), key=lambda p: p.id)
+            if p.address not in self._static and now - p.last_ok >= recent
+        ]
+
     def probe_failed(self, address: str) -> list[str]:
         """Back off this static address; returns ids of peers at it that are now dropped."""
         _, backoff = self._static.get(address, (0.0, 1.0))

@@ -96,6 +96,8 @@ class Node:
         seed: int = 0,
         mdns: bool = False,
         mdns_interfaces: Sequence[str] | None = None,
+        transport: Transport | None = None,
+        min_step_seconds: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.id = node_id
@@ -107,7 +109,10 @@ class Node:
         self.secret = secret
         self.log = logging.getLogger(f"gossipfl.node.{node_id}")
         self._network = network
-        self._transport: Transport = network.transport() if network else HttpTransport()
+        if transport is None:
+            transport = network.transport() if network else HttpTransport()
+        self._transport = transport
+        self._min_step = min_step_seconds  # emulated compute speed: a step takes at least this long
         self._metrics = metrics or (lambda row: None)
         self._clock = clock
         self._t0 = t0
@@ -487,8 +492,11 @@ class Node:
             gossip_now = (self.state.step + 1) % cfg.gossip_every == 0
             if gossip_now:
                 await self._send_idle.wait()  # back-pressure on our own sends only
+            started = self._clock()
             out = await asyncio.to_thread(self._work, trains, gossip_now)
             done += 1
+            if self._min_step:
+                await asyncio.sleep(max(0.0, self._min_step - (self._clock() - started)))
             if out is not None:
                 self._outgoing = out
                 self._send_idle.clear()

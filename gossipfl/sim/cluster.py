@@ -24,7 +24,9 @@ import torch
 from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
 from gossipfl.config import RunConfig
 from gossipfl.metrics import MetricsWriter, consensus_distance
-from gossipfl.node import MemoryNetwork, Node
+from gossipfl.node import HttpTransport, MemoryNetwork, Node
+from gossipfl.sim.emulation import parse_emulation
+from gossipfl.sim.netem import EmulatedTransport
 from gossipfl.topology import build_schedule, mixing_matrix, slem
 
 __all__ = ["run_cluster"]
@@ -102,9 +104,16 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
     trainers = [build_trainer(cfg, data, i, cfg.nodes) for i in range(cfg.nodes)]  # user errors surface here
     writer = MetricsWriter(out / "metrics.jsonl")
     t0 = time.monotonic()
+    emulation = parse_emulation(cfg.emulation)
+    step_seconds = emulation.step_seconds(cfg.nodes, seed=cfg.seed).tolist() if not emulation.ideal else None
+    index_of: dict[str, int] = {}  # filled once addresses are bound; emulated links look peers up here
     nodes = [
         Node(cfg.replace(listen="127.0.0.1:0", peers=()), node_id=nid, trainer=trainers[i],
-             algorithm=build_algorithm(cfg), network=network, metrics=writer, t0=t0, seed=cfg.seed * 31 + i)
+             algorithm=build_algorithm(cfg), network=network, metrics=writer, t0=t0, seed=cfg.seed * 31 + i,
+             transport=None if emulation.ideal else EmulatedTransport(
+                 network.transport() if network else HttpTransport(), src=i, index_of=index_of,
+                 emulation=emulation, seed=cfg.seed),
+             min_step_seconds=step_seconds[i] if step_seconds else 0.0)
         for i, nid in enumerate(ids)
     ]
     monitor = _Monitor(nodes, writer, t0)
@@ -114,6 +123,7 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
             for n in nodes:
                 await n.start(hold=True)
                 stack.push_async_callback(n.aclose)
+            index_of.update({n.address: i for i, n in enumerate(nodes)})
             for n in nodes:  # each node learns the others' addresses, as --peer would tell it
                 for other in nodes:
                     if other is not n:

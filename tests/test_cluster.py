@@ -77,3 +77,31 @@ def test_metrics_rows_follow_the_contract(tmp_path: Path) -> None:
     ts = [r["t"] for r in cluster_rows]
     assert ts == sorted(ts)
     assert len(cluster_rows) >= 2
+
+
+def test_cluster_honours_emulated_loss_latency_and_stragglers(tmp_path: Path) -> None:
+    emulation = {"latency": "uniform:0.001:0.004", "jitter": 0.001, "loss": 0.2, "step_time": 0.002,
+                 "stragglers": 0.25, "straggler_slowdown": 5.0}
+    cfg = RunConfig(nodes=8, steps=120, transport="memory", emulation=emulation)
+    s = run(cfg, tmp_path)
+    attempts = s["messages"] + s["lost"]
+    assert 0.12 < s["lost"] / attempts < 0.28  # 20 % of requests dropped, as configured
+    assert s["mean_accuracy"] >= 0.9  # D-PSGD shrugs off lost messages
+    # two stragglers (5x slower steps) take visibly longer than 120 steps at full speed
+    assert s["wall_seconds"] > 120 * 0.002 * 5 * 0.8
+
+
+def test_lossless_algorithm_is_refused_on_a_lossy_network(tmp_path: Path) -> None:
+    from gossipfl.algorithms import AlgorithmBase, Requirements
+    from gossipfl.build import check_requirements
+    from gossipfl.errors import ConfigError
+
+    class Fragile(AlgorithmBase):
+        name = "fragile"
+        requirements = Requirements(lossless=True, rounds=True)
+
+    with pytest.raises(ConfigError, match="lossless"):
+        check_requirements(RunConfig(emulation={"loss": 0.01}), Fragile(), directed=False, time_varying=False)
+    check_requirements(RunConfig(), Fragile(), directed=False, time_varying=False)  # no loss: fine
+    with pytest.raises(ConfigError, match="undirected"):
+        check_requirements(RunConfig(topology="exponential_directed"), Fragile(), directed=True, time_varying=False)

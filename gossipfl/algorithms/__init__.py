@@ -3,20 +3,49 @@
 To add one: write a module with pure functions and a small class deriving from
 `gossipfl.algorithms.base.AlgorithmBase` (see `Algorithm` there for what an engine calls and in
 which order), then list it in ``ALGORITHMS`` below.
+
+=====================  ====================================  ====================================
+name                   algorithm                             hyperparameters ([algorithm_params])
+=====================  ====================================  ====================================
+``dpsgd``              D-PSGD (model mixing)                 -
+``averaging``          pure D-PSGD averaging, no training    -
+``gossip``             gossip learning, age-weighted merge   ``order``
+``gossip_partitioned`` gossip learning, one part per message ``partitions``, ``seed``
+``gradex``             gradient exchange + model averaging   ``average_every``
+``adpsgd``             AD-PSGD pairwise atomic averaging     ``mix``
+``pushsum``            Stochastic Gradient Push (push-sum)   ``self_weight``
+``pushsum_averaging``  pure push-sum averaging               ``self_weight``
+``choco``              CHOCO-SGD, compressed gossip          ``compression``, ``fraction``, ``bits``,
+                                                             ``norm``, ``gamma``, ``rescale``, ``seed``
+``diging``             gradient tracking (DIGing)            ``lr``
+``epidemic``           Epidemic Learning (s random peers)    ``fanout``
+=====================  ====================================  ====================================
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gossipfl.algorithms.adpsgd import ADPSGD
 from gossipfl.algorithms.base import Algorithm, AlgorithmBase, LocalState, Message, Requirements
+from gossipfl.algorithms.choco import CHOCO
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging
-from gossipfl.algorithms.gossip import GossipLearning
+from gossipfl.algorithms.epidemic import EpidemicLearning
+from gossipfl.algorithms.gossip import GossipLearning, PartitionedGossip
+from gossipfl.algorithms.gradex import GradientExchange
+from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging
+from gossipfl.algorithms.tracking import DIGing
 from gossipfl.errors import ConfigError
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmBase", "LocalState", "Message", "Requirements", "get_algorithm"]
 
-ALGORITHMS: dict[str, type] = {cls.name: cls for cls in (DPSGD, GossipLearning, Averaging)}
+ALGORITHMS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        DPSGD, GossipLearning, Averaging, PartitionedGossip, GradientExchange, ADPSGD, PushSum, PushSumAveraging,
+        CHOCO, DIGing, EpidemicLearning,
+    )
+}
 
 
 def get_algorithm(name: str, **params: Any) -> Algorithm:
@@ -26,5 +55,5 @@ def get_algorithm(name: str, **params: Any) -> Algorithm:
         raise ConfigError(f"algorithm: unknown {name!r}; choose one of {', '.join(sorted(ALGORITHMS))}")
     try:
         return cls(**params)  # type: ignore[no-any-return]
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"algorithm_params for {name!r}: {exc}") from None

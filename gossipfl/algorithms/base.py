@@ -44,7 +44,10 @@ class LocalState:
     ``params`` is the flat model vector and is the Trainer's own tensor (same storage), so a
     merge that writes ``params`` in place changes what the next local step starts from.
     ``weight`` is the push-sum weight; ``extra`` holds algorithm state (CHOCO's public copies,
-    gradient trackers, ...), created by ``init_state``.
+    gradient trackers, ...), created by ``init_state``. ``seed`` is a per-node seed for the
+    algorithm's own randomness (compression draws, which partition to send); engines set it to
+    something that differs between nodes (e.g. the seed of the node's ``random.Random``) before
+    ``init_state``. Left at 0 on every node, algorithms still work, with correlated draws.
     """
 
     params: torch.Tensor
@@ -52,6 +55,7 @@ class LocalState:
     age: float = 0.0
     weight: float = 1.0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +81,7 @@ class Requirements:
     lossless: bool = False  # breaks if messages are lost
     trains: bool = True  # runs local SGD steps (pure averaging does not)
     pairwise: bool = False  # exchanges with one peer atomically (AD-PSGD) instead of pushing
+    static_topology: bool = False  # needs the same neighbours and weights every round (CHOCO's replicas)
 
 
 class Algorithm(Protocol):

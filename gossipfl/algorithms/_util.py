@@ -1,0 +1,76 @@
+"""Small helpers the algorithm modules share: hyperparameter checks and per-node random draws.
+
+Hyperparameters come from the ``[algorithm_params]`` TOML table as constructor keyword
+arguments. The checks raise ``ValueError`` naming the key; `get_algorithm` turns it into a
+``ConfigError``. TOML writes ``1`` and ``1.0`` differently, so a float parameter accepts an int;
+``true`` is never a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gossipfl.algorithms.base import LocalState
+
+__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_real", "generator", "keep_generator"]
+
+
+def check_int(key: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    v = float(value)
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{key} must be {'>' if low_open else '>='} {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{key} must be <= {high}, got {v}")
+    return v
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """A fraction in (0, 1]."""
+    return check_real(key, value, low=0.0, high=1.0, low_open=True)
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> Any:
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def generator(state: LocalState, seed: int) -> torch.Generator:
+    """The node's algorithm generator, resumed from ``state.extra["rng"]`` (first use: seeded).
+
+    The generator's state lives in the local state, as a tensor, so draws continue across
+    calls and two nodes (different ``state.seed``) draw differently. Call `keep_generator` after
+    drawing.
+    """
+    g = torch.Generator()
+    saved = state.extra.get("rng")
+    if saved is None:
+        g.manual_seed((seed * 1_000_003 + state.seed * 7_919 + 12_345) % 2**63)
+    else:
+        g.set_state(saved)
+    return g
+
+
+def keep_generator(state: LocalState, g: torch.Generator) -> None:
+    state.extra["rng"] = g.get_state()

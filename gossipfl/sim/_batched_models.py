@@ -16,6 +16,7 @@ mask, for nodes whose shard is smaller than the batch) and its gradient, exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -26,7 +27,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from gossipfl.errors import ConfigError
 from gossipfl.learning.params import ParamLayout
 
-__all__ = ["BatchedMLP", "BatchedModel", "FuncModel", "batched_model"]
+__all__ = ["BatchedMLP", "BatchedModel", "FuncModel", "apply_sgd", "batched_model"]
 
 
 class BatchedModel(Protocol):
@@ -43,9 +44,26 @@ class BatchedModel(Protocol):
         """
         ...
 
+    def sgd_step(self, p: torch.Tensor, v: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+                 weight: torch.Tensor | None, *, lr: float, momentum: float, weight_decay: float) -> torch.Tensor:
+        """One local SGD step in place on rows ``p`` (and velocity ``v``); returns the loss ``[n]``."""
+        ...
+
     def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[n, T, classes]``: every node's model applied to the same inputs ``x [T, *input]``."""
         ...
+
+
+@torch.no_grad()
+def apply_sgd(p: torch.Tensor, v: torch.Tensor | None, grad: torch.Tensor, *, lr: float, momentum: float,
+              weight_decay: float) -> None:
+    """`gossipfl.learning.Trainer.apply_gradient` on rows: same operations, same order, same rounding."""
+    if weight_decay:
+        grad = grad + weight_decay * p
+    if v is not None:
+        v.mul_(momentum).add_(grad)
+        grad = v
+    p.sub_(grad, alpha=lr)
 
 
 class BatchedMLP:
@@ -79,50 +97,94 @@ class BatchedMLP:
         w_off, b_off, out, inp = self.layers[k]
         return p[:, w_off:w_off + out * inp].view(-1, out, inp), p[:, b_off:b_off + out]
 
-    def _forward(self, p: torch.Tensor, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        acts = [x.reshape(x.shape[0], x.shape[1], -1)]
-        pre: list[torch.Tensor] = []
+    def _forward(self, p: torch.Tensor, xt: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Activations kept feature-major, ``[n, features, batch]``: then every matmul takes the
+        weights as stored (``[out, in]`` rows of the flat vector, no transposed copies) and the
+        gradients come out in the stored layout too."""
+        acts, pre = [xt], []
         for k in range(len(self.layers)):
             w, b = self._weights(p, k)
-            z = torch.baddbmm(b.unsqueeze(1), acts[-1], w.transpose(1, 2))
+            z = torch.baddbmm(b.unsqueeze(2), w, acts[-1])
             pre.append(z)
             if k < len(self.layers) - 1:
                 acts.append(torch.relu(z))
         return acts, pre
 
-    def loss_and_grad(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        acts, pre = self._forward(p, x)
-        z = pre[-1]
+    def _backward(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                  sink: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+        """Forward, loss, and backward; hands each layer's (weight, bias) gradient to ``sink``."""
+        acts, pre = self._forward(p, x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2))
+        z = pre[-1]  # [n, classes, B]
         # softmax cross-entropy, written out (see module docstring)
-        zmax = z.amax(-1, keepdim=True)
+        zmax = z.amax(1, keepdim=True)
         e = torch.exp(z - zmax)
-        s = e.sum(-1, keepdim=True)
-        zy = z.gather(-1, y.unsqueeze(-1))
-        nll = (torch.log(s) + zmax - zy).squeeze(-1)  # [n, B]
+        s = e.sum(1, keepdim=True)
+        zy = z.gather(1, y.unsqueeze(1))
+        nll = (torch.log(s) + zmax - zy).squeeze(1)  # [n, B]
         dz = e.div_(s)
-        dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(zy, -1.0))
+        dz.scatter_add_(1, y.unsqueeze(1), torch.full_like(zy, -1.0))
         if weight is None:
             loss = nll.mean(1)
-            dz.mul_(1.0 / z.shape[1])
+            dz.mul_(1.0 / z.shape[2])
         else:
             count = weight.sum(1, keepdim=True)
             loss = (nll * weight).sum(1) / count.squeeze(1)
-            dz.mul_((weight / count).unsqueeze(-1))
-        grad = torch.empty(p.shape[0], self.numel, dtype=p.dtype, device=p.device)
+            dz.mul_((weight / count).unsqueeze(1))
         for k in range(len(self.layers) - 1, -1, -1):
-            w_off, b_off, out, inp = self.layers[k]
-            grad[:, w_off:w_off + out * inp].view(-1, out, inp).copy_(torch.bmm(dz.transpose(1, 2), acts[k]))
-            grad[:, b_off:b_off + out].copy_(dz.sum(1))
-            if k:
+            gw = torch.bmm(dz, acts[k].transpose(1, 2))
+            gb = dz.sum(2)
+            if k:  # propagate through the pre-update weights before anyone changes them
                 w, _ = self._weights(p, k)
-                dz = torch.bmm(dz, w).mul_(pre[k - 1] > 0)
-        return loss, grad
+                dz = torch.ops.aten.threshold_backward(torch.bmm(w.transpose(1, 2), dz), pre[k - 1], 0.0)
+            sink(k, gw, gb)
+        return loss
+
+    def loss_and_grad(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        grad = torch.empty(p.shape[0], self.numel, dtype=p.dtype, device=p.device)
+
+        def sink(k: int, gw: torch.Tensor, gb: torch.Tensor) -> None:
+            w, b = self._weights(grad, k)
+            w.copy_(gw)
+            b.copy_(gb)
+
+        return self._backward(p, x, y, weight, sink), grad
+
+    @torch.no_grad()
+    def sgd_step(self, p: torch.Tensor, v: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+                 weight: torch.Tensor | None, *, lr: float, momentum: float, weight_decay: float) -> torch.Tensor:
+        """One SGD step in place on rows ``p`` (and velocity ``v``); returns the per-node loss.
+
+        The Trainer's update (``g += wd * p; v = momentum * v + g; p -= lr * v``), applied layer by
+        layer as gradients come out of the backward pass, so no ``[n, D]`` gradient is materialised
+        (the velocity update is one fused multiply-add, which may round the last bit differently).
+        """
+        later: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def sink(k: int, gw: torch.Tensor, gb: torch.Tensor) -> None:
+            for g, (pw, vw) in ((gw, self._pair(p, v, k, 0)), (gb, self._pair(p, v, k, 1))):
+                if weight_decay:
+                    g = g + weight_decay * pw
+                if vw is not None:
+                    torch.add(g, vw, alpha=momentum, out=vw)  # v = momentum * v + g, one pass
+                else:
+                    later.append((pw, g))
+
+        loss = self._backward(p, x, y, weight, sink)
+        if v is not None:
+            p.sub_(v, alpha=lr)
+        for pw, g in later:
+            pw.sub_(g, alpha=lr)
+        return loss
+
+    def _pair(self, p: torch.Tensor, v: torch.Tensor | None, k: int,
+              which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._weights(p, k)[which], None if v is None else self._weights(v, k)[which]
 
     @torch.no_grad()
     def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        xs = x.reshape(1, x.shape[0], -1).expand(p.shape[0], -1, -1)
-        return self._forward(p, xs)[1][-1]
+        xt = x.reshape(x.shape[0], -1).t().unsqueeze(0).expand(p.shape[0], -1, -1)
+        return self._forward(p, xt)[1][-1].transpose(1, 2)
 
 
 class FuncModel:
@@ -148,6 +210,12 @@ class FuncModel:
         w = torch.ones(y.shape, dtype=p.dtype, device=p.device) if weight is None else weight
         grad, loss = self._grad(p, x, y, w)
         return loss, grad
+
+    def sgd_step(self, p: torch.Tensor, v: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+                 weight: torch.Tensor | None, *, lr: float, momentum: float, weight_decay: float) -> torch.Tensor:
+        loss, grad = self.loss_and_grad(p, x, y, weight)
+        apply_sgd(p, v, grad, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return loss
 
     @torch.no_grad()
     def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

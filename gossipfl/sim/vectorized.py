@@ -70,7 +70,7 @@ from gossipfl.sim.emulation import Emulation, parse_emulation
 from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
 from gossipfl.topology import build_graph, graph_spectral_gap, mixing_matrix_sparse
 
-__all__ = ["NODE_ROWS", "VectorizedSim", "run_vectorized"]
+__all__ = ["NODE_ROWS", "VectorizedSim", "mix_self_weight", "run_vectorized"]
 
 log = logging.getLogger("gossipfl.sim")
 
@@ -268,8 +268,8 @@ class VectorizedSim:
         self.neighbour_lists = [dst[ptr[i]:ptr[i + 1]].tolist() for i in range(n)] \
             if self.sampling == "exact" else []
         self.send_weight = torch.zeros(len(dst), dtype=torch.float32, device=dev)
-        self.w_blocks: list[torch.Tensor] = []
-        self.wsum = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.mixing: torch.Tensor | None = None
+        self._spare: torch.Tensor | None = None
         if self.rule != "mix":
             return
         w = mixing_matrix_sparse(g, self.cfg.weights, dtype=torch.float64)
@@ -281,11 +281,16 @@ class VectorizedSim:
         key = row * n + col
         at = np.searchsorted(key, dst * n + src)
         self.send_weight = torch.from_numpy(val[at]).to(dev)
-        wptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row, minlength=n), out=wptr[1:])
-        self._w = (torch.from_numpy(wptr), torch.from_numpy(col), torch.from_numpy(val))
-        self.wsum = torch.zeros(n, dtype=torch.float32).index_add_(
-            0, torch.from_numpy(row), torch.from_numpy(val)).to(dev)
+        # M with M @ params == mix(own, neighbours, weights) row by row (all neighbours fresh)
+        wsum = torch.zeros(n, dtype=torch.float32).index_add_(0, torch.from_numpy(row), torch.from_numpy(val))
+        diag = np.arange(n)
+        mrow, mcol = np.concatenate([row, diag]), np.concatenate([col, diag])
+        mval = np.concatenate([val, mix_self_weight(wsum).numpy()])
+        order = np.lexsort((mcol, mrow))
+        mptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(mrow, minlength=n), out=mptr[1:])
+        self.mixing = _csr(torch.from_numpy(mptr).to(dev), torch.from_numpy(mcol[order]).to(dev),
+                           torch.from_numpy(mval[order]).to(dev), (n, n))
 
     def _learning(self, kernel: str, block: int | None) -> None:
         cfg, data, n, dev = self.cfg, self.data, self.n, self.device
@@ -303,15 +308,10 @@ class VectorizedSim:
         self.batches = _Batches([shards[i % n_shards] for i in range(n)], cfg.batch_size, device=dev,
                                 generator=self.gen, seeds=seeds)
         width = max(math.prod(data.input_shape), 1) + sum(cfg.hidden) + data.n_classes
-        budget = 2**20 if dev.type == "cpu" else 2**27  # floats of activations per block
+        # floats of activations per block: about what the CPU caches hold, per thread
+        budget = 2**20 * torch.get_num_threads() if dev.type == "cpu" else 2**27
         self.block = block or max(16, min(n, budget // (self.batches.bmax * width)))
         self.blocks = [(a, min(a + self.block, n)) for a in range(0, n, self.block)]
-        if self.rule == "mix":
-            wptr, col, val = self._w
-            for a, b in self.blocks:
-                lo, hi = int(wptr[a]), int(wptr[b])
-                self.w_blocks.append(_csr((wptr[a:b + 1] - lo).to(dev), col[lo:hi].to(dev), val[lo:hi].to(dev),
-                                          (b - a, n)))
         tsize = max(1, data.x_test.shape[0])
         self.eval_block = max(1, min(n, (2**22 if dev.type == "cpu" else 2**28) // (tsize * width)))
 
@@ -331,27 +331,19 @@ class VectorizedSim:
     def _train(self, p: torch.Tensor, v: torch.Tensor | None, rows: slice | torch.Tensor) -> None:
         """One local SGD step, in place on ``p`` (and ``v``), for the nodes ``rows``."""
         gidx, weight = self.batches.next(rows)
-        loss, grad = self.model.loss_and_grad(p, self.x_train[gidx], self.y_train[gidx], weight)
+        k, b = gidx.shape
+        flat = gidx.reshape(-1)
+        x = self.x_train.index_select(0, flat).view(k, b, *self.x_train.shape[1:])
+        y = self.y_train.index_select(0, flat).view(k, b)
         cfg = self.cfg
-        with torch.no_grad():  # the Trainer's apply_gradient, row-wise
-            if cfg.weight_decay:
-                grad = grad + cfg.weight_decay * p
-            if v is not None:
-                v.mul_(cfg.momentum).add_(grad)
-                grad = v
-            p.sub_(grad, alpha=cfg.lr)
+        loss = self.model.sgd_step(p, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
         self.last_loss[rows] = loss.detach()
 
     def _train_rows(self, p: torch.Tensor, v: torch.Tensor | None, rows: torch.Tensor) -> None:
         for a in range(0, rows.shape[0], self.block):
             b = a + self.block
             self._train(p[a:b], None if v is None else v[a:b], rows[a:b])
-
-    @torch.no_grad()
-    def _mix_into(self, out: torch.Tensor, x: torch.Tensor, nbr_sum: torch.Tensor, wsum: torch.Tensor) -> None:
-        """D-PSGD merge via `mix`: the fresh neighbours' weighted sum enters as one weighted model."""
-        w = wsum.unsqueeze(1)
-        out.copy_(mix(x, (nbr_sum / w.clamp_min(1e-30)).unsqueeze(1), w))
 
     @torch.no_grad()
     def _age_merge(self, p: torch.Tensor, age: torch.Tensor, recv: torch.Tensor,
@@ -488,24 +480,20 @@ class VectorizedSim:
             self._train(self.params[a:b], None if v is None else v[a:b], slice(a, b))
 
     def _sync_mix_round(self, merging: bool) -> None:
-        """Merge round r-1's models (every neighbour sent: a sparse product with W) and step, per block.
+        """Merge round r-1's models with one sparse product ``M @ params``, then step every node.
 
-        Fused per block so a block's merged rows are still in cache for its step. Round r-1's
-        messages are the models as they were at the end of round r-1, i.e. ``params`` now.
+        Round r-1's messages are the models as they were at the end of round r-1, i.e. ``params``
+        now, and every neighbour sent, so the merge is the mixing matrix M (see `mix_self_weight`)
+        applied to all rows at once (one product beats per-block products on 1-2 cores and GPUs).
         """
-        p, v = self.params, self.velocity
-        if merging and not hasattr(self, "_spare"):
-            self._spare = torch.empty_like(p)
-        for k, (a, b) in enumerate(self.blocks):
-            rows = p[a:b]
-            if merging:
-                rows = self._spare[a:b]
-                with torch.no_grad():
-                    self._mix_into(rows, p[a:b], self.w_blocks[k] @ p, self.wsum[a:b])
-            if self.trains:
-                self._train(rows, None if v is None else v[a:b], slice(a, b))
         if merging:
-            self.params, self._spare = self._spare, self.params
+            if self._spare is None:
+                self._spare = torch.empty_like(self.params)
+            out = self._spare
+            torch.addmm(out, self.mixing, self.params, beta=0.0, out=out)
+            self.params, self._spare = out, self.params
+        if self.trains:
+            self._sync_train()
 
     def _targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gossip learning: one random out-neighbour per sender; returns (senders, receivers)."""
@@ -630,7 +618,7 @@ class VectorizedSim:
                     crow[1:] = torch.cumsum(torch.bincount(r, minlength=count), 0)
                     nbr = _csr(crow, cols, w, (count, ring.depth * n)) @ ring.flat
                     wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, r, w)
-                    self._mix_into(p, p, nbr, wsum)
+                    p.mul_(mix_self_weight(wsum).unsqueeze(1)).add_(nbr)
                 else:
                     waves = merge_waves(r, got.arrive, got.send)
                     flat = ring.rows(got)
@@ -736,6 +724,18 @@ class VectorizedSim:
         except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
             log.warning("predicted consensus rate unavailable: %s", exc)
         return out
+
+
+def mix_self_weight(wsum: torch.Tensor) -> torch.Tensor:
+    """The weight `mix` keeps on a node's own model when its fresh neighbours' weights sum to ``wsum``.
+
+    `gossipfl.algorithms.dpsgd.mix` is linear in the models, so over the node axis it is a sparse
+    matrix: off the diagonal the neighbours' weights, on it what mix keeps of the node's own model.
+    Evaluating mix itself on ``x = 1, others = 0`` reads that diagonal off, so the engine's sparse
+    products apply exactly mix's rule (a missing neighbour's weight stays with the node).
+    """
+    one = torch.ones(wsum.shape[0], 1, dtype=wsum.dtype, device=wsum.device)
+    return mix(one, torch.zeros_like(one).unsqueeze(1), wsum.unsqueeze(1)).squeeze(1)
 
 
 def _initial_params(cfg: RunConfig, data: Dataset, model: torch.nn.Module, layout: Any, n: int) -> torch.Tensor:

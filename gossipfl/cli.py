@@ -146,6 +146,10 @@ def _run_folder(cfg: RunConfig) -> Path:
 def cmd_sim(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     _preflight(cfg)
+    if cfg.engine == "vectorized":
+        from gossipfl.sim.vectorized import check_config
+
+        check_config(cfg)  # emulation table, device, algorithm: refused before a run folder exists
     out = _run_folder(cfg)
     progress = None if args.quiet else sys.stderr
     if cfg.engine == "vectorized":

@@ -52,12 +52,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import networkx as nx
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gossipfl import wire
-from gossipfl.algorithms.dpsgd import DPSGD, mix
+from gossipfl.algorithms import Algorithm
+from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
 from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
 from gossipfl.build import build_algorithm, build_data, node_seed
 from gossipfl.config import RunConfig
@@ -70,7 +72,7 @@ from gossipfl.sim.emulation import Emulation, parse_emulation
 from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
 from gossipfl.topology import build_graph, graph_spectral_gap, mixing_matrix_sparse
 
-__all__ = ["NODE_ROWS", "VectorizedSim", "mix_self_weight", "run_vectorized"]
+__all__ = ["NODE_ROWS", "VectorizedSim", "check_config", "mix_self_weight", "run_vectorized"]
 
 log = logging.getLogger("gossipfl.sim")
 
@@ -211,20 +213,9 @@ class VectorizedSim:
         self.n = n = cfg.nodes
         self.ids = node_ids(n)
         self.sampling = sampling
-        self.algorithm = build_algorithm(cfg)
-        if isinstance(self.algorithm, DPSGD):
-            self.rule = "mix"
-        elif isinstance(self.algorithm, GossipLearning):
-            self.rule = "age"
-        else:
-            raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in the vectorised engine yet")
+        self.algorithm, self.rule, self.emulation, self.graph = _checked(cfg)
         self.trains = self.algorithm.requirements.trains
-        self.emulation: Emulation = parse_emulation(cfg.emulation)
         self.data = data if data is not None else build_data(cfg)
-        self.graph = build_graph(cfg.topology, n, seed=cfg.seed)
-        if self.algorithm.requirements.undirected and self.graph.is_directed():
-            raise ConfigError(f"topology: {cfg.algorithm} needs an undirected graph; "
-                              f"{cfg.topology!r} is directed")
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 17)
         self._links()
         self._learning(kernel, block)
@@ -724,6 +715,30 @@ class VectorizedSim:
         except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
             log.warning("predicted consensus rate unavailable: %s", exc)
         return out
+
+
+def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
+    """Everything about ``cfg`` the vectorised engine refuses, as ConfigErrors naming the key."""
+    _device(cfg.device)
+    algorithm = build_algorithm(cfg)
+    if type(algorithm) in (DPSGD, Averaging):
+        rule = "mix"
+    elif type(algorithm) is GossipLearning and algorithm.order == "merge_update":
+        rule = "age"
+    else:
+        detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
+        raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
+                          "yet (dpsgd, averaging and gossip are); use engine = \"cluster\"")
+    emulation = parse_emulation(cfg.emulation)
+    graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
+    if algorithm.requirements.undirected and graph.is_directed():
+        raise ConfigError(f"topology: {cfg.algorithm} needs an undirected graph; {cfg.topology!r} is directed")
+    return algorithm, rule, emulation, graph
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
+    _checked(cfg)
 
 
 def mix_self_weight(wsum: torch.Tensor) -> torch.Tensor:

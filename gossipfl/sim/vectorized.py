@@ -730,6 +730,7 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
                           "yet (dpsgd, averaging and gossip are); use engine = \"cluster\"")
     emulation = parse_emulation(cfg.emulation)
+    emulation.node_speeds(cfg.nodes, seed=cfg.seed)  # per-node factors must match the node count
     graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
     if algorithm.requirements.undirected and graph.is_directed():
         raise ConfigError(f"topology: {cfg.algorithm} needs an undirected graph; {cfg.topology!r} is directed")

@@ -1,0 +1,255 @@
+"""The vectorised engine: agrees with the local cluster, keeps its schedules, learns at scale."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from gossipfl.build import build_data, build_trainer
+from gossipfl.cli import main
+from gossipfl.config import RunConfig
+from gossipfl.errors import ConfigError
+from gossipfl.learning import build_model, param_layout
+from gossipfl.metrics import read_metrics
+from gossipfl.sim import cluster
+from gossipfl.sim._batched_models import BatchedMLP, FuncModel
+from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
+from gossipfl.sim.vectorized import VectorizedSim, check_config, mix_self_weight, run_vectorized
+
+
+def cluster_state(cfg: RunConfig, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run the local cluster and capture every node's final state (through its summary hook)."""
+    captured: dict[str, Any] = {}
+    summary = cluster._summary
+
+    def capture(cfg_: RunConfig, nodes: list, *rest: Any) -> dict[str, Any]:
+        captured["params"] = torch.stack([n.state.params.clone() for n in nodes])
+        captured["age"] = [n.state.age for n in nodes]
+        captured["msgs_out"] = [n.msgs_out for n in nodes]
+        captured["msgs_in"] = [n.msgs_in for n in nodes]
+        return summary(cfg_, nodes, *rest)
+
+    monkeypatch.setattr(cluster, "_summary", capture)
+    asyncio.run(cluster.run_cluster(cfg, out, progress=None))
+    return captured
+
+
+AGREEMENT = [
+    pytest.param("dpsgd", "erdos_renyi", "iid", 32, 1, id="dpsgd-erdos_renyi"),
+    pytest.param("gossip", "erdos_renyi", "iid", 32, 1, id="gossip-erdos_renyi"),
+    # uneven shards smaller than the batch (padded batches), gossip every 2nd step, a hub node
+    pytest.param("dpsgd", "star", "dirichlet:0.3", 64, 2, id="dpsgd-star-dirichlet"),
+    pytest.param("gossip", "ring", "dirichlet:0.3", 64, 2, id="gossip-ring-dirichlet"),
+]
+
+
+@pytest.mark.parametrize(("algorithm", "topology", "part", "batch", "every"), AGREEMENT)
+def test_sync_schedule_agrees_with_the_local_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str, topology: str, part: str, batch: int, every: int,
+) -> None:
+    """Acceptance: same seeds, synchronous schedule, 20 rounds -> same parameters (<= 1e-5)."""
+    cfg = RunConfig(nodes=8, topology=topology, algorithm=algorithm, steps=20, eval_every=10, schedule="sync",
+                    transport="memory", partition=part, batch_size=batch, gossip_every=every,
+                    weight_decay=1e-3, seed=3)
+    ref = cluster_state(cfg, tmp_path / "cluster", monkeypatch)
+    for kernel in ("batched", "func"):
+        sim = VectorizedSim(cfg, sampling="exact", kernel=kernel)
+        sim.run(tmp_path / kernel)
+        diff = float((sim.params - ref["params"]).abs().max())
+        print(f"{algorithm} {topology} {part} {kernel}: max |vectorised - cluster| = {diff:.2e}")
+        assert diff <= 1e-5
+        assert sim.age.tolist() == ref["age"]
+        assert sim.msgs_out.tolist() == ref["msgs_out"]
+        assert sim.msgs_in.tolist() == ref["msgs_in"]
+
+
+@pytest.mark.parametrize("algorithm", ["dpsgd", "gossip", "averaging"])
+def test_async_schedule_with_ideal_emulation_is_the_sync_schedule(algorithm: str) -> None:
+    """Identical nodes on a perfect network: the event clock replays the lock-step rounds."""
+    base = RunConfig(nodes=12, topology="exponential", algorithm=algorithm, steps=15, eval_every=5,
+                     partition="dirichlet:0.5", batch_size=16)
+    sims = {s: VectorizedSim(base.replace(schedule=s), sampling="exact") for s in ("sync", "async")}
+    summaries = {s: sim.run(None) for s, sim in sims.items()}
+    assert torch.allclose(sims["sync"].params, sims["async"].params, atol=1e-6, rtol=0)
+    for key in ("messages", "node_steps", "mean_accuracy"):
+        assert summaries["sync"][key] == pytest.approx(summaries["async"][key], abs=1e-6)
+    assert summaries["async"]["simulated_seconds"] == pytest.approx(15 * 0.01)
+
+
+def test_initial_models_are_the_cluster_nodes_models() -> None:
+    for model, same in (("mlp", False), ("cnn", False), ("logreg", True)):
+        cfg = RunConfig(nodes=5, model=model, same_init=same, seed=2)
+        data = build_data(cfg)
+        sim = VectorizedSim(cfg, data=data)
+        for i in range(cfg.nodes):
+            assert torch.equal(sim.params[i], build_trainer(cfg, data, i, cfg.nodes).params)
+
+
+def test_batched_kernels_match_per_node_autograd() -> None:
+    data = build_data(RunConfig())
+    for spec, hidden in (("mlp", (24, 16)), ("logreg", ())):
+        model = build_model(spec, input_shape=data.input_shape, n_classes=10, hidden=hidden, seed=0)
+        layout = param_layout(model)
+        p = torch.randn(6, layout.numel) * 0.3
+        idx = torch.randint(0, len(data.y_train), (6, 20))
+        x, y = data.x_train[idx], data.y_train[idx]
+        weight = torch.ones(6, 20)
+        weight[::2, 13:] = 0  # padded batches of 13 samples on every other node
+        fast, func = BatchedMLP.from_module(model, layout), FuncModel(model, layout)
+        assert fast is not None
+        for w in (None, weight):
+            loss_a, grad_a = fast.loss_and_grad(p, x, y, w)
+            loss_b, grad_b = func.loss_and_grad(p, x, y, w)
+            for i in range(6):
+                keep = slice(None) if w is None else w[i].bool()
+                q = p[i].clone().requires_grad_(True)
+                out = functional_call(model, layout.unflatten(q), (x[i][keep],))
+                loss = F.cross_entropy(out, y[i][keep])
+                (grad,) = torch.autograd.grad(loss, q)
+                assert torch.allclose(grad_a[i], grad, atol=1e-6)
+                assert torch.allclose(grad_b[i], grad, atol=1e-6)
+                assert loss_a[i] == pytest.approx(float(loss.detach()), abs=1e-5)
+        assert torch.allclose(fast.logits(p, data.x_test), func.logits(p, data.x_test), atol=1e-5)
+    assert BatchedMLP.from_module(build_model("cnn", input_shape=(64,), n_classes=10), layout) is None
+
+
+def test_mixing_matrix_is_mix() -> None:
+    """The sparse product applies dpsgd.mix: off the diagonal the weights, on it mix's self weight."""
+    sim = VectorizedSim(RunConfig(nodes=9, topology="star", weights="metropolis"))
+    dense = sim.mixing.to_dense()
+    assert torch.allclose(dense.sum(1), torch.ones(9))
+    assert torch.allclose(dense, dense.T)
+    assert dense[0, 0] == pytest.approx(1 - 8 / 9)
+    assert torch.allclose(mix_self_weight(torch.tensor([0.0, 0.25, 1.0])), torch.tensor([1.0, 0.75, 0.0]))
+
+
+def test_1024_nodes_on_an_exponential_graph_learn_digits() -> None:
+    """Acceptance: 1024 nodes (1-2 digits each), exponential graph, IID -> mean accuracy >= 0.90."""
+    t0 = time.monotonic()
+    cfg = RunConfig(nodes=1024, topology="exponential", steps=600, eval_every=100, schedule="sync")
+    summary = run_vectorized(cfg, None, progress=None)
+    elapsed = time.monotonic() - t0
+    print(f"1024 nodes, 600 steps: mean accuracy {summary['mean_accuracy']:.4f} "
+          f"(averaged model {summary['avg_model_accuracy']:.4f}) in {elapsed:.1f} s")
+    assert summary["mean_accuracy"] >= 0.90
+    assert summary["node_steps"] == 1024 * 600
+    assert elapsed < 120
+
+
+def test_stragglers_lose_steps_and_lossy_links_lose_messages() -> None:
+    emulation = {"stragglers": 0.25, "straggler_slowdown": 4.0, "latency": "uniform:0.001:0.02",
+                 "jitter": 0.005, "loss": 0.2}
+    cfg = RunConfig(nodes=16, topology="exponential", duration=0.5, eval_every=10, emulation=emulation)
+    sim = VectorizedSim(cfg)
+    summary = sim.run(None)
+    speeds = sim.emulation.node_speeds(16, seed=cfg.seed)
+    steps = sim.step.cpu()
+    slow, fast = steps[speeds < 1], steps[speeds == 1]
+    assert len(slow) == 4
+    assert ((fast >= 50) & (fast <= 51)).all()  # 0.5 s of 10 ms steps
+    assert ((slow >= 12) & (slow <= 13)).all()  # four times slower
+    assert summary["lost"] > 0
+    assert summary["messages"] < int((sim.send_deg.cpu() * steps).sum())  # lost ones are not counted
+    assert summary["mean_accuracy"] > 0.5
+
+
+def test_async_runs_are_deterministic_and_churn_pauses_nodes() -> None:
+    cfg = RunConfig(nodes=10, topology="ring", algorithm="gossip", duration=1.0, eval_every=20,
+                    emulation={"churn": 0.3, "churn_period": 0.2, "speed": "lognormal:0.3"})
+    a, b = VectorizedSim(cfg), VectorizedSim(cfg)
+    sa, sb = a.run(None), b.run(None)
+    assert torch.equal(a.params, b.params)
+    assert sa["node_steps"] == sb["node_steps"]
+    ideal = VectorizedSim(cfg.replace(emulation={"speed": "lognormal:0.3"}))
+    ideal.run(None)
+    assert sa["node_steps"] < 0.9 * int(ideal.step.sum())  # offline about 30% of the time
+    assert sa["mean_accuracy"] > 0.3
+
+
+def test_gossip_learning_merges_every_message_in_order() -> None:
+    recv = torch.tensor([3, 1, 3, 3, 1, 0])
+    send = torch.tensor([5, 4, 2, 0, 3, 7])
+    waves = merge_waves(recv, send)
+    seen = [[(int(recv[i]), int(send[i])) for i in w] for w in waves]
+    assert seen == [[(0, 7), (1, 3), (3, 0)], [(1, 4), (3, 2)], [(3, 5)]]
+
+
+def test_latest_message_per_pair_and_expired_snapshots() -> None:
+    ring = SnapshotRing(2, 3, 4, dtype=torch.float32, device=torch.device("cpu"))
+    nodes = torch.tensor([1])
+    slots = [ring.record(nodes, torch.full((1, 4), float(k)), torch.tensor([float(k)])) for k in range(3)]
+    m = Messages(recv=torch.tensor([0, 0, 0]), send=torch.tensor([1, 1, 1]),
+                 slot=torch.cat([s for s, _ in slots]), seq=torch.cat([q for _, q in slots]),
+                 arrive=torch.zeros(3, dtype=torch.float64), weight=torch.ones(3))
+    assert ring.valid(m).tolist() == [False, True, True]  # the first snapshot was overwritten
+    newest = latest_per_pair(m, 3)
+    assert newest.seq.tolist() == [2]
+    assert ring.flat[ring.rows(newest)].tolist() == [[2.0] * 4]
+
+
+def test_cli_vectorized_writes_the_cluster_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["sim", "--engine", "vectorized", "--nodes", "6", "--steps", "20", "--eval-every", "10",
+                 "--topology", "ring", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    node_rows = [r for r in rows if r["node"] is not None]
+    cluster_rows = [r for r in rows if r["node"] is None]
+    node_keys = {"node", "t", "step", "loss", "accuracy", "bytes_out", "bytes_in", "msgs_out", "msgs_in"}
+    assert node_rows
+    assert all(node_keys <= set(r) for r in node_rows)
+    assert {r["node"] for r in node_rows} == {f"n{i:02d}" for i in range(6)}
+    assert all({"t", "consensus_distance", "avg_model_accuracy", "mean_accuracy"} <= set(r) for r in cluster_rows)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
+                "messages", "bytes", "wall_seconds", "node_steps", "per_node"):
+        assert key in summary
+    assert summary["engine"] == "vectorized"
+    assert summary["node_steps"] == 120
+    assert "sim t=" in capsys.readouterr().err  # the progress line
+
+
+def test_node_rows_are_sampled_for_many_nodes() -> None:
+    sim = VectorizedSim(RunConfig(nodes=300, topology="exponential", steps=2, eval_every=1), node_rows=10)
+    summary = sim.run(None)
+    assert len(summary["per_node"]) == 10
+    assert summary["per_node_sampled"]
+    assert {"n000", "n299"} <= set(summary["per_node"])
+
+
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"emulation": {"latency": -1}}, "emulation.latency"),
+    ({"emulation": {"speeds": [1.0, 2.0]}}, "emulation.speeds"),
+    ({"algorithm": "gossip", "algorithm_params": {"order": "update_merge"}}, "algorithm"),
+    ({"topology": "exponential_directed"}, "topology"),
+    ({"device": "tpu"}, "device"),
+])
+def test_bad_settings_name_the_key(changes: dict[str, Any], key: str) -> None:
+    cfg = RunConfig(nodes=4).replace(**changes)
+    with pytest.raises(ConfigError, match=key):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=key):
+        VectorizedSim(cfg)
+
+
+def test_more_nodes_than_samples_share_shards() -> None:
+    cfg = RunConfig(nodes=2000, shards=40, topology="exponential", steps=3, eval_every=3)
+    summary = VectorizedSim(cfg, node_rows=4).run(None)
+    assert summary["node_steps"] == 6000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_matches_cpu() -> None:  # pragma: no cover - no GPU on the CI machine
+    cfg = RunConfig(nodes=16, topology="exponential", steps=10, eval_every=5, schedule="sync")
+    cpu, gpu = VectorizedSim(cfg, sampling="exact"), VectorizedSim(cfg.replace(device="cuda"), sampling="exact")
+    cpu.run(None)
+    gpu.run(None)
+    assert torch.allclose(cpu.params, gpu.params.cpu(), atol=1e-4)

@@ -231,6 +231,8 @@ class VectorizedSim:
         self.expired = torch.zeros((), dtype=torch.int64, device=dev)
         self.sim_time = 0.0
         self.node_steps = 0
+        self.round = 0  # sync schedule: rounds done
+        self._pending: tuple[torch.Tensor, ...] | None = None  # sync: what the last round sent
         k = min(max(node_rows, 0), n)
         self.sample = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
         self.msg_bytes = self._message_bytes()
@@ -442,28 +444,35 @@ class VectorizedSim:
             log.warning("the sync schedule ignores the emulation table (speeds, latency, loss, churn); "
                         "use schedule = \"async\" to apply it")
         self._record(writer, 0.0, node_rows=False, evaluate=False)
-        pending: tuple[torch.Tensor, torch.Tensor] | None = None  # messages of the previous round
-        sent_last_round = False
         for r in range(1, cfg.steps + 1):
-            if self.rule == "mix":
-                self._sync_mix_round(sent_last_round)
-            else:
-                if pending is not None:
-                    self._sync_age_merge(*pending)
-                if self.trains:
-                    self._sync_train()
-            pending, sent_last_round = None, False
-            self.step += 1
-            if self.trains:
-                self.age += 1
-            self.node_steps += self.n
-            self.sim_time = r * self.emulation.step_time
-            if r % cfg.gossip_every == 0:
-                pending, sent_last_round = self._sync_send(), True
+            self.rounds(1)
             if r % cfg.eval_every == 0 or r == cfg.steps:
                 self._after_metric(self._record(writer, self.sim_time, node_rows=True))
             else:
                 self._tick()
+
+    def rounds(self, k: int) -> None:
+        """Run ``k`` rounds of the lock-step schedule, without metrics (what `scripts/bench_sim.py` times).
+
+        Round r: merge round r-1's messages, one local step, then send if r is a gossip point.
+        """
+        for _ in range(k):
+            self.round += 1
+            if self.rule == "mix":
+                self._sync_mix_round(self._pending is not None)
+            else:
+                if self._pending is not None:
+                    self._sync_age_merge(*self._pending)
+                if self.trains:
+                    self._sync_train()
+            self._pending = None
+            self.step += 1
+            if self.trains:
+                self.age += 1
+            self.node_steps += self.n
+            self.sim_time = self.round * self.emulation.step_time
+            if self.round % self.cfg.gossip_every == 0:
+                self._pending = self._sync_send()
 
     def _sync_train(self) -> None:
         v = self.velocity
@@ -503,12 +512,12 @@ class VectorizedSim:
         keep = r >= 0
         return senders[keep], r[keep]
 
-    def _sync_send(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _sync_send(self) -> tuple[torch.Tensor, ...]:
         """Count this round's messages; for gossip learning, return (senders, receivers)."""
         if self.rule == "mix":
             self.msgs_out += self.send_deg
             self.msgs_in += self.recv_deg
-            return None
+            return ()
         send, recv = self._targets(torch.arange(self.n, device=self.device))
         self.msgs_out.index_add_(0, send, torch.ones_like(send))
         self.msgs_in.index_add_(0, recv, torch.ones_like(recv))

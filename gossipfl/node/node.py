@@ -45,7 +45,7 @@ from gossipfl.errors import (
 )
 from gossipfl.learning.trainer import Trainer
 from gossipfl.node.buffers import BufferPool
-from gossipfl.node.discovery import Discovery, PeerInfo
+from gossipfl.node.discovery import Discovery, PeerInfo, _default_addresses
 from gossipfl.node.membership import Membership
 from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
 from gossipfl.topology import Schedule, build_schedule, graph_for_members, local_weights, neighbours
@@ -247,7 +247,10 @@ class Node:
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack) -> None:
         """Advertise over mDNS and feed what we hear into membership (closed before the server)."""
-        host, port = parse_address(self.address, key="listen")
+        # The bind address decides, not the advertised one: a wildcard bind runs mDNS on every
+        # interface and advertises every LAN address (its advertised address is only a guess).
+        host, _ = parse_address(self.cfg.listen, key="listen")
+        _, port = parse_address(self.address, key="listen")
         specific = host not in ("0.0.0.0", "", "::")
         interfaces = self._mdns_interfaces or ([host] if specific else None)
         self._discovery = Discovery(
@@ -930,5 +933,7 @@ def _primary_ip() -> str:
             s.connect(("10.255.255.255", 1))
             return str(s.getsockname()[0])
         except OSError:
-            return "127.0.0.1"
+            # No route (an isolated LAN without a default gateway): the host's first LAN
+            # address, not loopback, which peers would take as their own.
+            return _default_addresses(None)[0]
 

@@ -1,8 +1,9 @@
 """Four machines on one LAN, each running ``gossipfl node`` with mDNS and no peer addresses.
 
 The machines are network namespaces on a bridge (``netns.py``), each with its own host name
-(a UTS namespace, when ``unshare`` is there), so every node runs the README's one-line
-command with nothing typed about the others. A fifth namespace is an observer on the same
+(a UTS namespace, when ``unshare`` is there) and, like an isolated lab LAN, no default
+route; every node runs the README's one-line command with nothing typed about the others
+(half of them bind 0.0.0.0, half their LAN address). A fifth namespace is an observer on the same
 segment: it polls every node's ``GET /status`` and runs ``gossipfl peers``. mDNS and all
 gossip stay inside the namespaces this test creates.
 
@@ -84,10 +85,14 @@ class Lan:
         return self.tmp / f"host{i}.log"
 
     def start(self, i: int) -> None:
-        """``gossipfl node`` on host i: mDNS on, no --peer, state kept in its own folder."""
+        """``gossipfl node`` on host i: mDNS on, no --peer, state kept in its own folder.
+
+        Even hosts bind the wildcard (the README's command), odd ones their LAN address.
+        """
+        listen = f"0.0.0.0:{PORT}" if i % 2 == 0 else self.addresses[i]
         cli = [
             sys.executable, "-m", "gossipfl.cli", "node", "--config", str(self.config),
-            "--listen", self.addresses[i], "--cluster", self.cluster, "--topology", "ring",
+            "--listen", listen, "--cluster", self.cluster, "--topology", "ring",
             "--shards", str(HOSTS), "--node-index", str(i), "--duration", "300",
             "--state-dir", str(self.tmp / f"state{i}"), "-v",
         ]  # fmt: skip
@@ -206,7 +211,7 @@ def test_four_hosts_discover_learn_drop_and_rejoin(tmp_path: Path, capsys: pytes
             statuses = lan.last
             for i, nid in enumerate(lan.ids):
                 s = statuses[nid]
-                assert s["address"] == lan.addresses[i]  # serving on its LAN address, not loopback
+                assert s["address"] == lan.addresses[i]  # its LAN address, even behind 0.0.0.0
                 assert s["cluster"] == lan.cluster
                 assert all(not p["address"].startswith("127.") for p in s["peers"])
             first_up, last_up = min(up.values()), max(up.values())

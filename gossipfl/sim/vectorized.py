@@ -1,9 +1,11 @@
 """The vectorised engine: thousands of nodes as rows of one ``[N, D]`` tensor, on a simulated clock.
 
 Every node's flat parameter vector is a row of ``params`` (and its momentum a row of
-``velocity``); a local step of many nodes is one batched forward/backward
-(`gossipfl.sim._batched_models`), a D-PSGD merge is a sparse product on the node axis fed to
-`gossipfl.algorithms.dpsgd.mix`, and gossip-learning merges are batched calls of
+``velocity``). A local step of many nodes is one batched forward/backward
+(`gossipfl.sim._batched_models`: batched matmuls for the built-in MLP/logreg, ``torch.func`` for
+any other model). A D-PSGD merge is a sparse product on the node axis with the matrix that
+`gossipfl.algorithms.dpsgd.mix` defines (mix is linear; `mix_self_weight` reads its diagonal off
+mix itself), and gossip-learning merges are batched calls of
 `gossipfl.algorithms.gossip.age_weighted_merge`. The algorithm math is reused unchanged.
 
 Two schedules, chosen by ``cfg.schedule``:
@@ -33,7 +35,16 @@ Randomness, chosen by ``sampling``:
     ``seed * 7919 + i``) and its gossip-target RNG (``random.Random(seed * 31 + i)``), with a
     Python loop over nodes at epoch boundaries and sends. For agreement tests and small runs.
 
-Initial models are always node i's model of the local cluster (``build_trainer``'s seed).
+Initial models are always node i's model of the local cluster (``build_trainer``'s seed). Node i
+trains on shard ``i % shards`` of the partition (``shards`` defaults to one per node, as in the
+cluster; set it to run more nodes than there are training samples).
+
+Run folder: the same ``metrics.jsonl`` and summary as the local cluster, with ``t`` in simulated
+seconds. Every node is evaluated at each metric point (``eval_every`` local steps, i.e. every
+``eval_every * step_time`` simulated seconds in ``async``) for the cluster rows, but node rows
+and the summary's ``per_node`` cover at most ``node_rows`` nodes (default `NODE_ROWS`, evenly
+spaced ids; ``per_node_sampled`` says when they are a sample). Message bytes are counted as the
+size of one encoded envelope per message; ``msgs_out`` leaves out messages the emulation lost.
 
 On a GPU (``device="cuda"``) every tensor lives on the device; the step loop reads back only
 scalars that steer it (how many nodes step in a time slice, the next event time, how many merge

@@ -24,6 +24,7 @@ name                   algorithm                             hyperparameters ([a
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from gossipfl.algorithms.adpsgd import ADPSGD
@@ -53,6 +54,13 @@ def get_algorithm(name: str, **params: Any) -> Algorithm:
     cls = ALGORITHMS.get(name)
     if cls is None:
         raise ConfigError(f"algorithm: unknown {name!r}; choose one of {', '.join(sorted(ALGORITHMS))}")
+    accepted = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"algorithm_params for {name!r}: unknown {', '.join(map(repr, unknown))}; "
+            + (f"{name} takes {', '.join(accepted)}" if accepted else f"{name} takes no hyperparameters")
+        )
     try:
         return cls(**params)  # type: ignore[no-any-return]
     except (TypeError, ValueError) as exc:

@@ -13,8 +13,10 @@ One round, with Q a compression operator (:mod:`gossipfl.algorithms.compression`
 
 Only the compressed difference ``q_i`` travels; ``gamma`` is the consensus step size (1 with no
 compression gives D-PSGD exactly; smaller for stronger compression). Unbiased operators are
-divided by their variance bound ``tau`` (``rescale``), which makes them contractions as the
-convergence proof requires; random-k then sends unscaled entries.
+divided by their second-moment factor ``tau`` (``rescale``), which makes them contractions as the
+convergence proof requires: random-k then is plain (unscaled) random-k, QSGD sends its scale
+divided by the exact ``tau`` of the vector it quantised (see
+:mod:`~gossipfl.algorithms.compression`).
 
 Needs: neighbour-local rounds, lossless delivery (a lost ``q_j`` desynchronises ``x̂_j`` for
 good) and a static topology with symmetric doubly stochastic weights (``s_i`` sums fixed
@@ -24,6 +26,7 @@ neighbours with fixed weights). ``x̂`` and ``s`` start at zero, so the first me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -31,9 +34,9 @@ import torch
 
 from gossipfl.algorithms._util import check_bool, check_choice, check_int, check_real, generator, keep_generator
 from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements, TensorSpecs
-from gossipfl.algorithms.compression import COMPRESSORS, QSGD, Compressor, _Sparse, make_compressor
+from gossipfl.algorithms.compression import COMPRESSORS, QSGD, Compressor, RandomK, TopK, _Sparse, make_compressor
 
-__all__ = ["CHOCO", "choco_consensus"]
+__all__ = ["CHOCO", "choco_consensus", "default_gamma"]
 
 
 def choco_consensus(
@@ -43,12 +46,29 @@ def choco_consensus(
     return x + gamma * (s - weight_sum * x_hat)
 
 
+def default_gamma(compressor: Compressor) -> float:
+    """A consensus step size that trained in ``scripts/bench_compression.py`` (tune it for your problem).
+
+    Stronger compression needs a smaller gamma (the paper's gamma scales with the contraction
+    delta): 1 uncompressed, sqrt(fraction) for top-k, fraction for random-k (its delta is exactly
+    k/D), 1 / 0.8 / 0.4 for 8- / 4- / 2-bit QSGD.
+    """
+    if isinstance(compressor, TopK):
+        return min(1.0, math.sqrt(compressor.fraction))
+    if isinstance(compressor, RandomK):
+        return compressor.fraction
+    if isinstance(compressor, QSGD):
+        return {8: 1.0, 4: 0.8, 2: 0.4}[compressor.bits]
+    return 1.0
+
+
 class CHOCO(AlgorithmBase):
     """CHOCO-SGD with a configurable compression operator.
 
     Hyperparameters: ``compression`` (``"none"``, ``"topk"``, ``"randomk"``, ``"qsgd"``),
     ``fraction`` (share of entries top-k/random-k send), ``bits`` (QSGD: 8, 4 or 2), ``norm``
-    (QSGD scale: ``"max"`` or ``"l2"``), ``gamma`` (consensus step size), ``rescale`` (divide
+    (QSGD scale: ``"max"`` or ``"l2"``), ``gamma`` (consensus step size in (0, 1]; omitted: a
+    default for the operator, `default_gamma`), ``rescale`` (divide
     unbiased operators by tau), ``seed`` (compression draws; mixed with the node's seed).
     """
 
@@ -64,7 +84,7 @@ class CHOCO(AlgorithmBase):
         fraction: float = 0.1,
         bits: int = 8,
         norm: str = "max",
-        gamma: float = 0.5,
+        gamma: float | None = None,
         rescale: bool = True,
         seed: int = 0,
     ) -> None:
@@ -72,13 +92,10 @@ class CHOCO(AlgorithmBase):
         _Sparse(fraction=fraction)  # validate every hyperparameter, used or not
         QSGD(bits=bits, norm=norm)
         self.compressor: Compressor = make_compressor(compression, fraction=fraction, bits=bits, norm=norm)
-        self.gamma = check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
+        self.gamma = default_gamma(self.compressor) if gamma is None else check_real(
+            "gamma", gamma, low=0.0, high=1.0, low_open=True)
         self.rescale = check_bool("rescale", rescale)
         self.seed = check_int("seed", seed)
-
-    def scale(self, numel: int) -> float:
-        """Factor applied to decompressed values: 1 / tau for unbiased operators when rescaling."""
-        return 1.0 / self.compressor.tau(numel) if self.rescale and self.compressor.unbiased else 1.0
 
     def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return self.compressor.specs(numel, dtype)
@@ -88,16 +105,13 @@ class CHOCO(AlgorithmBase):
         state.extra["s"] = torch.zeros_like(state.params)
 
     def _decoded(self, tensors: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        numel = like.shape[-1]
-        q = self.compressor.decompress(tensors, numel, like.dtype)
-        c = self.scale(numel)
-        return q * c if c != 1.0 else q
+        return self.compressor.decompress(tensors, like.shape[-1], like.dtype, contract=self.rescale)
 
     @torch.no_grad()
     def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
         x_hat = state.extra["x_hat"]
         g = generator(state, self.seed)
-        wire_tensors = self.compressor.compress(state.params - x_hat, g)
+        wire_tensors = self.compressor.compress(state.params - x_hat, g, contract=self.rescale)
         keep_generator(state, g)
         x_hat.add_(self._decoded(wire_tensors, state.params))
         return Message(tensors=wire_tensors, step=state.step, round=state.step, age=state.age)

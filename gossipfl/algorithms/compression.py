@@ -23,12 +23,17 @@ Gradient Quantization and Encoding", NeurIPS 2017) with ``b`` bits per entry: on
 (``norm="l2"``, the paper's choice) or ``max_i |x_i|`` (``norm="max"``, the default: the same
 bytes, far less variance). Codes of 4 and 2 bits are packed two and four to a byte, low bits first.
 
-``tau(D)`` bounds the second moment, ``E||C(x)||^2 <= tau ||x||^2``. For an unbiased operator,
+``tau`` bounds the second moment, ``E||C(x)||^2 <= tau ||x||^2``. For an unbiased operator,
 ``C / tau`` is a contraction (``E||x - C(x)/tau||^2 <= (1 - 1/tau) ||x||^2``), which is what
 CHOCO-SGD needs (Koloskova et al., ICML 2019, rescale their unbiased operators the same way).
-For QSGD the variance of entry i is ``(M/s)^2 f_i (1 - f_i)`` with ``f_i`` the fractional part of
-``s|x_i|/M``; bounding ``f(1-f)`` by 1/4 and by ``s|x_i|/M`` gives
-``tau = 1 + min(D / (4 s^2), sqrt(D) / s)`` for either norm (both have ``max|x_i| <= M <= ||x||_2``).
+``compress(x, g, contract=True)`` returns that contractive form, with the tightest ``tau`` the
+sender can know: random-k simply drops its D/k scaling (``tau = D/k`` for every x); QSGD
+computes ``tau(x) = E||Q(x)||^2 / ||x||^2 = 1 + sum_i (M/s)^2 f_i (1 - f_i) / ||x||^2`` exactly
+(``f_i`` the fractional part of ``s|x_i|/M``: the variance of stochastic rounding) and sends
+``M / tau(x)`` as its scale, so the receiver decodes the contraction without knowing ``tau``.
+The worst case over x, :meth:`Compressor.tau`, is ``1 + min(D / (4 s^2), sqrt(D) / s)`` for
+either norm (``f(1-f) <= 1/4`` and ``f(1-f) <= s|x_i|/M``, with ``max|x_i| <= M <= ||x||_2``),
+far above typical values for 2 and 4 bits.
 """
 
 from __future__ import annotations
@@ -116,11 +121,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def qsgd_quantize(
-    x: torch.Tensor, bits: int, generator: torch.Generator, *, norm: str = "max"
+    x: torch.Tensor, bits: int, generator: torch.Generator, *, norm: str = "max", contract: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stochastic ``bits``-bit quantisation: (uint8 codes ``[..., D]``, scale ``M`` ``[..., 1]``).
+    """Stochastic ``bits``-bit quantisation: (uint8 codes ``[..., D]``, scale ``[..., 1]``).
 
-    A code holds the level in its low ``bits - 1`` bits and the sign in the top bit.
+    A code holds the level in its low ``bits - 1`` bits and the sign in the top bit; the value
+    of a code is ``sign * scale / s * level``. The scale is ``M``, or ``M / tau(x)`` with
+    ``contract`` (see the module docstring).
     """
     s = 2 ** (bits - 1) - 1
     mag = x.abs()
@@ -129,10 +136,17 @@ def qsgd_quantize(
     else:
         scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = mag * (s / safe)
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype)
-    level = torch.floor(mag * (s / safe) + u).clamp_(0, s)
+    level = torch.floor(v + u).clamp_(0, s)
     level = torch.where(scale > 0, level, torch.zeros_like(level))
     codes = level.to(torch.uint8) | ((x < 0).to(torch.uint8) << (bits - 1))
+    if contract:
+        f = v - torch.floor(v)
+        variance = (f * (1 - f)).sum(-1, keepdim=True) * (safe / s) ** 2
+        sq = x.pow(2).sum(-1, keepdim=True)
+        tau = 1 + variance / torch.where(sq > 0, sq, torch.ones_like(sq))
+        scale = scale / tau
     return codes, scale
 
 
@@ -156,10 +170,16 @@ class Compressor:
     def specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         raise NotImplementedError
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def compress(
+        self, x: torch.Tensor, generator: torch.Generator, *, contract: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Wire tensors of ``C(x)`` (of the contraction ``C(x) / tau`` with ``contract``)."""
         raise NotImplementedError
 
-    def decompress(self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def decompress(
+        self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype, *, contract: bool = False
+    ) -> torch.Tensor:
+        """The dense vector; ``contract`` must match the sender's."""
         raise NotImplementedError
 
     def tau(self, numel: int) -> float:
@@ -185,10 +205,14 @@ class Identity(Compressor):
     def specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return {"q": ((numel,), dtype)}
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def compress(
+        self, x: torch.Tensor, generator: torch.Generator, *, contract: bool = False
+    ) -> dict[str, torch.Tensor]:
         return {"q": x}
 
-    def decompress(self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def decompress(
+        self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype, *, contract: bool = False
+    ) -> torch.Tensor:
         return tensors["q"]
 
 
@@ -213,11 +237,15 @@ class TopK(_Sparse):
     name: ClassVar[str] = "topk"
     unbiased: ClassVar[bool] = False
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def compress(
+        self, x: torch.Tensor, generator: torch.Generator, *, contract: bool = False
+    ) -> dict[str, torch.Tensor]:
         idx, val = topk(x, self.k(x.shape[-1]))
         return {"idx": idx.to(index_dtype(x.shape[-1])), "val": val}
 
-    def decompress(self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def decompress(
+        self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype, *, contract: bool = False
+    ) -> torch.Tensor:
         return scatter(tensors["idx"], tensors["val"].to(dtype), numel)
 
 
@@ -226,14 +254,19 @@ class RandomK(_Sparse):
 
     name: ClassVar[str] = "randomk"
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def compress(
+        self, x: torch.Tensor, generator: torch.Generator, *, contract: bool = False
+    ) -> dict[str, torch.Tensor]:
         numel = x.shape[-1]
         idx = random_indices(x.shape, self.k(numel), generator)
         return {"idx": idx.to(index_dtype(numel)), "val": x.gather(-1, idx)}
 
-    def decompress(self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
-        k = tensors["val"].shape[-1]
-        return scatter(tensors["idx"], tensors["val"].to(dtype) * (numel / k), numel)
+    def decompress(
+        self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype, *, contract: bool = False
+    ) -> torch.Tensor:
+        # The unbiased form scales by D/k = tau; the contraction C / tau is plain random-k.
+        val = tensors["val"].to(dtype)
+        return scatter(tensors["idx"], val if contract else val * (numel / val.shape[-1]), numel)
 
     def tau(self, numel: int) -> float:
         return numel / self.k(numel)
@@ -251,11 +284,15 @@ class QSGD(Compressor):
     def specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return {"codes": ((math.ceil(numel * self.bits / 8),), torch.uint8), "norm": ((1,), dtype)}
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        codes, scale = qsgd_quantize(x, self.bits, generator, norm=self.norm)
+    def compress(
+        self, x: torch.Tensor, generator: torch.Generator, *, contract: bool = False
+    ) -> dict[str, torch.Tensor]:
+        codes, scale = qsgd_quantize(x, self.bits, generator, norm=self.norm, contract=contract)
         return {"codes": pack_bits(codes, self.bits), "norm": scale}
 
-    def decompress(self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def decompress(
+        self, tensors: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype, *, contract: bool = False
+    ) -> torch.Tensor:
         codes = unpack_bits(tensors["codes"], self.bits, numel)
         return qsgd_dequantize(codes, tensors["norm"], self.bits, dtype)
 

@@ -116,3 +116,14 @@ def test_a_wider_time_slice_keeps_the_step_count() -> None:
     narrow.run(None)
     wide.run(None)
     assert torch.equal(narrow.step, wide.step)
+
+
+@pytest.mark.parametrize("algorithm", ["dpsgd", "gossip"])
+def test_no_message_outlives_its_snapshot(algorithm: str) -> None:
+    """Fast senders, slow receivers, late links: every message still finds the model it carries."""
+    cfg = RunConfig(nodes=16, topology="exponential", algorithm=algorithm, duration=0.4, eval_every=40,
+                    emulation={"speed": "uniform:0.3:3", "latency": "uniform:0:0.03", "jitter": 0.01,
+                               "time_slice": 0.02})
+    summary = VectorizedSim(cfg).run(None)
+    assert summary["expired"] == 0
+    assert summary["messages"] > 0

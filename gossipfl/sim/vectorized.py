@@ -89,7 +89,8 @@ log = logging.getLogger("gossipfl.sim")
 
 NODE_ROWS = 64
 """Default number of nodes whose rows go to metrics.jsonl (evenly spaced ids); all nodes are evaluated."""
-MAX_RING = 16  # deepest snapshot ring (messages per sender in flight at once)
+MAX_RING = 64  # deepest snapshot ring (a sender's models that messages in flight may refer to)
+RING_BYTES = 2**30  # memory the snapshot ring may take beyond two models per node
 
 
 def node_ids(n: int) -> list[str]:
@@ -219,8 +220,10 @@ class VectorizedSim:
                  data: Dataset | None = None) -> None:
         if sampling not in ("fast", "exact"):
             raise ConfigError(f"sampling: {sampling!r} is not one of fast, exact")
+        if device is not None:
+            cfg = cfg.replace(device=device)
         self.cfg = cfg
-        self.device = _device(device or cfg.device)
+        self.device = _device(cfg.device)
         self.n = n = cfg.nodes
         self.ids = node_ids(n)
         self.sampling = sampling
@@ -293,7 +296,7 @@ class VectorizedSim:
         order = np.lexsort((mcol, mrow))
         mptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(mrow, minlength=n), out=mptr[1:])
-        index = torch.int32 if n * n < 2**31 else torch.int64  # 32-bit indices: a faster sparse product
+        index = torch.int32 if len(mrow) < 2**31 else torch.int64  # 32-bit indices: a faster sparse product
         self.mixing = _csr(torch.from_numpy(mptr).to(dev, index), torch.from_numpy(mcol[order]).to(dev, index),
                            torch.from_numpy(mval[order]).to(dev), (n, n))
 
@@ -305,7 +308,8 @@ class VectorizedSim:
                             hidden=cfg.hidden, seed=node_seed(cfg, 0))
         self.layout = param_layout(model)
         self.params = _initial_params(cfg, data, model, self.layout, n).to(dev)
-        self.velocity = torch.zeros_like(self.params) if cfg.momentum else None
+        trains = self.algorithm.requirements.trains
+        self.velocity = torch.zeros_like(self.params) if cfg.momentum and trains else None
         self.model: BatchedModel = batched_model(model.to(dev), self.layout, kernel)
         self.x_train, self.y_train = data.x_train.to(dev), data.y_train.to(dev)
         self.x_test, self.y_test = data.x_test.to(dev), data.y_test.to(dev)
@@ -548,7 +552,17 @@ class VectorizedSim:
         dur = dur_h.to(dev)
         width = emu.slice_width(dur_h)
         delay_max = emu.max_latency + emu.jitter + emu.transfer_seconds(self.msg_bytes)
-        depth = min(MAX_RING, 1 + math.ceil(delay_max / float(dur_h.min())) + (1 if delay_max else 0))
+        # How many of a sender's recent models a message may still need: those it sends during the
+        # longest delay plus one time slice (D-PSGD merges only the newest that arrived); gossip
+        # learning merges every message, so also those sent while a slow receiver finishes its step.
+        fastest, slowest = float(dur_h.min()), float(dur_h.max())
+        span = delay_max + width + (slowest if self.rule == "age" else 0.0)
+        depth = 1 if emu.ideal else 2 + math.ceil(span / fastest)
+        cap = max(2, min(MAX_RING, RING_BYTES // max(1, n * self.layout.numel * self.params.element_size())))
+        if depth > cap:
+            log.warning("the snapshot ring keeps the last %d models per node, not the %d these delays "
+                        "need (memory limit); messages that refer to older ones count as expired", cap, depth)
+            depth = cap
         ring = SnapshotRing(depth, n, self.layout.numel, dtype=self.params.dtype, device=dev)
         inflight = Messages.empty(dev)
         t_next = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -611,7 +625,8 @@ class VectorizedSim:
             deliver = stepping[m.recv] & (m.arrive <= t_next[m.recv])
             dropped = ~up[m.recv] & (m.arrive < t_end)  # the receiver is offline: lost
             self.lost += dropped.sum()
-            inflight = m.select(~(deliver | dropped))
+            done = finished[m.recv]  # the receiver has stopped (it would refuse the message)
+            inflight = m.select(~(deliver | dropped | done))
             got = m.select(deliver)
             if len(got):
                 self.msgs_in.index_add_(0, got.recv, torch.ones_like(got.recv))

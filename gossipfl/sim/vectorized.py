@@ -454,8 +454,6 @@ class VectorizedSim:
 
     def _run_sync(self, writer: Callable[[dict[str, Any]], None]) -> None:
         cfg = self.cfg
-        if cfg.duration is not None:
-            raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
         if not self.emulation.ideal:
             log.warning("the sync schedule ignores the emulation table (speeds, latency, loss, churn); "
                         "use schedule = \"async\" to apply it")
@@ -765,6 +763,8 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
         raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
                           "yet (dpsgd, averaging and gossip are); use engine = \"cluster\"")
+    if cfg.schedule == "sync" and cfg.duration is not None:
+        raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
     emulation = parse_emulation(cfg.emulation)
     emulation.node_speeds(cfg.nodes, seed=cfg.seed)  # per-node factors must match the node count
     graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)

@@ -65,6 +65,6 @@ def check_requirements(cfg: RunConfig, algorithm: Algorithm, *, directed: bool, 
                 f"algorithm: {name} assumes lossless delivery (a lost message corrupts its state), but "
                 f"emulation.loss = {loss}; use an algorithm that tolerates loss (gossip, pushsum, dpsgd)"
             )
-    if req.rounds and time_varying and name in ("choco",):
+    if req.static_topology and time_varying:
         raise ConfigError(f"algorithm: {name} keeps a copy of each neighbour's model and needs a static topology, "
                           f"not the time-varying {cfg.topology!r}")

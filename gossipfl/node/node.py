@@ -103,7 +103,7 @@ class Node:
         self.id = node_id
         self.trainer = trainer
         self.algorithm = algorithm
-        self.state = LocalState(params=trainer.params)
+        self.state = LocalState(params=trainer.params, seed=seed)
         algorithm.init_state(self.state)
         self.fingerprint = trainer.layout.fingerprint
         self.secret = secret
@@ -127,7 +127,11 @@ class Node:
             self.membership.add_static(addr)
         self.address = ""
         # learning state, guarded by _lock (worker thread vs. event loop)
+        # _lock guards the learning state; an exchange holds it across awaits, so the event loop
+        # never blocks on it (see _acquire). _inbox_lock guards only the queue and is never held
+        # across an await or a computation, so the loop may take it.
         self._lock = threading.Lock()
+        self._inbox_lock = threading.Lock()
         self._inbox: list[tuple[Message, bytes | bytearray]] = []  # message, and the buffer it aliases
         self._rx_pool = BufferPool(keep=4)
         self._tx_buf = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
@@ -331,7 +335,7 @@ class Node:
         msg = _message(env)
         del env
         self._arrived.set()
-        with self._lock:
+        with self._inbox_lock:
             self._inbox.append((msg, body))
             if len(self._inbox) > INBOX_PER_NEIGHBOUR * (len(self._neighbours) + 1):
                 del self._inbox[0]  # a slow node keeps the newest messages, not an ever-growing queue
@@ -526,7 +530,7 @@ class Node:
         expected = set(self.algorithm.expected_senders(self._in_neighbours(r), round=r))
         deadline = self._clock() + self.cfg.timeout
         while True:
-            with self._lock:
+            with self._inbox_lock:
                 have = {m.sender for m, _ in self._inbox if m.round >= r}
             missing = expected - have
             missing &= set(self.membership.ids())  # peers that left are not waited for
@@ -552,11 +556,12 @@ class Node:
 
     def _merge_pending_locked(self, max_round: int | None = None) -> int:
         """Merge queued messages (for round algorithms, only those of rounds <= ``max_round``)."""
-        if max_round is None:
-            inbox, self._inbox = self._inbox, []
-        else:
-            inbox = [item for item in self._inbox if item[0].round <= max_round]
-            self._inbox = [item for item in self._inbox if item[0].round > max_round]
+        with self._inbox_lock:
+            if max_round is None:
+                inbox, self._inbox = self._inbox, []
+            else:
+                inbox = [item for item in self._inbox if item[0].round <= max_round]
+                self._inbox = [item for item in self._inbox if item[0].round > max_round]
         if inbox:
             messages = [m for m, _ in inbox]
             self.algorithm.merge(self.state, messages, self._merge_weights(messages))
@@ -616,10 +621,17 @@ class Node:
             "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
         })
 
-    def model_snapshot(self) -> torch.Tensor:
-        """A copy of the model this node would deploy (push-sum: de-biased), for cluster metrics."""
-        with self._lock:
+    async def model_snapshot(self) -> torch.Tensor:
+        """A copy of the model this node would deploy (push-sum: de-biased), for cluster metrics.
+
+        Async because an exchange in flight holds the lock across awaits: blocking the event loop
+        on it would deadlock the exchange that is waiting for that loop."""
+        if not await self._acquire(float("inf")):
+            raise RuntimeError("unreachable: an infinite wait cannot time out")
+        try:
             return self.algorithm.model(self.state).clone()
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------ lock-step schedule
 
@@ -700,6 +712,8 @@ class Node:
                 return
             if reply.status == 423:
                 self.busy_replies += 1
+                return
+            if reply.status == 503:  # the peer finished training; not an error
                 return
             if reply.status != 200:
                 self._warn_once(f"xrefused-{peer_id}-{reply.status}", "peer %s refused the exchange (%d): %s",

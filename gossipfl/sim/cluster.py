@@ -46,11 +46,11 @@ class _Monitor:
         self.nodes, self.metrics, self.t0 = nodes, metrics, t0
         self.history: list[dict[str, Any]] = []
 
-    def snapshot(self) -> torch.Tensor:
-        return torch.stack([n.model_snapshot() for n in self.nodes])
+    async def snapshot(self) -> torch.Tensor:
+        return torch.stack([await n.model_snapshot() for n in self.nodes])
 
-    def sample(self) -> dict[str, Any]:
-        params = self.snapshot()
+    async def sample(self) -> dict[str, Any]:
+        params = await self.snapshot()
         _, avg_acc = self.nodes[0].trainer.evaluate(params.mean(0))
         accs = [n.accuracy for n in self.nodes if not math.isnan(n.accuracy)]
         row = {
@@ -128,7 +128,7 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
                 for other in nodes:
                     if other is not n:
                         n.membership.add_static(other.address)
-            monitor.sample()  # the starting point: distinct random models, nothing learned
+            await monitor.sample()  # the starting point: distinct random models, nothing learned
             if cfg.schedule == "sync":
                 final = await _run_lockstep(cfg, nodes, monitor, progress)
                 return _summary(cfg, nodes, monitor, final, time.monotonic() - t0)
@@ -145,12 +145,12 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
                     done.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await done
-                row = monitor.sample()
+                row = await monitor.sample()
                 if progress is not None and (is_tty or row["t"] - last_print >= 5.0):
                     last_print = row["t"]
                     print(("\r" if is_tty else "") + _progress_line(row, nodes, cfg),
                           end="" if is_tty else "\n", file=progress, flush=True)
-            final = monitor.sample()
+            final = await monitor.sample()
             if progress is not None and is_tty:
                 print(file=progress)
     finally:
@@ -178,7 +178,7 @@ async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
             await n.send_round(out)
         if r % cfg.eval_every == 0 or r == cfg.steps:
             await asyncio.gather(*(n.evaluate_now() for n in nodes))
-            row = monitor.sample()
+            row = await monitor.sample()
             if progress is not None:
                 print(_progress_line(row, nodes, cfg), file=progress, flush=True)
     for n in nodes:

@@ -12,7 +12,7 @@ and node i trains on shard ``i % shards``.
 - ``naive``: N ``nn.Module``s with N ``torch.optim.SGD`` optimizers, a Python loop over nodes for
   the steps and another for the mixing (each node averages its neighbours' flat vectors).
 
-Each figure is the best of three timed blocks of at least ``--seconds`` each, measured in a fresh
+Each figure is the best of five timed blocks of at least 1 s each, measured in a fresh
 subprocess (so thread settings and peak memory are its own); ``peak RSS`` is that process's
 maximum resident set (Python and torch included). The ratio compares with the naive loop at the
 same N and thread count.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -38,6 +39,7 @@ VECTOR_N = (16, 256, 4096, 16384)
 NAIVE_N = (16, 256)
 FUNC_N = (256, 4096)
 THREADS = (1, 2)
+BLOCKS = 5
 
 
 def _config(n: int) -> Any:
@@ -49,7 +51,7 @@ def _config(n: int) -> Any:
 
 
 def _time(run_round: Any, seconds: float) -> float:
-    """Best rounds-per-second over three blocks of at least ``seconds``."""
+    """Best rounds-per-second over ``BLOCKS`` blocks of at least ``seconds`` (the least disturbed one)."""
     run_round()
     run_round()
     t = time.perf_counter()
@@ -57,7 +59,7 @@ def _time(run_round: Any, seconds: float) -> float:
     once = max(time.perf_counter() - t, 1e-6)
     k = max(1, int(seconds / once))
     best = 0.0
-    for _ in range(3):
+    for _ in range(BLOCKS):
         t = time.perf_counter()
         for _ in range(k):
             run_round()
@@ -134,10 +136,11 @@ def main() -> None:
         args.engine = {"vectorized": "batched", "vectorized/func": "func"}.get(args.child, args.child)
         _child(args)
         return
-    seconds = args.seconds or (0.5 if args.quick else 1.5)
+    seconds = args.seconds or (0.3 if args.quick else 1.0)
     print("gossipfl bench_sim: MLP 64-32-10, batch 32, digits, D-PSGD on the exponential graph (sparse mixing)")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"best of 3 blocks of >= {seconds:g} s, each case in a fresh process\n")
+          f"best of {BLOCKS} blocks of >= {seconds:g} s, each case in a fresh process, "
+          f"load average {os.getloadavg()[0]:.2f} at the start\n")
     header = f"{'threads':>7}  {'engine':<16}{'N':>7}  {'node-steps/s':>13}  {'vs naive':>9}  {'peak RSS':>9}"
     print(header)
     print("-" * len(header))
@@ -153,6 +156,7 @@ def main() -> None:
             print(f"{threads:>7}  {engine:<16}{n:>7}  {r['rate']:>13,.0f}  {ratio:>9}  {r['peak_mb']:>7.0f}MB",
                   flush=True)
         print()
+    print(f"load average {os.getloadavg()[0]:.2f} at the end (other processes on the machine skew the figures)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ SGP: Assran, Loizou, Ballas, Rabbat, "Stochastic Gradient Push for Distributed D
 ICML 2019. Every node holds a numerator ``x_i`` (``state.params``) and a weight ``w_i``
 (``state.weight``, 1 at the start); its model is the de-biased ``z_i = x_i / w_i``. One step:
 
-    x_i <- x_i - lr g_i(z_i)                               local_step (SGP; skipped by pure push-sum)
+    x_i <- x_i - lr w_i g_i(z_i)                           local_step (SGP; skipped by pure push-sum)
     keep a share p_ii of (x_i, w_i), push p_ji (x_i, w_i) to each out-neighbour j     message
     x_i <- x_i + sum of received x;  w_i <- w_i + sum of received w                     merge
 
@@ -73,10 +73,19 @@ class PushSum(AlgorithmBase):
     def local_step(self, state: LocalState, trainer: Trainer) -> float:
         z = debias(state.params, state.weight)
         loss, grad = trainer.loss_and_grad(params=z)
+        # Step in z-space: x -= lr * w * u moves z = x / w by exactly -lr * u, where u is the
+        # (momentum-averaged) gradient, kept in z-space too. Synchronous SGP on a regular graph has
+        # w near 1 at every step, where this is the published rule. Asynchronously, w at step time
+        # depends on how many shares have arrived since the last push; an x-space step (or an
+        # x-space momentum buffer) then moves z by lr * g / w: the local cluster diverged with it.
         if trainer.weight_decay:
-            # apply_gradient adds weight_decay * x; the regulariser belongs at z.
-            grad = grad + trainer.weight_decay * (z - state.params)
-        trainer.apply_gradient(grad)  # on x = trainer.params, with the Trainer's lr and momentum
+            grad = grad + trainer.weight_decay * z
+        if trainer.momentum:
+            u = state.extra.setdefault("velocity", torch.zeros_like(grad))
+            u.mul_(trainer.momentum).add_(grad)
+            grad = u
+        with torch.no_grad():
+            state.params.sub_(grad, alpha=trainer.lr * state.weight)
         trainer.steps += 1
         trainer.last_loss = loss
         return loss

@@ -5,8 +5,9 @@ transport, lock-step ``sync`` schedule) of CHOCO-SGD with one compression operat
 message are what the nodes actually sent (every frame from ``wire.encode``, envelope and padding
 included) divided by the messages sent; the ratio is against the same run without compression
 (``compression = "none"``), and ``nominal`` is the operator's payload ratio (2k/D for top-k and
-random-k, bits/32 for QSGD). D-PSGD is shown as the uncompressed reference. ``target`` is the
-accuracy every node (the minimum over nodes) must reach.
+random-k, bits/32 for QSGD). D-PSGD is shown as the uncompressed reference, and "no mixing"
+(CHOCO with gamma ~ 0: every node trains alone on its non-IID shard) as the floor that shows the
+target needs working consensus. ``target`` is the accuracy every node (the minimum) must reach.
 
     python scripts/bench_compression.py                 # 8 nodes, ring, MLP 64-256-10 on digits
     python scripts/bench_compression.py --quick         # fewer steps, fewer rows
@@ -31,6 +32,7 @@ from gossipfl.learning import build_model, load_data, param_layout
 from gossipfl.sim.cluster import run_cluster
 
 ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("no mixing", "choco", {"compression": "none", "gamma": 1e-9}),  # local training only: the floor
     ("dpsgd", "dpsgd", {}),
     ("none", "choco", {"compression": "none"}),
     ("qsgd:8", "choco", {"compression": "qsgd", "bits": 8}),
@@ -40,7 +42,7 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("topk:0.01", "choco", {"compression": "topk", "fraction": 0.01}),
     ("randomk:0.1", "choco", {"compression": "randomk", "fraction": 0.1}),
 ]
-QUICK = {"dpsgd", "none", "qsgd:8", "qsgd:4", "topk:0.1", "randomk:0.1"}
+QUICK = {"no mixing", "dpsgd", "none", "qsgd:8", "qsgd:4", "topk:0.1", "randomk:0.1"}
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def main() -> None:
             summary = run(cfg)
             wall = time.perf_counter() - t0
             per_msg = summary["bytes"] / max(1, summary["messages"])
-            if label == "none" or (dense_bytes is None and label == "dpsgd"):
+            if label in ("none", "dpsgd", "no mixing") and dense_bytes is None or label == "none":
                 dense_bytes = per_msg
             ratio = per_msg / dense_bytes if dense_bytes else float("nan")
             nominal = algo.compressor.nominal_ratio(numel, torch.float32) if name == "choco" else 1.0

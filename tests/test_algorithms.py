@@ -769,3 +769,41 @@ def test_messages_never_write_into_received_buffers(digits: Dataset) -> None:
     _driver_with(Recording(compression="none"), trainers, lambda t: ring(4)).run(5)
     assert frozen
     assert all(float(f.abs().max()) == 0 for f in frozen)
+
+
+def test_update_rules_take_a_leading_node_axis() -> None:
+    """The vectorised engine may call the pure functions on [N, D] tensors: same numbers per row."""
+    from gossipfl.algorithms.adpsgd import exchange_delta
+    from gossipfl.algorithms.choco import choco_consensus
+    from gossipfl.algorithms.epidemic import plain_average
+    from gossipfl.algorithms.gossip import merge_partition
+    from gossipfl.algorithms.gradex import accumulate_gradients
+    from gossipfl.algorithms.tracking import tracker_update
+
+    g = torch.Generator().manual_seed(0)
+    n, k, d, parts = 3, 2, 7, 3
+    x, acc, xh, s = (torch.randn(n, d, generator=g) for _ in range(4))
+    others = torch.randn(n, k, d, generator=g)
+    w = torch.rand(n, k, generator=g) / k
+    batched = {
+        "gradex": accumulate_gradients(acc, x, others, w),
+        "adpsgd": exchange_delta(x, others[:, 0], 0.5),
+        "choco": choco_consensus(x, xh, s, w.sum(-1, keepdim=True), 0.3),
+        "epidemic": plain_average(x, others),
+        "tracking": tracker_update(x, xh, s),
+    }
+    for i in range(n):
+        torch.testing.assert_close(batched["gradex"][i], accumulate_gradients(acc[i], x[i], others[i], w[i]))
+        torch.testing.assert_close(batched["adpsgd"][i], exchange_delta(x[i], others[i, 0], 0.5))
+        torch.testing.assert_close(batched["choco"][i], choco_consensus(x[i], xh[i], s[i], float(w[i].sum()), 0.3))
+        torch.testing.assert_close(batched["epidemic"][i], plain_average(x[i], others[i]))
+        torch.testing.assert_close(batched["tracking"][i], x[i] + xh[i] - s[i])
+    ages = torch.rand(n, parts, generator=g, dtype=torch.float64) * 5
+    xb, ab = x.clone(), ages.clone()
+    values = torch.randn(n, math.ceil(d / parts), generator=g)
+    merge_partition(xb, ab, 1, values, 2.0, parts)
+    for i in range(n):
+        xi, ai = x[i].clone(), ages[i].clone()
+        merge_partition(xi, ai, 1, values[i], 2.0, parts)
+        torch.testing.assert_close(xb[i], xi)
+        torch.testing.assert_close(ab[i], ai)

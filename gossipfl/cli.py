@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="listen on this interface address only (repeatable)")
     peers.add_argument("--json", action="store_true", help="one JSON object per node")
 
-    rep = sub.add_parser("report", help="summarise one or more run folders")
+    rep = sub.add_parser("report", help="compare run folders: table, and convergence plots")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--plot", metavar="FILE.png", help="accuracy and consensus distance over time")
+    rep.add_argument("--detail", action="store_true", help="also print each run's per-node table")
     return parser
 
 
@@ -333,16 +335,20 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    for run in args.runs:
-        path = Path(run) / "summary.json"
+    from gossipfl.report import comparison_table, load_run, plot_runs
+
+    runs = [load_run(r) for r in args.runs]
+    print(comparison_table(runs))
+    if args.detail:
+        for run in runs:
+            print(f"\n== {run.path}")
+            print(format_summary(run.summary))
+    if args.plot:
         try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
+            plot_runs(runs, args.plot)
         except OSError as exc:
-            raise ConfigError(f"report: cannot read {path}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"report: {path} is not valid JSON: {exc}") from None
-        print(f"== {run}")
-        print(format_summary(summary))
+            raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
+        print(f"plot written to {args.plot}")
     return 0
 
 

@@ -36,8 +36,12 @@ def test_sim_writes_the_run_folder_and_can_be_repeated(tmp_path: Path, capsys) -
     again = tmp_path / "again"
     assert main(["sim", "--quiet", "--config", str(out / "config.toml"), "--out", str(again)]) == 0
     assert tomllib.loads((again / "config.toml").read_text()) == {**cfg, "out": str(again)}
-    assert main(["report", str(out)]) == 0
-    assert "consensus distance" in capsys.readouterr().out
+    png = tmp_path / "cmp.png"
+    assert main(["report", str(out), str(again), "--plot", str(png), "--detail"]) == 0
+    printed = capsys.readouterr().out
+    assert "consensus distance" in printed
+    assert printed.count("dpsgd/ring/3n") == 2
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,104 @@
+"""Compare run folders: a table of their summaries and convergence plots.
+
+Works on any run folder of the contract (`config.toml`, `metrics.jsonl`, `summary.json`),
+whichever engine wrote it, so runs of the local cluster and of the vectorised simulator can be
+put side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gossipfl.errors import ConfigError
+from gossipfl.metrics import read_metrics
+
+__all__ = ["Run", "comparison_table", "load_run", "plot_runs"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder, loaded."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{c.get('algorithm', '?')}/{c.get('topology', '?')}/{c.get('nodes', '?')}n ({self.path.name})"
+
+    def cluster_series(self, key: str) -> tuple[list[float], list[float]]:
+        """(t, value) of a cluster-level metric, skipping rows where it is missing."""
+        pts = [(r["t"], r[key]) for r in self.rows if r.get("node") is None and r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; a missing or corrupt file is a ConfigError naming it."""
+    p = Path(path)
+    try:
+        summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"report: cannot read {p / 'summary.json'}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"report: {p / 'summary.json'} is not valid JSON: {exc}") from None
+    try:
+        config = tomllib.loads((p / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        config = {}  # the table still works from the summary alone
+    try:
+        rows = read_metrics(p / "metrics.jsonl")
+    except OSError:
+        rows = []
+    return Run(p, config, summary, rows)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def comparison_table(runs: list[Run]) -> str:
+    """One line per run: what it was, and where it ended."""
+    head = (f"{'run':<44}{'engine':>11}{'mean acc':>10}{'min acc':>9}{'avg model':>10}"
+            f"{'consensus':>11}{'MB':>9}{'node-steps':>11}{'wall s':>8}")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        s = r.summary
+        lines.append(
+            f"{r.label[:43]:<44}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
+            f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
+            f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}"
+            f"{_fmt(s.get('node_steps'), 'd'):>11}{_fmt(s.get('wall_seconds'), '.1f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot_runs(runs: list[Run], path: str | Path) -> None:
+    """Three panels over time: mean node accuracy, averaged-model accuracy, consensus distance (log)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = [("mean_accuracy", "mean node accuracy"), ("avg_model_accuracy", "accuracy of the averaged model"),
+              ("consensus_distance", "consensus distance")]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for r in runs:
+            t, v = r.cluster_series(key)
+            if t:
+                ax.plot(t, v, label=r.label)
+        ax.set_title(title)
+        ax.set_xlabel("t (s; simulated seconds for the vectorised engine)")
+        ax.grid(alpha=0.3)
+        if key == "consensus_distance":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=120)

@@ -60,3 +60,12 @@ def test_choco_compression_cuts_bytes_on_the_wire(tmp_path: Path) -> None:
     per_msg_full = full["bytes"] / full["messages"]
     per_msg_q4 = q4["bytes"] / q4["messages"]
     assert per_msg_q4 < per_msg_full / 6  # 4 bits + a scale vs. 32 bits, plus the header
+
+
+def test_dpsgd_on_random_matchings_chosen_per_round_by_each_node(tmp_path: Path) -> None:
+    """A new random matching every round, computed by every node from its own round counter."""
+    cfg = RunConfig(nodes=8, topology="random_matching", transport="memory")
+    s = asyncio.run(run_cluster(cfg, tmp_path, progress=None))
+    assert s["mean_accuracy"] >= 0.90
+    assert s["messages"] <= s["node_steps"]  # at most one partner per round
+    assert s["consensus_distance"] < s["initial_consensus_distance"] / 10

@@ -47,7 +47,7 @@ from gossipfl.learning.trainer import Trainer
 from gossipfl.node.buffers import BufferPool
 from gossipfl.node.discovery import Discovery, PeerInfo, _default_addresses
 from gossipfl.node.membership import Membership
-from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
+from gossipfl.node.transport import HttpTransport, MemoryNetwork, Reply, Transport
 from gossipfl.topology import Schedule, build_schedule, graph_for_members, local_weights, neighbours
 
 __all__ = ["Node"]
@@ -704,11 +704,8 @@ class Node:
         self._exchanging = True
         try:
             body = self._encode_locked(self.algorithm.message(self.state, targets=[peer_id]), kind="exchange")
-            try:
-                reply = await self._transport.request(address, "POST", "/exchange", body, timeout=self.cfg.timeout)
-            except PeerError as exc:
-                if self.membership.contact_failed(peer_id):
-                    self._peer_left(peer_id, f"unreachable for {self.cfg.peer_timeout:.0f} s ({exc})")
+            reply = await self._post(peer_id, address, "/exchange", body)
+            if reply is None:
                 return
             if reply.status == 423:
                 self.busy_replies += 1
@@ -760,15 +757,22 @@ class Node:
             self.membership.seen(env.sender, addr)
         return 200, out
 
+    async def _post(self, peer_id: str, address: str, path: str,
+                    body: bytes | bytearray | memoryview) -> Reply | None:
+        """One POST to a peer; a failure counts against its membership and returns None."""
+        try:
+            return await self._transport.request(address, "POST", path, body, timeout=self.cfg.timeout)
+        except PeerError as exc:
+            if self.membership.contact_failed(peer_id):
+                self._peer_left(peer_id, f"unreachable for {self.cfg.peer_timeout:.0f} s ({exc})")
+            return None
+
     async def _send(self, peer_id: str, body: bytes | bytearray | memoryview) -> None:
         address = self.membership.address(peer_id)
         if address is None:
             return
-        try:
-            reply = await self._transport.request(address, "POST", "/gossip", body, timeout=self.cfg.timeout)
-        except PeerError as exc:
-            if self.membership.contact_failed(peer_id):
-                self._peer_left(peer_id, f"unreachable for {self.cfg.peer_timeout:.0f} s ({exc})")
+        reply = await self._post(peer_id, address, "/gossip", body)
+        if reply is None:
             return
         if reply.status == 200:
             self.bytes_out += len(body)

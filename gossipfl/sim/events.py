@@ -69,10 +69,11 @@ class SnapshotRing:
         """Store the models ``nodes`` send now; returns (slot, seq) per node."""
         seq = self.sent[nodes]
         slot = seq % self.depth
-        self.params[slot, nodes] = params
-        self.age[slot, nodes] = age
-        self.seq[slot, nodes] = seq
-        self.sent[nodes] = seq + 1
+        at = slot * self.n + nodes  # rows of `flat`
+        self.flat.index_copy_(0, at, params)
+        self.age.view(-1).index_copy_(0, at, age)
+        self.seq.view(-1).index_copy_(0, at, seq)
+        self.sent.index_copy_(0, nodes, seq + 1)
         return slot, seq
 
     def valid(self, m: Messages) -> torch.Tensor:

@@ -350,9 +350,11 @@ class VectorizedSim:
         self.last_loss[rows] = loss.detach()
 
     def _train_rows(self, p: torch.Tensor, v: torch.Tensor | None, rows: torch.Tensor) -> None:
+        """Step the nodes ``rows`` whose parameters are the rows of ``p`` (all nodes: ``p`` is params)."""
+        full = rows.shape[0] == self.n
         for a in range(0, rows.shape[0], self.block):
             b = a + self.block
-            self._train(p[a:b], None if v is None else v[a:b], rows[a:b])
+            self._train(p[a:b], None if v is None else v[a:b], slice(a, b) if full else rows[a:b])
 
     @torch.no_grad()
     def _age_merge(self, p: torch.Tensor, age: torch.Tensor, recv: torch.Tensor,
@@ -615,8 +617,9 @@ class VectorizedSim:
         if not count:
             return inflight
         self.node_steps += count
-        p = self.params[rows]
-        age = self.age[rows]
+        full = count == n  # every node steps (identical nodes): work on the state itself, no copies
+        p = self.params if full else self.params.index_select(0, rows)
+        age = self.age if full else self.age.index_select(0, rows)
         # deliveries: messages that arrived by the start of their receiver's step
         if len(inflight):
             m = inflight
@@ -641,29 +644,36 @@ class VectorizedSim:
                     r, cols, w = r[order], ring.rows(got)[order], got.weight[order]
                     crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
                     crow[1:] = torch.cumsum(torch.bincount(r, minlength=count), 0)
-                    nbr = _csr(crow, cols, w, (count, ring.depth * n)) @ ring.flat
                     wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, r, w)
-                    p.mul_(mix_self_weight(wsum).unsqueeze(1)).add_(nbr)
+                    # mix: own model times mix's self weight, plus the fresh models' weighted sum
+                    p.mul_(mix_self_weight(wsum).unsqueeze(1))
+                    p.addmm_(_csr(crow, cols, w, (count, ring.depth * n)), ring.flat)
                 else:
                     waves = merge_waves(r, got.arrive, got.send)
                     flat = ring.rows(got)
                     self._age_merge(p, age, r, ring.flat[flat], ring.age.view(-1)[flat], waves)
         if self.trains:
-            v = None if self.velocity is None else self.velocity[rows]
+            v = self.velocity
+            if v is not None and not full:
+                v = v.index_select(0, rows)
             self._train_rows(p, v, rows)
-            if v is not None:
-                self.velocity[rows] = v
+            if v is not None and not full:
+                self.velocity.index_copy_(0, rows, v)
             age += 1
-        self.params[rows] = p
-        step = self.step[rows] + 1
-        self.step[rows] = step
-        self.age[rows] = age
+        if not full:
+            self.params.index_copy_(0, rows, p)
+            self.age.index_copy_(0, rows, age)
+        step = self.step.index_select(0, rows) + 1
+        self.step.index_copy_(0, rows, step)
         # sends, at the end of each step
-        sending = step % self.cfg.gossip_every == 0
-        senders = rows[sending]
+        if self.cfg.gossip_every == 1:
+            senders, models, ages = rows, p, age
+        else:
+            which = (step % self.cfg.gossip_every == 0).nonzero().squeeze(1)
+            senders, models, ages = rows[which], p.index_select(0, which), age[which]
         if not senders.numel():
             return inflight
-        slot, seq = ring.record(senders, p[sending], age[sending])
+        slot, seq = ring.record(senders, models, ages)
         which = torch.arange(senders.shape[0], device=dev)
         if self.rule == "mix":
             deg = self.send_deg[senders]

@@ -40,7 +40,9 @@ class Messages:
 
     def select(self, index: torch.Tensor) -> Messages:
         """Rows at ``index`` (a bool mask or int64 positions), in that order."""
-        return Messages(*(getattr(self, f.name)[index] for f in fields(self)))
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)  # once, not once per field
+        return Messages(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
 
     def extend(self, other: Messages) -> Messages:
         if not len(other):

@@ -61,9 +61,9 @@ def age_weighted_merge(
         wa = torch.where(total > 0, a / total.clamp_min(1e-12), torch.full_like(total, 0.5))
         merged = wa.unsqueeze(-1) * x + (1 - wa).unsqueeze(-1) * y
         return merged, torch.maximum(a, b)
-    total = float(age) + float(age_y)
-    wa = 0.5 if total <= 0 else float(age) / total
-    return wa * x + (1.0 - wa) * y, max(float(age), float(age_y))
+    total_f = float(age) + float(age_y)
+    wa_f = 0.5 if total_f <= 0 else float(age) / total_f
+    return wa_f * x + (1.0 - wa_f) * y, max(float(age), float(age_y))
 
 
 def partition_size(numel: int, partitions: int, part: int) -> int:
@@ -123,7 +123,7 @@ class GossipLearning(AlgorithmBase):
         if arrived is None or ages is None:
             return loss
         # update(x_j) on our data, then merge with update(x) (already taken); ages count the update.
-        age = state.age + 1
+        age: torch.Tensor | float = state.age + 1
         for x_j, a_j in zip(arrived, ages.tolist(), strict=True):
             _, grad = trainer.loss_and_grad(params=x_j)
             with torch.no_grad():

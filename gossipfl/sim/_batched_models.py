@@ -100,17 +100,19 @@ class BatchedMLP:
         return p[:, w_off:w_off + out * inp].view(-1, out, inp), p[:, b_off:b_off + out]
 
     def _forward(self, p: torch.Tensor, xt: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Activations kept feature-major, ``[n, features, batch]``: then every matmul takes the
+        """Inputs of every layer and outputs of every layer (after ReLU, logits last).
+
+        Activations are kept feature-major, ``[n, features, batch]``: then every matmul takes the
         weights as stored (``[out, in]`` rows of the flat vector, no transposed copies) and the
         gradients come out in the stored layout too."""
-        acts, pre = [xt], []
+        acts, out = [xt], []
         for k in range(len(self.layers)):
             w, b = self._weights(p, k)
             z = torch.baddbmm(b.unsqueeze(2), w, acts[-1])
-            pre.append(z)
             if k < len(self.layers) - 1:
-                acts.append(torch.relu(z))
-        return acts, pre
+                acts.append(z.relu_())  # in place: relu(z) > 0 exactly where z > 0, all backward needs
+            out.append(z)
+        return acts, out
 
     def _backward(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
                   sink: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:

@@ -91,6 +91,7 @@ class BatchedMLP:
         offsets = dict(zip(layout.names, layout.offsets, strict=True))
         layers = []
         for i, m in enumerate(mods[::2]):
+            assert isinstance(m, nn.Linear)
             idx = 1 + 2 * i
             layers.append((offsets[f"{idx}.weight"], offsets[f"{idx}.bias"], m.out_features, m.in_features))
         return cls(layers, layout.numel)

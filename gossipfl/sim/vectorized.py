@@ -67,6 +67,7 @@ import networkx as nx
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm
@@ -503,6 +504,7 @@ class VectorizedSim:
         applied to all rows at once (one product beats per-block products on 1-2 cores and GPUs).
         """
         if merging:
+            assert self.mixing is not None  # built for every mixing algorithm
             if self._spare is None:
                 self._spare = torch.empty_like(self.params)
             out = self._spare
@@ -657,7 +659,7 @@ class VectorizedSim:
             if v is not None and not full:
                 v = v.index_select(0, rows)
             self._train_rows(p, v, rows)
-            if v is not None and not full:
+            if self.velocity is not None and v is not None and not full:
                 self.velocity.index_copy_(0, rows, v)
             age += 1
         if not full:
@@ -811,13 +813,13 @@ def _initial_params(cfg: RunConfig, data: Dataset, model: torch.nn.Module, layou
         return layout.flatten(dict(model.named_parameters())).unsqueeze(0).repeat(n, 1)
     out = torch.empty(n, layout.numel, dtype=layout.dtype)
     if cfg.model in BUILTIN_MODELS:
-        resettable = [m for m in model.modules() if hasattr(m, "reset_parameters")]
+        resettable = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]  # in build order
         params = dict(model.named_parameters())
         with torch.no_grad():
             for i in range(n):
                 torch.manual_seed(node_seed(cfg, i))
-                for m in resettable:
-                    m.reset_parameters()
+                for layer in resettable:
+                    layer.reset_parameters()
                 out[i] = layout.flatten(params)
         return out
     for i in range(n):

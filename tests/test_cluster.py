@@ -32,7 +32,7 @@ def test_four_node_loopback_cluster_learns_with_gossip_learning(tmp_path: Path) 
     s = run(RunConfig(nodes=4, algorithm="gossip", topology="complete", steps=250), tmp_path)
     assert s["min_accuracy"] >= 0.9, s["per_node"]
     # one target per gossip point: about one message per node-step, not one per neighbour
-    assert 0.8 * s["node_steps"] <= s["messages"] <= s["node_steps"]
+    assert 0.8 * s["node_steps"] <= s["messages"] <= 1.15 * s["node_steps"]  # + lingering at the end
 
 
 def test_memory_transport_runs_the_same_node_code(tmp_path: Path) -> None:
@@ -89,6 +89,9 @@ def test_cluster_honours_emulated_loss_latency_and_stragglers(tmp_path: Path) ->
     assert s["mean_accuracy"] >= 0.9  # D-PSGD shrugs off lost messages
     # two stragglers (5x slower steps) take visibly longer than 120 steps at full speed
     assert s["wall_seconds"] > 120 * 0.002 * 5 * 0.8
+    # nodes that finish first keep merging and gossiping: the stragglers are not left to drift
+    assert s["node_steps"] == 8 * 120
+    assert s["consensus_distance"] < s["initial_consensus_distance"] / 100
 
 
 def test_lossless_algorithm_is_refused_on_a_lossy_network(tmp_path: Path) -> None:

@@ -98,6 +98,7 @@ class Node:
         mdns_interfaces: Sequence[str] | None = None,
         transport: Transport | None = None,
         min_step_seconds: float = 0.0,
+        linger: bool = False,
     ) -> None:
         self.cfg = cfg
         self.id = node_id
@@ -113,6 +114,9 @@ class Node:
             transport = network.transport() if network else HttpTransport()
         self._transport = transport
         self._min_step = min_step_seconds  # emulated compute speed: a step takes at least this long
+        # After its last step a lingering node keeps merging and gossiping (no more training) until
+        # it is closed, so slower peers are not left to drift alone at the end of a simulation.
+        self._linger = linger and not algorithm.requirements.rounds
         self._metrics = metrics or (lambda row: None)
         self._clock = clock
         self._t0 = t0
@@ -322,7 +326,7 @@ class Node:
             self.rejected[reason] += 1
             self._warn_once(f"reject-{reason}", "rejected a message (%s): %s", reason, exc)
             return exc.http_status, _json({"error": str(exc), "reason": reason})
-        if self.finished.is_set():
+        if self._closed_for_merges():
             del env
             self._rx_pool.give(body)
             return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
@@ -488,6 +492,7 @@ class Node:
         await self._probe_once()  # learn who is there before the first step
         await asyncio.to_thread(self._evaluate_and_record)
         done = 0
+        began = self._clock()
         while True:
             if target is not None and done >= target:
                 break
@@ -518,6 +523,31 @@ class Node:
         await asyncio.to_thread(self._evaluate_and_record)
         self.finished.set()
         self.log.info("finished %d steps: accuracy %.4f", self.state.step, self.accuracy)
+        if self._linger and done:
+            await self._linger_loop(period=(self._clock() - began) / done * cfg.gossip_every)
+
+    async def _linger_loop(self, *, period: float) -> None:
+        """Keep merging what arrives and pushing the model at the pace training had; runs until closed."""
+        while True:
+            await asyncio.sleep(max(period, 0.001))
+            await self._send_idle.wait()
+            out = await asyncio.to_thread(self._linger_work)
+            if out is not None:
+                self._outgoing = out
+                self._send_idle.clear()
+                self._outgoing_ready.set()
+
+    def _linger_work(self) -> tuple[memoryview | None, list[str]] | None:
+        with self._lock:
+            self._merge_pending_locked()
+            self._set_round(self.state.step)
+            targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
+            if not targets or self.algorithm.requirements.pairwise:
+                return None  # pairwise: peers still exchange with us; we initiate nothing
+            return self._encode_locked(self.algorithm.message(self.state, targets=targets)), targets
+
+    def _closed_for_merges(self) -> bool:
+        return self.finished.is_set() and not self._linger
 
     async def _wait_for_round(self, r: int) -> None:
         """Neighbour-local round: wait (bounded) until every in-neighbour's round-r message is here.
@@ -741,7 +771,7 @@ class Node:
             reason = getattr(exc, "reason", None) or next((r for c, r in _REASONS if isinstance(exc, c)), "malformed")
             self.rejected[reason] += 1
             return exc.http_status, _json({"error": str(exc), "reason": reason})
-        if self.finished.is_set():
+        if self._closed_for_merges():
             return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
         if self._exchanging or not await self._acquire(self.cfg.timeout / 2):
             return 423, _json({"error": f"node {self.id} is busy exchanging", "reason": "busy"})

@@ -113,7 +113,7 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
              transport=None if emulation.ideal else EmulatedTransport(
                  network.transport() if network else HttpTransport(), src=i, index_of=index_of,
                  emulation=emulation, seed=cfg.seed),
-             min_step_seconds=step_seconds[i] if step_seconds else 0.0)
+             min_step_seconds=step_seconds[i] if step_seconds else 0.0, linger=cfg.schedule == "async")
         for i, nid in enumerate(ids)
     ]
     monitor = _Monitor(nodes, writer, t0)

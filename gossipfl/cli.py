@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gossipfl.config import RunConfig, config_to_toml, load_config, parse_address
+from gossipfl.config import RunConfig, load_config, parse_address
 from gossipfl.errors import ConfigError, GossipflError
 
 __all__ = ["main"]
@@ -129,78 +128,23 @@ def _setup_logging(verbose: int, default: int = logging.WARNING) -> None:
 
 # ---------------------------------------------------------------- sim
 
-def _run_folder(cfg: RunConfig) -> Path:
-    if cfg.out:
-        out = Path(cfg.out)
-    else:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{stamp}-{cfg.algorithm}-{cfg.topology.replace('/', '_')}-{cfg.nodes}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / "metrics.jsonl").exists():
-            raise ConfigError(f"out: {out} already holds a run (metrics.jsonl); choose another folder")
-        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"out: cannot write to {out}: {exc.strerror or exc}") from None
-    return out
-
-
 def cmd_sim(args: argparse.Namespace) -> int:
+    from gossipfl.runs import default_run_folder, execute, make_run_folder, preflight
+
     cfg = load_config(args.config, _overrides(args))
-    _preflight(cfg)
-    if cfg.engine == "vectorized":
-        from gossipfl.sim.vectorized import check_config
-
-        check_config(cfg)  # emulation table, device, algorithm: refused before a run folder exists
-    out = _run_folder(cfg)
-    progress = None if args.quiet else sys.stderr
-    if cfg.engine == "vectorized":
-        if not args.quiet:
-            print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
-                  f"vectorized engine on {cfg.device} ({cfg.schedule}) -> {out}", file=sys.stderr)
-        from gossipfl.sim.vectorized import run_vectorized
-
-        summary = run_vectorized(cfg, out, progress=progress)
-    else:
-        if not args.quiet:
-            print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
-                  f"{cfg.transport} transport -> {out}", file=sys.stderr)
-        from gossipfl.sim.cluster import run_cluster
-
-        summary = asyncio.run(run_cluster(cfg, out, progress=progress))
-    _write_json(out / "summary.json", summary)
+    preflight(cfg)
+    out = Path(cfg.out) if cfg.out else default_run_folder(cfg)
+    make_run_folder(cfg, out)
+    if not args.quiet:
+        how = (f"vectorized engine on {cfg.device} ({cfg.schedule})" if cfg.engine == "vectorized"
+               else f"{cfg.transport} transport")
+        print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
+              f"{how} -> {out}", file=sys.stderr)
+    summary = execute(cfg, out, progress=None if args.quiet else sys.stderr)
     if not args.quiet:
         print(format_summary(summary))
         print(f"run folder: {out}")
     return 0
-
-
-def _preflight(cfg: RunConfig) -> None:
-    """Build topology, data, one node's model and the algorithm once, so that a bad setting is
-    reported before a run folder is created or a socket bound."""
-    from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
-    from gossipfl.topology import build_schedule
-
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
-    algorithm = build_algorithm(cfg)
-    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
-    build_trainer(cfg, build_data(cfg), 0, cfg.nodes)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    try:
-        path.write_text(json.dumps(clean(obj), indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        print(f"gossipfl: could not write {path}: {exc.strerror or exc}", file=sys.stderr)
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:

@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--node-index", type=int, help="which data shard this node trains on")
     node.add_argument("--shards", type=int, help="how many shards the training data is cut into")
 
+    sweep = sub.add_parser("sweep", help="run every combination of a grid of settings, spread over cores")
+    sweep.add_argument("--config", metavar="FILE.toml", help="base settings for every run")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a setting and its values (repeatable; any sim flag or TOML key)")
+    sweep.add_argument("--seeds", default="0", metavar="S1,S2,...", help="repeat every combination per seed")
+    sweep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                       help="runs in parallel (default: half the cores)")
+    sweep.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<time>)")
+    sweep.add_argument("--plot", metavar="FILE.png", help="convergence plot of all runs")
+    sweep.add_argument("-v", "--verbose", action="count", default=0)
+
     topo = sub.add_parser("topology", help="describe (and plot) a topology")
     topo.add_argument("spec", metavar="FILE|NAME")
     topo.add_argument("--nodes", type=int, default=16)
@@ -256,6 +267,39 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- topology, report
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from gossipfl.report import comparison_table, load_run, plot_runs
+    from gossipfl.sweep import parse_grid, run_sweep
+
+    base = load_config(args.config)
+    grid = parse_grid(args.grid)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    if args.workers < 1:
+        raise ConfigError(f"workers: must be >= 1, got {args.workers}")
+    if "out" in grid:
+        raise ConfigError("grid: 'out' cannot be swept (each run gets its own folder under --out)")
+    if "seed" in grid:
+        raise ConfigError("grid: sweep seeds with --seeds, not --grid seed=...")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    records = run_sweep(base.replace(out=None), grid, seeds=seeds or [0], out=out, workers=args.workers)
+    done = [load_run(out / r["name"]) for r in records if "summary" in r]
+    if done:
+        print(comparison_table(done))
+    if args.plot and done:
+        try:
+            plot_runs(done, args.plot)
+        except OSError as exc:
+            raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
+        print(f"plot written to {args.plot}")
+    failed = [r for r in records if "error" in r]
+    return 1 if failed else 0
+
+
 def cmd_topology(args: argparse.Namespace) -> int:
     from gossipfl.topology import build_schedule, describe, plot_graph
 
@@ -338,7 +382,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sim": cmd_sim, "node": cmd_node, "topology": cmd_topology, "peers": cmd_peers, "report": cmd_report}
+COMMANDS = {"sim": cmd_sim, "node": cmd_node, "sweep": cmd_sweep, "topology": cmd_topology, "peers": cmd_peers,
+            "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,6 +161,18 @@ def test_stragglers_lose_steps_and_lossy_links_lose_messages() -> None:
     assert summary["mean_accuracy"] > 0.5
 
 
+def test_nodes_that_finish_early_linger_until_the_stragglers_are_done() -> None:
+    cfg = RunConfig(nodes=16, topology="ring", steps=100, eval_every=50,
+                    emulation={"stragglers": 0.25, "straggler_slowdown": 4.0})
+    sim = VectorizedSim(cfg)
+    summary = sim.run(None)
+    assert sim.step.tolist() == [100] * 16  # lingering is no training
+    assert summary["node_steps"] == 1600
+    assert summary["simulated_seconds"] == pytest.approx(4.0)  # the stragglers' 100 steps of 40 ms
+    assert summary["messages"] > 2 * 1600  # fast nodes kept gossiping after their last step
+    assert summary["consensus_distance"] < 0.2
+
+
 def test_async_runs_are_deterministic_and_churn_pauses_nodes() -> None:
     cfg = RunConfig(nodes=10, topology="ring", algorithm="gossip", duration=1.0, eval_every=20,
                     emulation={"churn": 0.3, "churn_period": 0.2, "speed": "lognormal:0.3"})

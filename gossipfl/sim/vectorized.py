@@ -21,7 +21,9 @@ Two schedules, chosen by ``cfg.schedule``:
     sends. Events are processed in batches: all steps that start within one time slice
     (``emulation.time_slice``, default the fastest node's step time, so no node steps twice in
     a slice) run as one vectorised batch. Messages sent within a batch are merged in a later
-    one; everything else keeps its order. With an ideal emulation this reproduces ``sync``.
+    one; everything else keeps its order. With an ideal emulation this reproduces ``sync``. As in
+    the local cluster, a node that has done its ``steps`` lingers (merges and gossips at its own
+    pace, no training) until the last node is done; with a ``duration`` all stop together.
 
 Randomness, chosen by ``sampling``:
 
@@ -357,6 +359,18 @@ class VectorizedSim:
             b = a + self.block
             self._train(p[a:b], None if v is None else v[a:b], slice(a, b) if full else rows[a:b])
 
+    def _train_some(self, p: torch.Tensor, rows: torch.Tensor, which: torch.Tensor) -> None:
+        """Step only the nodes ``rows[which]`` (rows ``which`` of ``p``); the others linger."""
+        if not which.numel():
+            return
+        nodes = rows.index_select(0, which)
+        sub = p.index_select(0, which)
+        v = None if self.velocity is None else self.velocity.index_select(0, nodes)
+        self._train_rows(sub, v, nodes)
+        p.index_copy_(0, which, sub)
+        if self.velocity is not None and v is not None:
+            self.velocity.index_copy_(0, nodes, v)
+
     @torch.no_grad()
     def _age_merge(self, p: torch.Tensor, age: torch.Tensor, recv: torch.Tensor,
                    models: torch.Tensor, ages: torch.Tensor, waves: list[torch.Tensor]) -> None:
@@ -576,20 +590,26 @@ class VectorizedSim:
         next_eval = eval_dt
         self._record(writer, 0.0, node_rows=True)
         inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
+        # As in the local cluster, a node that has done its steps lingers (merges and gossips at its
+        # own pace, no training) until the last node is done; with a duration all stop together.
+        linger = cfg.duration is None and not self.algorithm.requirements.rounds
         while True:
-            finished = (t_next >= cfg.duration) if cfg.duration is not None else (self.step >= cfg.steps)
-            candidates = torch.where(up & ~finished, t_next, inf).min()
+            training = (t_next < cfg.duration) if cfg.duration is not None else (self.step < cfg.steps)
+            active = torch.ones_like(training) if linger else training
+            nxt = torch.stack([torch.where(up & active, t_next, inf).min(),
+                               torch.where(up & training, t_next, inf).min()])
             if t_toggle is not None:
-                candidates = torch.minimum(candidates, torch.where(finished, inf, t_toggle).min())
-            t0 = float(candidates)  # the next event time: one scalar read per time slice
-            if math.isinf(t0):
+                nxt = torch.minimum(nxt, torch.stack([torch.where(active, t_toggle, inf).min(),
+                                                      torch.where(training, t_toggle, inf).min()]))
+            t0, t_train = nxt.tolist()  # the next event times: one read per time slice
+            if math.isinf(t_train):  # nobody trains any more: the run is over
                 break
             while t0 >= next_eval:  # nothing has happened between next_eval and t0
                 self.sim_time = next_eval
                 self._after_metric(self._record(writer, next_eval, node_rows=True))
                 next_eval += eval_dt
             if t_toggle is not None:
-                flip = (t_toggle <= t0) & ~finished
+                flip = (t_toggle <= t0) & active
                 coming = flip & ~up
                 t_next = torch.where(coming, torch.maximum(t_next, t_toggle), t_next)
                 up = up ^ flip
@@ -597,9 +617,10 @@ class VectorizedSim:
                 t_toggle = torch.where(flip, t_toggle + self._exponential(n, 1.0) * mean, t_toggle)
             t_end = t0 + width
             self.sim_time = t0
-            stepping = up & ~finished & (t_next < t_end)
-            inflight = self._async_batch(stepping, t_next, t_end, dur, up, finished, ring, inflight)
-            t_next = torch.where(stepping, t_next + dur, t_next)
+            stepping = up & active & (t_next < t_end)
+            inflight = self._async_batch(stepping, training, t_next, t_end, dur, up, ~active, ring, inflight)
+            tick = torch.where(training, dur, dur * cfg.gossip_every)  # a lingering node's gossip period
+            t_next = torch.where(stepping, t_next + tick, t_next)
             self._tick()
         self.sim_time = float(t_next.max()) if cfg.duration is None else cfg.duration
         while next_eval < self.sim_time:
@@ -610,15 +631,22 @@ class VectorizedSim:
     def _exponential(self, k: int, mean: float) -> torch.Tensor:
         return torch.empty(k, dtype=torch.float64, device=self.device).exponential_(generator=self.gen) * mean
 
-    def _async_batch(self, stepping: torch.Tensor, t_next: torch.Tensor, t_end: float, dur: torch.Tensor,
-                     up: torch.Tensor, finished: torch.Tensor, ring: SnapshotRing, inflight: Messages) -> Messages:
-        """All steps that start in one time slice: deliver, merge, step, send."""
+    def _async_batch(self, stepping: torch.Tensor, training: torch.Tensor, t_next: torch.Tensor, t_end: float,
+                     dur: torch.Tensor, up: torch.Tensor, closed: torch.Tensor, ring: SnapshotRing,
+                     inflight: Messages) -> Messages:
+        """All steps that start in one time slice: deliver, merge, step, send.
+
+        ``training`` marks nodes with steps left (the others linger: merge and send, no step);
+        ``closed`` marks nodes that have stopped and refuse messages.
+        """
         n, dev, emu = self.n, self.device, self.emulation
         rows = stepping.nonzero().squeeze(1)  # host sync: the batch size
         count = rows.shape[0]
         if not count:
             return inflight
-        self.node_steps += count
+        tr = training.index_select(0, rows)
+        everyone_trains = bool(tr.all())  # host sync; False only near the end of a run
+        self.node_steps += int(tr.sum()) if not everyone_trains else count
         full = count == n  # every node steps (identical nodes): work on the state itself, no copies
         p = self.params if full else self.params.index_select(0, rows)
         age = self.age if full else self.age.index_select(0, rows)
@@ -628,7 +656,7 @@ class VectorizedSim:
             deliver = stepping[m.recv] & (m.arrive <= t_next[m.recv])
             dropped = ~up[m.recv] & (m.arrive < t_end)  # the receiver is offline: lost
             self.lost += dropped.sum()
-            done = finished[m.recv]  # the receiver has stopped (it would refuse the message)
+            done = closed[m.recv]  # the receiver has stopped (it would refuse the message)
             inflight = m.select(~(deliver | dropped | done))
             got = m.select(deliver)
             if len(got):
@@ -654,24 +682,27 @@ class VectorizedSim:
                     waves = merge_waves(r, got.arrive, got.send)
                     flat = ring.rows(got)
                     self._age_merge(p, age, r, ring.flat[flat], ring.age.view(-1)[flat], waves)
-        if self.trains:
+        if self.trains and everyone_trains:
             v = self.velocity
             if v is not None and not full:
                 v = v.index_select(0, rows)
             self._train_rows(p, v, rows)
             if self.velocity is not None and v is not None and not full:
                 self.velocity.index_copy_(0, rows, v)
-            age += 1
+        elif self.trains:
+            self._train_some(p, rows, tr.nonzero().squeeze(1))
+        if self.trains:
+            age += tr.to(age.dtype)
         if not full:
             self.params.index_copy_(0, rows, p)
             self.age.index_copy_(0, rows, age)
-        step = self.step.index_select(0, rows) + 1
+        step = self.step.index_select(0, rows) + tr.long()
         self.step.index_copy_(0, rows, step)
-        # sends, at the end of each step
-        if self.cfg.gossip_every == 1:
+        # sends, at the end of each step (a lingering node sends at every tick)
+        if self.cfg.gossip_every == 1 and everyone_trains:
             senders, models, ages = rows, p, age
         else:
-            which = (step % self.cfg.gossip_every == 0).nonzero().squeeze(1)
+            which = ((step % self.cfg.gossip_every == 0) | ~tr).nonzero().squeeze(1)
             senders, models, ages = rows[which], p.index_select(0, which), age[which]
         if not senders.numel():
             return inflight
@@ -691,8 +722,9 @@ class VectorizedSim:
         if emu.jitter:  # uniform in +-jitter, never before the message was sent
             u = torch.rand(send.shape[0], dtype=torch.float64, generator=self.gen, device=dev)
             delay = (delay + (2 * u - 1) * emu.jitter).clamp_min(0.0)
-        arrive = (t_next + dur)[send] + delay + emu.transfer_seconds(self.msg_bytes)
-        keep = ~finished[recv]
+        sent_at = t_next + torch.where(training, dur, 0.0)  # after the step; a lingering node computes nothing
+        arrive = sent_at[send] + delay + emu.transfer_seconds(self.msg_bytes)
+        keep = ~closed[recv]
         if emu.loss:
             lost = torch.rand(send.shape[0], generator=self.gen, device=dev) < emu.loss
             self.lost += (lost & keep).sum()

@@ -141,3 +141,43 @@ def test_unknown_model_and_bad_cnn_input() -> None:
         build_model("resnet", input_shape=(64,), n_classes=10)
     with pytest.raises(DataError, match="square"):
         build_model("cnn", input_shape=(32,), n_classes=4)
+
+
+def test_evaluation_from_another_thread_does_not_corrupt_training(digits) -> None:
+    """The cluster monitor evaluates a node's trainer while the node trains in a worker thread.
+
+    functional_call swaps the module's parameters during a forward pass; without the trainer's
+    forward lock a concurrent evaluate made the step differentiate through detached tensors."""
+    import threading
+
+    torch.manual_seed(0)
+    trainer = Trainer(build_model("mlp", input_shape=(64,), n_classes=10, seed=0), digits,
+                      torch.arange(512), lr=0.05, seed=0)
+    twin = Trainer(build_model("mlp", input_shape=(64,), n_classes=10, seed=0), digits,
+                   torch.arange(512), lr=0.05, seed=0)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def evaluator() -> None:
+        other = torch.randn_like(trainer.params)
+        while not stop.is_set():
+            try:
+                trainer.evaluate(other)
+            except BaseException as exc:  # surfaced by the assertion below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=evaluator) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(300):
+            trainer.step()
+            twin.step()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    # Same seeds, same batches: the concurrently evaluated trainer took exactly the same steps.
+    assert torch.allclose(trainer.params, twin.params, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +20,10 @@ class Trainer:
 
     The module only supplies the forward function (``functional_call`` over views of the flat
     vector), so the gossip layer can read, replace and average ``params`` as a plain tensor.
-    Not thread-safe: the node serialises steps and merges.
+    Steps are not thread-safe (the node serialises steps and merges), but every forward pass
+    holds ``_forward_lock``: ``functional_call`` swaps the module's parameters for the duration of
+    the call, so an evaluation from another thread (cluster metrics) would otherwise make a
+    concurrent training step differentiate through the wrong tensors.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class Trainer:
         self._pos = 0
         self.steps = 0
         self.last_loss = float("nan")
+        self._forward_lock = threading.Lock()
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # One shuffled pass over the shard per epoch: every sample seen, order seeded.
@@ -61,7 +67,8 @@ class Trainer:
         """Stochastic loss and gradient at ``params`` (default: the current model) on a minibatch."""
         p = (self.params if params is None else params).detach().requires_grad_(True)
         xb, yb = self._batch()
-        out = functional_call(self.model, self.layout.unflatten(p), (xb,))
+        with self._forward_lock:
+            out = functional_call(self.model, self.layout.unflatten(p), (xb,))
         loss = F.cross_entropy(out, yb)
         (grad,) = torch.autograd.grad(loss, p)
         return float(loss.detach()), grad
@@ -88,7 +95,8 @@ class Trainer:
     def evaluate(self, params: torch.Tensor | None = None) -> tuple[float, float]:
         """(loss, accuracy) of ``params`` (default: the current model) on the held-out test split."""
         p = self.params if params is None else params
-        out = functional_call(self.model, self.layout.unflatten(p), (self.x_test,))
+        with self._forward_lock:
+            out = functional_call(self.model, self.layout.unflatten(p), (self.x_test,))
         loss = F.cross_entropy(out, self.y_test)
         acc = (out.argmax(1) == self.y_test).float().mean()
         return float(loss), float(acc)

@@ -191,3 +191,18 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
             assert fresh.state.step == 1
 
     asyncio.run(scenario())
+
+
+def test_membership_spreads_from_a_single_peer_address() -> None:
+    """b and c were only told about a; they must learn of each other and agree on the graph."""
+
+    async def scenario() -> None:
+        a = make_node(BASE, "a", index=0, shards=3)
+        async with running(a):
+            cfg = BASE.replace(peers=(a.address,), topology="complete")
+            async with running(make_node(cfg, "b", index=1, shards=3)) as b, \
+                    running(make_node(cfg, "c", index=2, shards=3)) as c:
+                await wait_for(lambda: "c" in b.membership.ids() and "b" in c.membership.ids(), 15)
+                await wait_for(lambda: b.status()["neighbours"] == ["a", "c"], 5)
+
+    asyncio.run(scenario())

@@ -53,6 +53,7 @@ from gossipfl.topology import Schedule, build_schedule, graph_for_members, local
 __all__ = ["Node"]
 
 PROBE_INTERVAL = 1.0  # seconds between membership passes
+PEER_EXCHANGE_EVERY = 3  # membership passes between two view exchanges with a random member
 RECENT_CONTACT = 3.0  # a peer heard from this recently is not probed
 INBOX_PER_NEIGHBOUR = 4  # queued messages per neighbour before the oldest is dropped (bounds memory)
 CHECKPOINT_EVERY = 50  # local steps between checkpoints when a state dir is set
@@ -815,11 +816,44 @@ class Node:
                             peer_id, reply.status, reply.body[:200].decode(errors="replace"))
 
     async def _membership_loop(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
             await self._probe_once()
+            rounds += 1
+            if rounds % PEER_EXCHANGE_EVERY == 0 and self.membership.ids():
+                await self._exchange_views(self._rng.choice(self.membership.ids()))
             for gone in self.membership.expire():
                 self._peer_left(gone, f"no contact for {self.cfg.peer_timeout:.0f} s")
+
+    async def _exchange_views(self, peer_id: str) -> None:
+        """Ask one random member for its view: peers we did not know become addresses to probe.
+
+        Membership spreads like gossip, so one --peer is enough: a node joining through A becomes
+        known to everyone within a few exchanges, and every node again computes the same graph."""
+        address = self.membership.address(peer_id)
+        if address is None:
+            return
+        try:
+            reply = await self._transport.request(address, "GET", "/status", timeout=self.cfg.timeout)
+            info = reply.json() if reply.status == 200 else None
+        except PeerError:
+            return  # failures are the business of pings and sends
+        if isinstance(info, dict):
+            self._learn_peers(info)
+
+    def _learn_peers(self, info: dict[str, Any]) -> None:
+        peers = info.get("peers")
+        if not isinstance(peers, list):
+            return
+        known = set(self.membership.ids())
+        for p in peers[:1024]:
+            if not isinstance(p, dict):
+                continue
+            pid, addr = p.get("id"), p.get("address")
+            if (isinstance(pid, str) and isinstance(addr, str) and pid != self.id and pid not in known
+                    and _valid_address(addr)):
+                self.membership.add_static(addr)  # verified by a probe before it joins our view
 
     async def _probe_once(self) -> None:
         due = self.membership.static_due(recent=RECENT_CONTACT)
@@ -865,6 +899,7 @@ class Node:
         self._warned.discard(f"probe-{address}")
         if self.membership.seen(info["id"], address):
             self.log.info("peer %s joined at %s", info["id"], address)
+        self._learn_peers(info)
 
     def _probe_failed(self, address: str) -> None:
         for gone in self.membership.probe_failed(address):

@@ -6,7 +6,11 @@ Every node's flat parameter vector is a row of ``params`` (and its momentum a ro
 any other model). A D-PSGD merge is a sparse product on the node axis with the matrix that
 `gossipfl.algorithms.dpsgd.mix` defines (mix is linear; `mix_self_weight` reads its diagonal off
 mix itself), and gossip-learning merges are batched calls of
-`gossipfl.algorithms.gossip.age_weighted_merge`. The algorithm math is reused unchanged.
+`gossipfl.algorithms.gossip.age_weighted_merge`. Push-sum / SGP (`gossipfl.algorithms.pushsum`)
+keeps each node's mass ``w`` beside its row ``x``: a push scales the sender by its kept share
+(`push_share`), a merge adds every share that arrived (x and w, one sparse product), and a local
+step is SGD on ``z = x / w`` (the `PushSum.local_step` rule); metrics read the de-biased ``x / w``.
+The algorithm math is reused unchanged.
 
 Two schedules, chosen by ``cfg.schedule``:
 
@@ -75,6 +79,7 @@ from gossipfl import wire
 from gossipfl.algorithms import Algorithm
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
 from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
+from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging, push_share
 from gossipfl.build import build_algorithm, build_data, node_seed
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError
@@ -239,6 +244,8 @@ class VectorizedSim:
         dev = self.device
         self.step = torch.zeros(n, dtype=torch.int64, device=dev)
         self.age = torch.zeros(n, dtype=self.params.dtype, device=dev)
+        # push-sum mass w (float64, as the node's Python float); params then hold x, the model is x / w
+        self.weight = torch.ones(n, dtype=torch.float64, device=dev)
         self.last_loss = torch.full((n,), float("nan"), device=dev)
         self.accuracy = torch.full((n,), float("nan"), device=dev)
         self.test_loss = torch.full((n,), float("nan"), device=dev)
@@ -280,6 +287,9 @@ class VectorizedSim:
         self.send_weight = torch.zeros(len(dst), dtype=torch.float32, device=dev)
         self.mixing: torch.Tensor | None = None
         self._spare: torch.Tensor | None = None
+        if self.rule == "push":
+            self._push_links(src, dst, deg)
+            return
         if self.rule != "mix":
             return
         w = mixing_matrix_sparse(g, self.cfg.weights, dtype=torch.float64)
@@ -302,6 +312,33 @@ class VectorizedSim:
         index = torch.int32 if len(mrow) < 2**31 else torch.int64  # 32-bit indices: a faster sparse product
         self.mixing = _csr(torch.from_numpy(mptr).to(dev, index), torch.from_numpy(mcol[order]).to(dev, index),
                            torch.from_numpy(mval[order]).to(dev), (n, n))
+
+    def _push_links(self, src: np.ndarray, dst: np.ndarray, deg: np.ndarray) -> None:
+        """Push-sum shares: node i keeps ``keep_i`` of its mass and pushes ``send_i`` to each target.
+
+        A message carries no copy of the sender's mass: it refers to the sender's x (and w) after
+        it kept its own share, scaled by ``send_i / keep_i`` (the link's ``send_weight``). In
+        lock-step rounds every node pushes, so the merge is one sparse product with ``I + M``,
+        ``M[j, i] = send_i / keep_i`` for each link i -> j.
+        """
+        n, dev = self.n, self.device
+        assert isinstance(self.algorithm, PushSum)
+        shares = [push_share(int(d), self.algorithm.self_weight) for d in deg]
+        keep = np.array([k for k, _ in shares], dtype=np.float64)
+        ratio = np.array([s / k for k, s in shares], dtype=np.float64)
+        self.keep = torch.from_numpy(keep).to(dev)
+        self.send_weight = torch.from_numpy(ratio[src].astype(np.float32)).to(dev)
+        self._push_ratio = torch.from_numpy(ratio[src]).to(dev)  # float64 for the mass w
+        diag = np.arange(n)
+        rows, cols = np.concatenate([dst, diag]), np.concatenate([src, diag])
+        vals = np.concatenate([ratio[src], np.ones(n)])
+        order = np.lexsort((cols, rows))
+        ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n), out=ptr[1:])
+        index = torch.int32 if len(rows) < 2**31 else torch.int64
+        crow, col = torch.from_numpy(ptr).to(dev, index), torch.from_numpy(cols[order]).to(dev, index)
+        self.mixing = _csr(crow, col, torch.from_numpy(vals[order].astype(np.float32)).to(dev), (n, n))
+        self._mixing64 = _csr(crow, col, torch.from_numpy(vals[order]).to(dev), (n, n))
 
     def _learning(self, kernel: str, block: int | None) -> None:
         cfg, data, n, dev = self.cfg, self.data, self.n, self.device
@@ -348,8 +385,17 @@ class VectorizedSim:
         x = self.x_train.index_select(0, flat).view(k, b, *self.x_train.shape[1:])
         y = self.y_train.index_select(0, flat).view(k, b)
         cfg = self.cfg
-        loss = self.model.sgd_step(p, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        if self.rule == "push":
+            # SGP (`PushSum.local_step`): SGD at z = x / w, momentum in z-space, x -= lr w u, i.e.
+            # one SGD step on z and x = w z again.
+            w = self.weight[rows].to(p.dtype).unsqueeze(1)
+            z = p / w
+            loss = self.model.sgd_step(z, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
+                                       weight_decay=cfg.weight_decay)
+            torch.mul(z, w, out=p)
+        else:
+            loss = self.model.sgd_step(p, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
+                                       weight_decay=cfg.weight_decay)
         self.last_loss[rows] = loss.detach()
 
     def _train_rows(self, p: torch.Tensor, v: torch.Tensor | None, rows: torch.Tensor) -> None:
@@ -383,13 +429,18 @@ class VectorizedSim:
 
     # ------------------------------------------------------------------ evaluation
 
+    def models(self, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """Rows ``a:b`` of the models the nodes would deploy: ``params``, or x / w for push-sum."""
+        p = self.params[a:b]
+        return p / self.weight[a:b].to(p.dtype).unsqueeze(1) if self.rule == "push" else p
+
     @torch.no_grad()
     def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Test loss and accuracy of every node's model (device tensors ``[N]``)."""
         losses, accs = [], []
         y = self.y_test
         for a in range(0, self.n, self.eval_block):
-            out = self.model.logits(self.params[a:a + self.eval_block], self.x_test)
+            out = self.model.logits(self.models(a, a + self.eval_block), self.x_test)
             k, t, c = out.shape
             losses.append(F.cross_entropy(out.reshape(k * t, c), y.repeat(k), reduction="none").view(k, t).mean(1))
             accs.append((out.argmax(-1) == y).float().mean(1))
@@ -400,16 +451,23 @@ class VectorizedSim:
         """(1/N) sum_i ||x_i - x_bar||^2 in float64, in blocks (as `gossipfl.metrics.consensus_distance`)."""
         total = torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
         for a in range(0, self.n, self.eval_block):
-            total += self.params[a:a + self.eval_block].double().sum(0)
+            total += self.models(a, a + self.eval_block).double().sum(0)
         mean = total / self.n
         acc = torch.zeros((), dtype=torch.float64, device=self.device)
         for a in range(0, self.n, self.eval_block):
-            acc += ((self.params[a:a + self.eval_block].double() - mean) ** 2).sum()
+            acc += ((self.models(a, a + self.eval_block).double() - mean) ** 2).sum()
         return float(acc / self.n)
 
     @torch.no_grad()
     def average_model_accuracy(self) -> float:
-        out = self.model.logits(self.params.mean(0, keepdim=True), self.x_test)[0]
+        if self.rule == "push":  # the average of the de-biased models x / w, a block at a time
+            total = torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
+            for a in range(0, self.n, self.eval_block):
+                total += self.models(a, a + self.eval_block).double().sum(0)
+            mean = (total / self.n).to(self.params.dtype).unsqueeze(0)
+        else:
+            mean = self.params.mean(0, keepdim=True)
+        out = self.model.logits(mean, self.x_test)[0]
         return float((out.argmax(-1) == self.y_test).float().mean())
 
     def _record(self, writer: Callable[[dict[str, Any]], None], t: float, *, node_rows: bool,
@@ -491,6 +549,8 @@ class VectorizedSim:
             self.round += 1
             if self.rule == "mix":
                 self._sync_mix_round(self._pending is not None)
+            elif self.rule == "push":
+                self._sync_push_round(self._pending is not None)
             else:
                 if self._pending is not None:
                     self._sync_age_merge(*self._pending)
@@ -527,6 +587,22 @@ class VectorizedSim:
         if self.trains:
             self._sync_train()
 
+    def _sync_push_round(self, merging: bool) -> None:
+        """Push-sum round: fold in round r-1's shares (x and w through ``I + M``), then step.
+
+        At the end of round r-1 every node kept its share, so its messages are its rows now
+        scaled by ``send / keep``: one sparse product, as for D-PSGD."""
+        if merging:
+            assert self.mixing is not None
+            if self._spare is None:
+                self._spare = torch.empty_like(self.params)
+            out = self._spare
+            torch.addmm(out, self.mixing, self.params, beta=0.0, out=out)
+            self.params, self._spare = out, self.params
+            self.weight = (self._mixing64 @ self.weight.unsqueeze(1)).squeeze(1)
+        if self.trains:
+            self._sync_train()
+
     def _targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gossip learning: one random out-neighbour per sender; returns (senders, receivers)."""
         deg = self.send_deg[senders]
@@ -546,9 +622,12 @@ class VectorizedSim:
 
     def _sync_send(self) -> tuple[torch.Tensor, ...]:
         """Count this round's messages; for gossip learning, return (senders, receivers)."""
-        if self.rule == "mix":
+        if self.rule in ("mix", "push"):
             self.msgs_out += self.send_deg
             self.msgs_in += self.recv_deg
+            if self.rule == "push":  # every sender keeps its own share (PushSum.message)
+                self.params.mul_(self.keep.to(self.params.dtype).unsqueeze(1))
+                self.weight.mul_(self.keep)
             return ()
         send, recv = self._targets(torch.arange(self.n, device=self.device))
         self.msgs_out.index_add_(0, send, torch.ones_like(send))
@@ -570,9 +649,10 @@ class VectorizedSim:
         delay_max = emu.max_latency + emu.jitter + emu.transfer_seconds(self.msg_bytes)
         # How many of a sender's recent models a message may still need: those it sends during the
         # longest delay plus one time slice (D-PSGD merges only the newest that arrived); gossip
-        # learning merges every message, so also those sent while a slow receiver finishes its step.
+        # learning and push-sum merge every message, so also those sent while a slow receiver
+        # finishes its step.
         fastest, slowest = float(dur_h.min()), float(dur_h.max())
-        span = delay_max + width + (slowest if self.rule == "age" else 0.0)
+        span = delay_max + width + (slowest if self.rule in ("age", "push") else 0.0)
         depth = 1 if emu.ideal else 2 + math.ceil(span / fastest)
         cap = max(2, min(MAX_RING, RING_BYTES // max(1, n * self.layout.numel * self.params.element_size())))
         if depth > cap:
@@ -669,14 +749,18 @@ class VectorizedSim:
                 self.expired += (~ok).sum()
                 got = got.select(ok)
                 r = pos[got.recv]
-                if self.rule == "mix":
+                if self.rule in ("mix", "push"):
                     order = torch.argsort(r * (ring.depth * n) + ring.rows(got))
                     r, cols, w = r[order], ring.rows(got)[order], got.weight[order]
                     crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
                     crow[1:] = torch.cumsum(torch.bincount(r, minlength=count), 0)
-                    wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, r, w)
-                    # mix: own model times mix's self weight, plus the fresh models' weighted sum
-                    p.mul_(mix_self_weight(wsum).unsqueeze(1))
+                    if self.rule == "mix":
+                        wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, r, w)
+                        # mix: own model times mix's self weight, plus the fresh models' weighted sum
+                        p.mul_(mix_self_weight(wsum).unsqueeze(1))
+                    else:  # push-sum: add every share (x and w) that arrived; no message is dropped
+                        mass = w.double() * ring.age.view(-1)[cols].double()
+                        self.weight.index_add_(0, got.recv[order], mass)
                     p.addmm_(_csr(crow, cols, w, (count, ring.depth * n)), ring.flat)
                 else:
                     waves = merge_waves(r, got.arrive, got.send)
@@ -706,9 +790,18 @@ class VectorizedSim:
             senders, models, ages = rows[which], p.index_select(0, which), age[which]
         if not senders.numel():
             return inflight
+        if self.rule == "push":
+            # PushSum.message: the sender keeps its own share of x and w; the ring holds what it
+            # kept (its messages scale that by send / keep) and, in the age slot, its kept w.
+            keep = self.keep.index_select(0, senders)
+            models = models * keep.to(models.dtype).unsqueeze(1)
+            self.params.index_copy_(0, senders, models)
+            kept_w = self.weight.index_select(0, senders) * keep
+            self.weight.index_copy_(0, senders, kept_w)
+            ages = kept_w.to(ages.dtype)
         slot, seq = ring.record(senders, models, ages)
         which = torch.arange(senders.shape[0], device=dev)
-        if self.rule == "mix":
+        if self.rule in ("mix", "push"):
             deg = self.send_deg[senders]
             which = torch.repeat_interleave(which, deg)
             first = torch.cumsum(deg, 0) - deg
@@ -789,7 +882,8 @@ class VectorizedSim:
             if denom > 0:
                 out["consensus_rate"] = float(torch.exp(((xs - xs.mean()) * (ys - ys.mean())).sum() / denom))
         try:
-            out["predicted_rate"] = (1.0 - graph_spectral_gap(self.graph, self.cfg.weights)) ** 2
+            kind = "push_sum" if self.rule == "push" else self.cfg.weights  # push-sum: uniform shares
+            out["predicted_rate"] = (1.0 - graph_spectral_gap(self.graph, kind)) ** 2
         except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
             log.warning("predicted consensus rate unavailable: %s", exc)
         return out
@@ -801,12 +895,15 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
     algorithm = build_algorithm(cfg)
     if type(algorithm) in (DPSGD, Averaging):
         rule = "mix"
+    elif type(algorithm) in (PushSum, PushSumAveraging):
+        rule = "push"
     elif type(algorithm) is GossipLearning and algorithm.order == "merge_update":
         rule = "age"
     else:
         detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
         raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
-                          "yet (dpsgd, averaging and gossip are); use engine = \"cluster\"")
+                          "yet (dpsgd, averaging, pushsum, pushsum_averaging and gossip are); "
+                          "use engine = \"cluster\"")
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
     emulation = parse_emulation(cfg.emulation)

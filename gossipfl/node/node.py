@@ -121,7 +121,8 @@ class Node:
         self._metrics = metrics or (lambda row: None)
         self._clock = clock
         self._t0 = t0
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # the algorithm's draws only (targets): engines replay them
+        self._view_rng = random.Random(f"{seed}-views")  # whom to ask for its view of the members
         self._state_dir = Path(state_dir) if state_dir is not None else None
         self._mdns = mdns
         self._mdns_interfaces = list(mdns_interfaces) if mdns_interfaces else None
@@ -822,7 +823,7 @@ class Node:
             await self._probe_once()
             rounds += 1
             if rounds % PEER_EXCHANGE_EVERY == 0 and self.membership.ids():
-                await self._exchange_views(self._rng.choice(self.membership.ids()))
+                await self._exchange_views(self._view_rng.choice(self.membership.ids()))
             for gone in self.membership.expire():
                 self._peer_left(gone, f"no contact for {self.cfg.peer_timeout:.0f} s")
 

@@ -23,6 +23,7 @@ ENGINES = ("cluster", "vectorized")
 TRANSPORTS = ("http", "memory")
 WEIGHTS = ("metropolis", "max_degree", "uniform")
 SCHEDULES = ("async", "sync")
+MAX_SEED = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _positive_int(self, "nodes", "batch_size", "steps", "eval_every", "gossip_every")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: must be an integer in [0, {MAX_SEED}], got {self.seed}")
         _positive_float(self, "timeout", "peer_timeout", "max_message_mb")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be a finite number >= 0, got {self.lr}")
@@ -97,6 +100,8 @@ class RunConfig:
             raise ConfigError(f"node_index: must be >= 0, got {self.node_index}")
         if self.shards is not None and self.shards < 1:
             raise ConfigError(f"shards: must be >= 1, got {self.shards}")
+        if self.node_index is not None and self.shards is not None and self.node_index >= self.shards:
+            raise ConfigError(f"node_index: must be < shards ({self.shards}), got {self.node_index}")
 
     @property
     def max_message_bytes(self) -> int:
@@ -178,14 +183,14 @@ def from_mapping(values: Mapping[str, Any], *, base: RunConfig | None = None, so
     """Build a config from ``values`` over ``base``; unknown keys and bad types name the key."""
     base = base or RunConfig()
     changes: dict[str, Any] = {}
-    for key, value in values.items():
-        f = _FIELDS.get(key)
-        if f is None:
-            close = [k for k in _FIELDS if k.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
-        changes[key] = _coerce(key, value, getattr(base, key), str(f.type))
     try:
+        for key, value in values.items():
+            f = _FIELDS.get(key)
+            if f is None:
+                close = [k for k in _FIELDS if k.startswith(key[:3])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"unknown key {key!r}{hint}")
+            changes[key] = _coerce(key, value, getattr(base, key), str(f.type))
         return dataclasses.replace(base, **changes)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -200,6 +205,8 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"config: cannot read {p}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {p} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -61,6 +61,12 @@ def test_sim_writes_the_run_folder_and_can_be_repeated(tmp_path: Path, capsys) -
         (["node", "--listen", "localhost"], "listen"),
         (["node", "--peer", "x:y"], "peer"),
         (["node", "--secret-file", "/nonexistent/secret"], "secret_file"),
+        (["sim", "--partition", "dirichlet:inf"], "Dirichlet alpha"),
+        (["sim", "--partition", "shards:inf"], "shards per node"),
+        (["sim", "--partition", "shards:nan"], "shards per node"),
+        (["sim", "--seed", "-1"], "seed"),
+        (["sim", "--seed", "99999999999999999999"], "seed"),
+        (["node", "--shards", "2", "--node-index", "5"], "node_index"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_clear_line(tmp_path: Path, capsys, argv: list[str], needle: str) -> None:
@@ -80,6 +86,24 @@ def test_bad_config_file_names_the_key(tmp_path: Path, capsys) -> None:
         bad.write_text(text)
         assert main(["sim", "--config", str(bad), "--out", str(tmp_path / "r"), "--quiet"]) == 2
         assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"\xff\xfe nodes = 3\n", ["bad.toml", "UTF-8"]),
+        (b"nodes = 'eight'\n", ["bad.toml", "nodes"]),
+        (b"steps = 5.5\n", ["bad.toml", "steps"]),
+    ],
+)
+def test_bad_config_file_names_the_file_and_key(tmp_path: Path, capsys, content: bytes, needles: list[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(content)
+    assert main(["sim", "--config", str(bad), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1
 
 
 def test_run_folder_is_never_overwritten(tmp_path: Path, capsys) -> None:

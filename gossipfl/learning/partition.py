@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -20,9 +22,9 @@ def parse_partition(spec: str) -> tuple[str, float]:
             value = float(arg)
         except ValueError:
             raise DataError(f"partition: {arg!r} in {spec!r} is not a number") from None
-        if kind == "dirichlet" and not value > 0:
-            raise DataError(f"partition: Dirichlet alpha must be > 0, got {arg}")
-        if kind == "shards" and (value < 1 or value != int(value)):
+        if kind == "dirichlet" and not (value > 0 and math.isfinite(value)):
+            raise DataError(f"partition: Dirichlet alpha must be a finite number > 0, got {arg}")
+        if kind == "shards" and not (math.isfinite(value) and value >= 1 and value == int(value)):
             raise DataError(f"partition: shards per node must be a positive integer, got {arg}")
         return kind, value
     raise DataError(f"partition: {spec!r} is not one of iid, dirichlet:ALPHA, shards:K")

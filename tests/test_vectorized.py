@@ -52,6 +52,9 @@ AGREEMENT = [
     # push-sum: x and w on a directed graph, and pure push-sum averaging
     pytest.param("pushsum", "exponential_directed", "dirichlet:0.3", 64, 2, id="pushsum-exponential_directed"),
     pytest.param("pushsum_averaging", "ring", "iid", 32, 1, id="pushsum_averaging-ring"),
+    # Epidemic Learning: fanout random targets per round (each node's own RNG), plain averages
+    pytest.param("epidemic", "complete", "iid", 32, 1, id="epidemic-complete"),
+    pytest.param("epidemic", "erdos_renyi", "dirichlet:0.3", 64, 2, id="epidemic-erdos_renyi-dirichlet"),
 ]
 
 
@@ -76,7 +79,7 @@ def test_sync_schedule_agrees_with_the_local_cluster(
         assert torch.allclose(sim.weight, torch.tensor(ref["weight"], dtype=torch.float64), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ["dpsgd", "gossip", "averaging", "pushsum", "pushsum_averaging"])
+@pytest.mark.parametrize("algorithm", ["dpsgd", "gossip", "averaging", "pushsum", "pushsum_averaging", "epidemic"])
 def test_async_schedule_with_ideal_emulation_is_the_sync_schedule(algorithm: str) -> None:
     """Identical nodes on a perfect network: the event clock replays the lock-step rounds."""
     base = RunConfig(nodes=12, topology="exponential", algorithm=algorithm, steps=15, eval_every=5,
@@ -296,6 +299,34 @@ def test_async_push_sum_reaches_the_exact_average_despite_delays() -> None:
 def test_sgp_learns_digits_on_a_directed_graph_asynchronously() -> None:
     cfg = RunConfig(nodes=128, topology="exponential_directed", algorithm="pushsum", steps=200, eval_every=100,
                     shards=44, schedule="async", emulation={"speed": "lognormal:0.3", "latency": "uniform:0.001:0.01"})
+    summary = VectorizedSim(cfg).run(None)
+    assert summary["mean_accuracy"] >= 0.90
+    assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 100
+
+
+def test_epidemic_fast_targets_are_distinct_out_neighbours() -> None:
+    cfg = RunConfig(nodes=40, topology="erdos_renyi", algorithm="epidemic", steps=1, seed=1)
+    sim = VectorizedSim(cfg)
+    send, recv = sim._fanout_targets(torch.arange(cfg.nodes))
+    hits = torch.zeros(cfg.nodes, dtype=torch.int64)
+    for i in range(cfg.nodes):
+        mine = recv[send == i].tolist()
+        peers = set(sim.graph.neighbors(i))
+        expect = sim.algorithm.fanout_for(len(peers))
+        assert len(mine) == len(set(mine)) == expect
+        assert set(mine) <= peers
+        for j in mine:
+            hits[j] += 1
+    assert int(hits.sum()) == send.shape[0]
+    sim.rounds(3)  # lock-step: every node sends fanout messages per round
+    fanout = torch.tensor([sim.algorithm.fanout_for(sim.graph.degree(i)) for i in range(cfg.nodes)])
+    assert torch.equal(sim.msgs_out, 3 * fanout)
+    assert int(sim.msgs_in.sum()) == int(sim.msgs_out.sum())
+
+
+def test_epidemic_learning_at_scale_asynchronously() -> None:
+    cfg = RunConfig(nodes=256, topology="complete", algorithm="epidemic", steps=150, eval_every=50, shards=44,
+                    schedule="async", emulation={"speed": "lognormal:0.3", "latency": "uniform:0.001:0.01"})
     summary = VectorizedSim(cfg).run(None)
     assert summary["mean_accuracy"] >= 0.90
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 100

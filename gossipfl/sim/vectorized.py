@@ -10,6 +10,8 @@ mix itself), and gossip-learning merges are batched calls of
 keeps each node's mass ``w`` beside its row ``x``: a push scales the sender by its kept share
 (`push_share`), a merge adds every share that arrived (x and w, one sparse product), and a local
 step is SGD on ``z = x / w`` (the `PushSum.local_step` rule); metrics read the de-biased ``x / w``.
+Epidemic Learning draws ``fanout`` distinct out-neighbours per sender (random keys per link, the
+smallest kept) and merges by the plain average of `plain_average`, again one sparse product.
 The algorithm math is reused unchanged.
 
 Two schedules, chosen by ``cfg.schedule``:
@@ -78,6 +80,7 @@ from torch import nn
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
+from gossipfl.algorithms.epidemic import EpidemicLearning
 from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
 from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging, push_share
 from gossipfl.build import build_algorithm, build_data, node_seed
@@ -552,7 +555,9 @@ class VectorizedSim:
             elif self.rule == "push":
                 self._sync_push_round(self._pending is not None)
             else:
-                if self._pending is not None:
+                if self._pending is not None and self.rule == "avg":
+                    self._sync_avg_merge(*self._pending)
+                elif self._pending is not None:
                     self._sync_age_merge(*self._pending)
                 if self.trains:
                     self._sync_train()
@@ -604,7 +609,11 @@ class VectorizedSim:
             self._sync_train()
 
     def _targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gossip learning: one random out-neighbour per sender; returns (senders, receivers)."""
+        """Gossip learning: one random out-neighbour per sender; returns (senders, receivers).
+
+        Epidemic Learning: ``fanout`` distinct random out-neighbours per sender (`_fanout_targets`)."""
+        if self.rule == "avg":
+            return self._fanout_targets(senders)
         deg = self.send_deg[senders]
         if self.sampling == "exact":
             recv = [self.rngs[i].choice(self.neighbour_lists[i]) if self.neighbour_lists[i] else -1
@@ -633,6 +642,48 @@ class VectorizedSim:
         self.msgs_out.index_add_(0, send, torch.ones_like(send))
         self.msgs_in.index_add_(0, recv, torch.ones_like(recv))
         return send, recv
+
+    def _fanout_targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`EpidemicLearning.targets` for many senders: (senders, receivers), one row per message."""
+        alg = self.algorithm
+        assert isinstance(alg, EpidemicLearning)
+        if self.sampling == "exact":  # each node's own random.Random, as the node draws them
+            send_l: list[int] = []
+            recv_l: list[int] = []
+            for i in senders.tolist():
+                peers = self.neighbour_lists[i]
+                picked = alg.targets(peers, self.rngs[i])  # node indices here, not ids
+                send_l += [i] * len(picked)
+                recv_l.extend(int(j) for j in picked)
+            return (torch.tensor(send_l, dtype=torch.int64, device=self.device),
+                    torch.tensor(recv_l, dtype=torch.int64, device=self.device))
+        deg = self.send_deg[senders]
+        if alg.fanout:
+            s = deg.clamp_max(alg.fanout)
+        else:  # ceil(log2(deg + 1)), at least 1, at most deg (`fanout_for`)
+            s = torch.minimum(torch.log2(deg.double() + 1).ceil().long().clamp_min(1), deg)
+        # every out-link of every sender gets a random key; a sender keeps its s smallest
+        which = torch.repeat_interleave(torch.arange(senders.shape[0], device=self.device), deg)
+        first = torch.cumsum(deg, 0) - deg
+        link = self.send_ptr[senders][which] + torch.arange(which.shape[0], device=self.device) - first[which]
+        keys = torch.rand(which.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
+        order = torch.argsort(which.double() + keys)  # by sender, then by key (keys are < 1)
+        by = which[order]
+        rank = torch.arange(order.shape[0], device=self.device) - first[by]  # place in its sender's draw
+        keep = order[rank < s[by]]
+        return senders[which[keep]], self.send_col[link[keep]]
+
+    def _sync_avg_merge(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        """Epidemic Learning: every receiver becomes the plain average of its own model and the
+        models that arrived (`plain_average`), all receivers in one sparse product."""
+        n, p = self.n, self.params
+        count = torch.bincount(recv, minlength=n).to(p.dtype)
+        own = 1.0 / (1.0 + count)
+        order = torch.argsort(recv * n + send)
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=self.device)
+        crow[1:] = torch.cumsum(torch.bincount(recv, minlength=n), 0)
+        out = torch.sparse.mm(_csr(crow, send[order], own[recv[order]], (n, n)), p)
+        self.params = out.addcmul_(p, own.unsqueeze(1))
 
     def _sync_age_merge(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         # What each sender sent at the end of round r-1 is its model now, before anyone merges.
@@ -743,18 +794,20 @@ class VectorizedSim:
                 self.msgs_in.index_add_(0, got.recv, torch.ones_like(got.recv))
                 pos = torch.full((n,), -1, dtype=torch.int64, device=dev)
                 pos[rows] = torch.arange(count, device=dev)
-                if self.rule == "mix":
+                if self.rule in ("mix", "avg"):
                     got = latest_per_pair(got, n)
                 ok = ring.valid(got)
                 self.expired += (~ok).sum()
                 got = got.select(ok)
                 r = pos[got.recv]
-                if self.rule in ("mix", "push"):
+                if self.rule in ("mix", "push", "avg"):
                     order = torch.argsort(r * (ring.depth * n) + ring.rows(got))
                     r, cols, w = r[order], ring.rows(got)[order], got.weight[order]
                     crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
                     crow[1:] = torch.cumsum(torch.bincount(r, minlength=count), 0)
-                    if self.rule == "mix":
+                    if self.rule == "avg":  # plain average: 1 / (1 + arrivals) for each model
+                        w = (1.0 / (1.0 + torch.bincount(r, minlength=count).to(w.dtype)))[r]
+                    if self.rule in ("mix", "avg"):
                         wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, r, w)
                         # mix: own model times mix's self weight, plus the fresh models' weighted sum
                         p.mul_(mix_self_weight(wsum).unsqueeze(1))
@@ -897,12 +950,14 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         rule = "mix"
     elif type(algorithm) in (PushSum, PushSumAveraging):
         rule = "push"
+    elif type(algorithm) is EpidemicLearning:
+        rule = "avg"
     elif type(algorithm) is GossipLearning and algorithm.order == "merge_update":
         rule = "age"
     else:
         detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
         raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
-                          "yet (dpsgd, averaging, pushsum, pushsum_averaging and gossip are); "
+                          "yet (dpsgd, averaging, pushsum, pushsum_averaging, epidemic and gossip are); "
                           "use engine = \"cluster\"")
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
+
 from gossipfl.algorithms import Algorithm, get_algorithm
 from gossipfl.config import RunConfig
-from gossipfl.errors import ConfigError
+from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
 
-__all__ = ["build_algorithm", "build_data", "build_trainer", "check_requirements", "node_seed", "stable_index"]
+__all__ = ["build_algorithm", "build_data", "build_trainer", "check_model_fits", "check_requirements", "node_seed",
+           "stable_index"]
 
 
 def build_data(cfg: RunConfig) -> Dataset:
@@ -36,6 +39,27 @@ def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int) -> T
         model, data, shards[index % n_shards], lr=cfg.lr, batch_size=cfg.batch_size,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 7919 + index,
     )
+
+
+def check_model_fits(cfg: RunConfig, data: Dataset, trainer: Trainer) -> None:
+    """One forward pass on two training samples, so that a model that does not fit the data (input
+    shape, number of classes) is a DataError naming both before any node starts, not a traceback."""
+    x, model = trainer.x[:2], trainer.model
+    what = f"{cfg.model!r} does not fit data {cfg.data!r} (inputs {data.input_shape}, {data.n_classes} classes)"
+    training = model.training
+    model.eval()  # no dropout draws, no batch-norm statistics: the model is left as it was
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # user code: report, never a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"model: {what}: {type(exc).__name__}: {first}") from exc
+    finally:
+        model.train(training)
+    expected = (len(x), data.n_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"model: {what}: a batch of {len(x)} gives output {got}, expected {list(expected)}")
 
 
 def build_algorithm(cfg: RunConfig) -> Algorithm:

@@ -222,7 +222,7 @@ def _node_id(cfg: RunConfig) -> str:
 
 
 async def _serve_node(cfg: RunConfig) -> int:
-    from gossipfl.build import build_algorithm, build_data, build_trainer, stable_index
+    from gossipfl.build import build_algorithm, build_data, build_trainer, check_model_fits, stable_index
     from gossipfl.metrics import MetricsWriter
     from gossipfl.node import Node
 
@@ -234,6 +234,7 @@ async def _serve_node(cfg: RunConfig) -> int:
     if cfg.shards is None:
         log.info("no --shards given: this node trains on the whole training set")
     trainer = build_trainer(cfg, data, index, shards)
+    check_model_fits(cfg, data, trainer)
     metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -106,6 +106,31 @@ def test_bad_config_file_names_the_file_and_key(tmp_path: Path, capsys, content:
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("fn", "needle"),
+    [("wrong_inputs", "mat1 and mat2"), ("wrong_classes", "expected [2, 10]")],
+)
+@pytest.mark.parametrize("command", ["sim", "node"])
+def test_model_that_does_not_fit_the_data_exits_2(
+    tmp_path: Path, capsys, monkeypatch, command: str, fn: str, needle: str
+) -> None:
+    (tmp_path / "cli_user_models.py").write_text(
+        "import torch\n"
+        "def wrong_inputs(input_shape, n_classes):\n    return torch.nn.Linear(5, n_classes)\n"
+        "def wrong_classes(input_shape, n_classes):\n    return torch.nn.Linear(64, 3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [command, "--model", f"cli_user_models:{fn}", "--steps", "2"]
+    argv += (["--nodes", "2", "--transport", "memory", "--quiet", "--out", str(tmp_path / "r")] if command == "sim"
+             else ["--no-mdns"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"model: 'cli_user_models:{fn}' does not fit data 'digits'" in err
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_run_folder_is_never_overwritten(tmp_path: Path, capsys) -> None:
     out = tmp_path / "r"
     args = ["sim", "--nodes", "2", "--steps", "2", "--transport", "memory", "--quiet", "--out", str(out)]

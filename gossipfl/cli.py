@@ -166,21 +166,26 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: per node, then the cluster."""
+    def mb(v: Any) -> float | None:
+        return v / 1e6 if v is not None else None
+
+    s = summary.get  # a summary from an older or interrupted run may lack figures: shown as "-"
     lines = [f"{'node':<10}{'steps':>7}{'accuracy':>10}{'loss':>9}{'msgs out':>10}{'msgs in':>9}{'MB out':>9}"]
     for nid, row in summary.get("per_node", {}).items():
         lines.append(
-            f"{nid:<10}{row['steps']:>7}{_fmt(row['accuracy']):>10}{_fmt(row['loss'], '.3f'):>9}"
-            f"{row['msgs_out']:>10}{row['msgs_in']:>9}{row['bytes_out'] / 1e6:>9.2f}"
+            f"{nid:<10}{_fmt(row.get('steps'), ''):>7}{_fmt(row.get('accuracy')):>10}"
+            f"{_fmt(row.get('loss'), '.3f'):>9}{_fmt(row.get('msgs_out'), ''):>10}{_fmt(row.get('msgs_in'), ''):>9}"
+            f"{_fmt(mb(row.get('bytes_out')), '.2f'):>9}"
         )
     lines += [
         "",
-        f"mean accuracy        {_fmt(summary['mean_accuracy'])}  (min {_fmt(summary['min_accuracy'])}, "
-        f"max {_fmt(summary['max_accuracy'])})",
-        f"averaged model       {_fmt(summary['avg_model_accuracy'])}",
-        f"consensus distance   {_fmt(summary['consensus_distance'], '.3e')}  "
-        f"(start {_fmt(summary.get('initial_consensus_distance'), '.3e')})",
-        f"messages             {summary['messages']}  ({summary['bytes'] / 1e6:.2f} MB)",
-        f"node steps           {summary['node_steps']} in {summary['wall_seconds']:.1f} s",
+        f"mean accuracy        {_fmt(s('mean_accuracy'))}  (min {_fmt(s('min_accuracy'))}, "
+        f"max {_fmt(s('max_accuracy'))})",
+        f"averaged model       {_fmt(s('avg_model_accuracy'))}",
+        f"consensus distance   {_fmt(s('consensus_distance'), '.3e')}  "
+        f"(start {_fmt(s('initial_consensus_distance'), '.3e')})",
+        f"messages             {_fmt(s('messages'), '')}  ({_fmt(mb(s('bytes')), '.2f')} MB)",
+        f"node steps           {_fmt(s('node_steps'), '')} in {_fmt(s('wall_seconds'), '.1f')} s",
     ]
     if "consensus_rate" in summary or "predicted_rate" in summary:
         lines.append(f"consensus rate       {_fmt(summary.get('consensus_rate'))} per round measured, "
@@ -271,9 +276,11 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from gossipfl.report import comparison_table, load_run, plot_runs
+    from gossipfl.report import check_plot_path, comparison_table, load_run, plot_runs
     from gossipfl.sweep import parse_grid, run_sweep
 
+    if args.plot:
+        check_plot_path(args.plot)
     base = load_config(args.config)
     grid = parse_grid(args.grid)
     try:

@@ -17,7 +17,17 @@ from typing import Any
 from gossipfl.errors import ConfigError
 from gossipfl.metrics import read_metrics
 
-__all__ = ["Run", "comparison_table", "load_run", "plot_runs"]
+__all__ = ["Run", "check_plot_path", "comparison_table", "load_run", "plot_runs"]
+
+# summary.json figures the table and `--detail` format as numbers (null allowed)
+_SUMMARY_NUMBERS = ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
+                    "initial_consensus_distance", "messages", "bytes", "wall_seconds", "node_steps",
+                    "consensus_rate", "predicted_rate")
+_NODE_NUMBERS = ("steps", "accuracy", "loss", "msgs_out", "msgs_in", "bytes_out")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,8 @@ class Run:
 
     def cluster_series(self, key: str) -> tuple[list[float], list[float]]:
         """(t, value) of a cluster-level metric, skipping rows where it is missing."""
-        pts = [(r["t"], r[key]) for r in self.rows if r.get("node") is None and r.get(key) is not None]
+        pts = [(r["t"], r[key]) for r in self.rows
+               if r.get("node") is None and _is_number(r.get("t")) and _is_number(r.get(key))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -49,15 +60,41 @@ def load_run(path: str | Path) -> Run:
         raise ConfigError(f"report: cannot read {p / 'summary.json'}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ConfigError(f"report: {p / 'summary.json'} is not valid JSON: {exc}") from None
+    _check_summary(summary, p / "summary.json")
     try:
         config = tomllib.loads((p / "config.toml").read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
         config = {}  # the table still works from the summary alone
     try:
-        rows = read_metrics(p / "metrics.jsonl")
+        rows = [r for r in read_metrics(p / "metrics.jsonl") if isinstance(r, dict)]
     except OSError:
         rows = []
     return Run(p, config, summary, rows)
+
+
+def _check_summary(summary: Any, where: Path) -> None:
+    """A summary the table can show: a JSON object whose figures are numbers or null."""
+    if not isinstance(summary, dict):
+        raise ConfigError(f"report: {where} is not a run summary (a JSON object), got a {type(summary).__name__}")
+    rows = [("", summary, _SUMMARY_NUMBERS)]
+    per_node = summary.get("per_node", {})
+    if not isinstance(per_node, dict) or not all(isinstance(r, dict) for r in per_node.values()):
+        raise ConfigError(f"report: {where}: per_node must map node ids to objects")
+    rows += [(f"per_node.{nid}.", row, _NODE_NUMBERS) for nid, row in per_node.items()]
+    for prefix, row, keys in rows:
+        for key in keys:
+            v = row.get(key)
+            if v is not None and not _is_number(v):
+                raise ConfigError(f"report: {where}: {prefix}{key} is {v!r}, not a number")
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a plot file whose suffix matplotlib cannot write (it would fail after the work is done)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).suffix.lower().lstrip(".") not in supported:
+        raise ConfigError(f"plot: cannot plot to {Path(path).name}: use one of .{', .'.join(sorted(supported))}")
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -77,7 +114,7 @@ def comparison_table(runs: list[Run]) -> str:
             f"{r.label[:43]:<44}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}"
-            f"{_fmt(s.get('node_steps'), 'd'):>11}{_fmt(s.get('wall_seconds'), '.1f'):>8}"
+            f"{_fmt(s.get('node_steps'), '.0f'):>11}{_fmt(s.get('wall_seconds'), '.1f'):>8}"
         )
     return "\n".join(lines)
 
@@ -86,6 +123,7 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
     """Three panels over time: mean node accuracy, averaged-model accuracy, consensus distance (log)."""
     from matplotlib.figure import Figure
 
+    check_plot_path(path)
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
     panels = [("mean_accuracy", "mean node accuracy"), ("avg_model_accuracy", "accuracy of the averaged model"),

@@ -131,6 +131,47 @@ def test_model_that_does_not_fit_the_data_exits_2(
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("summary", "needle"),
+    [("[1, 2]", "not a run summary"), ('{"mean_accuracy": "high"}', "mean_accuracy"),
+     ('{"per_node": {"n00": {"steps": "x"}}}', "per_node.n00.steps")],
+)
+def test_report_on_a_corrupt_summary_exits_2(tmp_path: Path, capsys, summary: str, needle: str) -> None:
+    (tmp_path / "summary.json").write_text(summary)
+    assert main(["report", str(tmp_path), "--detail"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "summary.json") in err
+    assert needle in err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_report_shows_a_partial_summary_and_skips_junk_metric_rows(tmp_path: Path, capsys) -> None:
+    (tmp_path / "summary.json").write_text('{"mean_accuracy": 0.5}')
+    (tmp_path / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"node": null, "t": "x", "mean_accuracy": 1}\n'
+                                            '{"node": null, "t": 1.0, "mean_accuracy": 0.5}\n')
+    assert main(["report", str(tmp_path), "--detail", "--plot", str(tmp_path / "p.png")]) == 0
+    assert "mean accuracy        0.5000  (min -, max -)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["report", "sweep", "topology"])
+@pytest.mark.parametrize("plot", ["curves.xyz", "curves"])
+def test_plot_to_an_unknown_format_exits_2_before_any_work(tmp_path: Path, capsys, command: str, plot: str) -> None:
+    run = tmp_path / "run"
+    if command == "report":
+        run.mkdir()
+        (run / "summary.json").write_text('{"mean_accuracy": 0.5}')
+    argv = {"report": ["report", str(run)],
+            "sweep": ["sweep", "--grid", "nodes=2", "--out", str(run)],
+            "topology": ["topology", "ring", "--nodes", "4"]}[command]
+    assert main([*argv, "--plot", str(tmp_path / plot)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot plot to {plot}: use one of" in err
+    assert "Traceback" not in err
+    assert command == "report" or not run.exists()
+    assert not list(tmp_path.glob("curves*"))
+
+
 def test_run_folder_is_never_overwritten(tmp_path: Path, capsys) -> None:
     out = tmp_path / "r"
     args = ["sim", "--nodes", "2", "--steps", "2", "--transport", "memory", "--quiet", "--out", str(out)]

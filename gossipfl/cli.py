@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gossipfl.config import RunConfig, load_config, parse_address
+from gossipfl.config import MAX_SEED, RunConfig, load_config, parse_address
 from gossipfl.errors import ConfigError, GossipflError
 
 __all__ = ["main"]
@@ -287,6 +287,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    if any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise ConfigError(f"seeds: every seed must be in [0, {MAX_SEED}], got {args.seeds!r}")
     if args.workers < 1:
         raise ConfigError(f"workers: must be >= 1, got {args.workers}")
     if "out" in grid:

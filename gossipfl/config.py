@@ -17,7 +17,7 @@ from typing import Any
 
 from gossipfl.errors import ConfigError
 
-__all__ = ["RunConfig", "config_to_toml", "load_config"]
+__all__ = ["MAX_SEED", "RunConfig", "config_to_toml", "from_mapping", "load_config"]
 
 ENGINES = ("cluster", "vectorized")
 TRANSPORTS = ("http", "memory")

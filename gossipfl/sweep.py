@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gossipfl.config import RunConfig
+from gossipfl.config import RunConfig, from_mapping
 from gossipfl.errors import ConfigError
 
 __all__ = ["expand_grid", "parse_grid", "run_sweep"]
@@ -39,11 +39,12 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or not key or not values.strip():
+        parsed = [_scalar(v.strip()) for v in values.split(",") if v.strip()]
+        if not sep or not key or not parsed:
             raise ConfigError(f"grid: {item!r} is not KEY=V1,V2,...")
         if key in grid:
             raise ConfigError(f"grid: {key!r} is given twice")
-        grid[key] = [_scalar(v.strip()) for v in values.split(",") if v.strip()]
+        grid[key] = parsed
     return grid
 
 
@@ -58,8 +59,9 @@ def expand_grid(base: RunConfig, grid: dict[str, list[Any]], seeds: Sequence[int
     runs = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         changes = dict(zip(keys, combo, strict=True))
+        combination = from_mapping(changes, base=base, source="grid")  # an unknown key or bad value names it
         for seed in seeds:
-            cfg = base.replace(**changes, seed=seed)
+            cfg = combination.replace(seed=seed)
             name = "-".join(f"{k}={_slug(v)}" for k, v in changes.items()) or "base"
             runs.append((f"{name}-seed={seed}", cfg))
     return runs

@@ -172,6 +172,25 @@ def test_plot_to_an_unknown_format_exits_2_before_any_work(tmp_path: Path, capsy
     assert not list(tmp_path.glob("curves*"))
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--grid", "nodez=2,4"], "grid: unknown key 'nodez'"),
+        (["--grid", "nodes=two"], "grid: nodes"),
+        (["--grid", "lr=,,"], "grid: 'lr=,,' is not KEY=V1,V2,..."),
+        (["--grid", "nodes=2", "--seeds", "-1"], "seeds"),
+    ],
+)
+def test_bad_sweep_grid_exits_2_naming_it(tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
+    out = tmp_path / "sweep"
+    assert main(["sweep", *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_run_folder_is_never_overwritten(tmp_path: Path, capsys) -> None:
     out = tmp_path / "r"
     args = ["sim", "--nodes", "2", "--steps", "2", "--transport", "memory", "--quiet", "--out", str(out)]

@@ -55,6 +55,9 @@ AGREEMENT = [
     # Epidemic Learning: fanout random targets per round (each node's own RNG), plain averages
     pytest.param("epidemic", "complete", "iid", 32, 1, id="epidemic-complete"),
     pytest.param("epidemic", "erdos_renyi", "dirichlet:0.3", 64, 2, id="epidemic-erdos_renyi-dirichlet"),
+    # gradient exchange: gradients every gossip point, models every `average_every` (default 1)
+    pytest.param("gradex", "erdos_renyi", "iid", 32, 1, id="gradex-erdos_renyi"),
+    pytest.param("gradex", "star", "dirichlet:0.3", 64, 2, id="gradex-star-dirichlet"),
 ]
 
 
@@ -79,7 +82,8 @@ def test_sync_schedule_agrees_with_the_local_cluster(
         assert torch.allclose(sim.weight, torch.tensor(ref["weight"], dtype=torch.float64), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ["dpsgd", "gossip", "averaging", "pushsum", "pushsum_averaging", "epidemic"])
+@pytest.mark.parametrize("algorithm",
+                         ["dpsgd", "gossip", "averaging", "pushsum", "pushsum_averaging", "epidemic", "gradex"])
 def test_async_schedule_with_ideal_emulation_is_the_sync_schedule(algorithm: str) -> None:
     """Identical nodes on a perfect network: the event clock replays the lock-step rounds."""
     base = RunConfig(nodes=12, topology="exponential", algorithm=algorithm, steps=15, eval_every=5,
@@ -330,3 +334,24 @@ def test_epidemic_learning_at_scale_asynchronously() -> None:
     summary = VectorizedSim(cfg).run(None)
     assert summary["mean_accuracy"] >= 0.90
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 100
+
+
+def test_gradient_exchange_learns_at_scale_with_delays() -> None:
+    """Late gradients still count once each (applied stale); models mix every 2nd step."""
+    cfg = RunConfig(nodes=256, topology="exponential", algorithm="gradex", algorithm_params={"average_every": 2},
+                    steps=150, eval_every=50, shards=44, schedule="async",
+                    emulation={"speed": "lognormal:0.3", "latency": "uniform:0.001:0.02"})
+    summary = VectorizedSim(cfg).run(None)
+    assert summary["mean_accuracy"] >= 0.90
+    assert summary["expired"] == 0
+    assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 100
+
+
+def test_gradient_exchange_with_sparse_model_averaging_agrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models travel every 3rd step only; gradients every step: still the cluster's numbers."""
+    cfg = RunConfig(nodes=8, topology="ring", algorithm="gradex", algorithm_params={"average_every": 3}, steps=20,
+                    eval_every=10, schedule="sync", transport="memory", seed=5)
+    ref = cluster_state(cfg, tmp_path / "cluster", monkeypatch)
+    sim = VectorizedSim(cfg, sampling="exact")
+    sim.run(None)
+    assert float((sim.params - ref["params"]).abs().max()) <= 1e-5

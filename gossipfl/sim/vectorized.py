@@ -12,6 +12,9 @@ keeps each node's mass ``w`` beside its row ``x``: a push scales the sender by i
 step is SGD on ``z = x / w`` (the `PushSum.local_step` rule); metrics read the de-biased ``x / w``.
 Epidemic Learning draws ``fanout`` distinct out-neighbours per sender (random keys per link, the
 smallest kept) and merges by the plain average of `plain_average`, again one sparse product.
+Gradient exchange keeps each node's own gradient and accumulator as ``[N, D]`` rows; messages
+refer to a gradient ring and a model ring filled slot for slot, so every gradient that arrives
+counts once (late ones are applied stale, as in `GradientExchange.merge`).
 The algorithm math is reused unchanged.
 
 Two schedules, chosen by ``cfg.schedule``:
@@ -82,6 +85,7 @@ from gossipfl.algorithms import Algorithm
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
 from gossipfl.algorithms.epidemic import EpidemicLearning
 from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
+from gossipfl.algorithms.gradex import GradientExchange
 from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging, push_share
 from gossipfl.build import build_algorithm, build_data, node_seed
 from gossipfl.config import RunConfig
@@ -89,7 +93,7 @@ from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset, build_model, param_layout, partition
 from gossipfl.learning.models import BUILTIN_MODELS
 from gossipfl.metrics import MetricsWriter
-from gossipfl.sim._batched_models import BatchedModel, batched_model
+from gossipfl.sim._batched_models import BatchedModel, apply_sgd, batched_model
 from gossipfl.sim.emulation import Emulation, parse_emulation
 from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
 from gossipfl.topology import build_graph, graph_spectral_gap, mixing_matrix_sparse
@@ -293,7 +297,7 @@ class VectorizedSim:
         if self.rule == "push":
             self._push_links(src, dst, deg)
             return
-        if self.rule != "mix":
+        if self.rule not in ("mix", "grad"):
             return
         w = mixing_matrix_sparse(g, self.cfg.weights, dtype=torch.float64)
         crow, col, val = w.crow_indices().numpy(), w.col_indices().numpy(), w.values().numpy()
@@ -353,6 +357,13 @@ class VectorizedSim:
         self.params = _initial_params(cfg, data, model, self.layout, n).to(dev)
         trains = self.algorithm.requirements.trains
         self.velocity = torch.zeros_like(self.params) if cfg.momentum and trains else None
+        if self.rule == "grad":  # GradientExchange.init_state, one row per node
+            self.grad = torch.zeros_like(self.params)  # own latest gradient (what it sends)
+            self.acc = torch.zeros_like(self.params)  # weighted gradient sum to apply at the next step
+            self.own_pending = torch.zeros(n, dtype=torch.bool, device=dev)  # own gradient not yet in acc
+            self.have_acc = torch.zeros(n, dtype=torch.bool, device=dev)  # acc holds something to apply
+            self._sent_params = False  # sync: whether the last round's messages carried models
+        self._model_ring: SnapshotRing | None = None  # async gradient exchange: the models sent
         self.model: BatchedModel = batched_model(model.to(dev), self.layout, kernel)
         self.x_train, self.y_train = data.x_train.to(dev), data.y_train.to(dev)
         self.x_test, self.y_test = data.x_test.to(dev), data.y_test.to(dev)
@@ -396,10 +407,39 @@ class VectorizedSim:
             loss = self.model.sgd_step(z, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
             torch.mul(z, w, out=p)
+        elif self.rule == "grad":
+            loss = self._gradex_step(p, v, rows, x, y, weight)
         else:
             loss = self.model.sgd_step(p, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
         self.last_loss[rows] = loss.detach()
+
+    def _gradex_step(self, p: torch.Tensor, v: torch.Tensor | None, rows: slice | torch.Tensor, x: torch.Tensor,
+                     y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """`GradientExchange.local_step` for the nodes ``rows``: apply the accumulated gradient
+        (the own one alone if nothing merged since the last step), then compute a new gradient at
+        the updated model and keep it, unapplied, for the next messages."""
+        cfg = self.cfg
+        pending = self.own_pending[rows]
+        acc = torch.where(pending.unsqueeze(1), self.acc[rows] + self.grad[rows], self.acc[rows])
+        have = self.have_acc[rows] | pending
+        if bool(have.all()):
+            apply_sgd(p, v, acc, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif bool(have.any()):  # first steps: only nodes that hold a gradient move
+            idx = have.nonzero().squeeze(1)
+            sub = p.index_select(0, idx)
+            sub_v = None if v is None else v.index_select(0, idx)
+            apply_sgd(sub, sub_v, acc.index_select(0, idx), lr=cfg.lr, momentum=cfg.momentum,
+                      weight_decay=cfg.weight_decay)
+            p.index_copy_(0, idx, sub)
+            if v is not None and sub_v is not None:
+                v.index_copy_(0, idx, sub_v)
+        loss, grad = self.model.loss_and_grad(p, x, y, weight)
+        self.grad[rows] = grad
+        self.acc[rows] = 0.0
+        self.own_pending[rows] = True
+        self.have_acc[rows] = False
+        return loss
 
     def _train_rows(self, p: torch.Tensor, v: torch.Tensor | None, rows: torch.Tensor) -> None:
         """Step the nodes ``rows`` whose parameters are the rows of ``p`` (all nodes: ``p`` is params)."""
@@ -554,6 +594,8 @@ class VectorizedSim:
                 self._sync_mix_round(self._pending is not None)
             elif self.rule == "push":
                 self._sync_push_round(self._pending is not None)
+            elif self.rule == "grad":
+                self._sync_grad_round(self._pending is not None)
             else:
                 if self._pending is not None and self.rule == "avg":
                     self._sync_avg_merge(*self._pending)
@@ -608,6 +650,20 @@ class VectorizedSim:
         if self.trains:
             self._sync_train()
 
+    def _sync_grad_round(self, merging: bool) -> None:
+        """Gradient exchange round: every in-neighbour's gradient of round r-1 arrived, so the
+        accumulator is ``M @ grads`` (own gradient on the diagonal, `GradientExchange.merge`), and
+        models mix like D-PSGD when round r-1's messages carried them; then the local step."""
+        if merging:
+            assert self.mixing is not None
+            self.acc = self.mixing @ self.grad  # acc was applied and zeroed at the last step
+            self.own_pending.fill_(False)
+            self.have_acc.fill_(True)
+            if self._sent_params:
+                self.params = self.mixing @ self.params
+        if self.trains:
+            self._sync_train()
+
     def _targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gossip learning: one random out-neighbour per sender; returns (senders, receivers).
 
@@ -631,9 +687,12 @@ class VectorizedSim:
 
     def _sync_send(self) -> tuple[torch.Tensor, ...]:
         """Count this round's messages; for gossip learning, return (senders, receivers)."""
-        if self.rule in ("mix", "push"):
+        if self.rule in ("mix", "push", "grad"):
             self.msgs_out += self.send_deg
             self.msgs_in += self.recv_deg
+            if self.rule == "grad":
+                assert isinstance(self.algorithm, GradientExchange)
+                self._sent_params = self.round % self.algorithm.average_every == 0
             if self.rule == "push":  # every sender keeps its own share (PushSum.message)
                 self.params.mul_(self.keep.to(self.params.dtype).unsqueeze(1))
                 self.weight.mul_(self.keep)
@@ -703,7 +762,7 @@ class VectorizedSim:
         # learning and push-sum merge every message, so also those sent while a slow receiver
         # finishes its step.
         fastest, slowest = float(dur_h.min()), float(dur_h.max())
-        span = delay_max + width + (slowest if self.rule in ("age", "push") else 0.0)
+        span = delay_max + width + (slowest if self.rule in ("age", "push", "grad") else 0.0)
         depth = 1 if emu.ideal else 2 + math.ceil(span / fastest)
         cap = max(2, min(MAX_RING, RING_BYTES // max(1, n * self.layout.numel * self.params.element_size())))
         if depth > cap:
@@ -711,6 +770,10 @@ class VectorizedSim:
                         "need (memory limit); messages that refer to older ones count as expired", cap, depth)
             depth = cap
         ring = SnapshotRing(depth, n, self.layout.numel, dtype=self.params.dtype, device=dev)
+        # gradient exchange: `ring` holds the gradients sent (age slot: 1 if the model went too),
+        # this one the models, slot for slot
+        self._model_ring = SnapshotRing(depth, n, self.layout.numel, dtype=self.params.dtype, device=dev) \
+            if self.rule == "grad" else None
         inflight = Messages.empty(dev)
         t_next = torch.zeros(n, dtype=torch.float64, device=dev)
         up = torch.ones(n, dtype=torch.bool, device=dev)
@@ -759,6 +822,44 @@ class VectorizedSim:
             next_eval += eval_dt
         self._after_metric(self._record(writer, self.sim_time, node_rows=True))
 
+    def _gradex_merge(self, p: torch.Tensor, rows: torch.Tensor, r: torch.Tensor, got: Messages,
+                      ring: SnapshotRing) -> None:
+        """`GradientExchange.merge` for the receivers ``rows`` (``p`` their models, ``r`` each
+        message's receiver position in ``rows``): every gradient that arrived counts once, with
+        its sender's weight; a receiver's own pending gradient gets the weight its present senders
+        leave; the newest model of each sender that sent one is mixed in like D-PSGD."""
+        if not len(got):
+            return
+        count, n, dev = rows.shape[0], self.n, self.device
+        depth_n = ring.depth * n
+        order = torch.argsort(r * depth_n + ring.rows(got))
+        rr, cols, w = r[order], ring.rows(got)[order], got.weight[order]
+        crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(rr, minlength=count), 0)
+        acc = self.acc.index_select(0, rows).addmm_(_csr(crow, cols, w, (count, depth_n)), ring.flat)
+        # own gradient: weight 1 - sum over present senders (each counted once)
+        fresh = latest_per_pair(got, n)
+        wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, pos_of(fresh.recv, rows), fresh.weight)
+        present = torch.zeros(count, dtype=torch.bool, device=dev)
+        present[rr] = True
+        own = present & self.own_pending.index_select(0, rows)
+        acc.addcmul_(self.grad.index_select(0, rows), (own.to(w.dtype) * (1.0 - wsum)).unsqueeze(1))
+        self.acc.index_copy_(0, rows, acc)
+        self.own_pending.index_copy_(0, rows, self.own_pending.index_select(0, rows) & ~present)
+        self.have_acc.index_copy_(0, rows, self.have_acc.index_select(0, rows) | present)
+        # models: the newest of each sender whose message carried one
+        assert self._model_ring is not None
+        models = fresh.select(ring.age.view(-1)[ring.rows(fresh)] > 0.5)
+        if len(models):
+            mr = pos_of(models.recv, rows)
+            order = torch.argsort(mr * depth_n + ring.rows(models))
+            mr, cols, w = mr[order], ring.rows(models)[order], models.weight[order]
+            crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
+            crow[1:] = torch.cumsum(torch.bincount(mr, minlength=count), 0)
+            wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, mr, w)
+            p.mul_(mix_self_weight(wsum).unsqueeze(1))
+            p.addmm_(_csr(crow, cols, w, (count, depth_n)), self._model_ring.flat)
+
     def _exponential(self, k: int, mean: float) -> torch.Tensor:
         return torch.empty(k, dtype=torch.float64, device=self.device).exponential_(generator=self.gen) * mean
 
@@ -800,7 +901,9 @@ class VectorizedSim:
                 self.expired += (~ok).sum()
                 got = got.select(ok)
                 r = pos[got.recv]
-                if self.rule in ("mix", "push", "avg"):
+                if self.rule == "grad":
+                    self._gradex_merge(p, rows, r, got, ring)
+                elif self.rule in ("mix", "push", "avg"):
                     order = torch.argsort(r * (ring.depth * n) + ring.rows(got))
                     r, cols, w = r[order], ring.rows(got)[order], got.weight[order]
                     crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
@@ -852,9 +955,18 @@ class VectorizedSim:
             kept_w = self.weight.index_select(0, senders) * keep
             self.weight.index_copy_(0, senders, kept_w)
             ages = kept_w.to(ages.dtype)
+        if self.rule == "grad":
+            # GradientExchange.message: the gradient always, the model every average_every steps
+            # (the flag rides in the gradient ring's age slot; both rings fill slot for slot)
+            assert isinstance(self.algorithm, GradientExchange)
+            assert self._model_ring is not None
+            sent_step = self.step.index_select(0, senders)
+            flag = (sent_step % self.algorithm.average_every == 0).to(ages.dtype)
+            self._model_ring.record(senders, models, flag)
+            models, ages = self.grad.index_select(0, senders), flag
         slot, seq = ring.record(senders, models, ages)
         which = torch.arange(senders.shape[0], device=dev)
-        if self.rule in ("mix", "push"):
+        if self.rule in ("mix", "push", "grad"):
             deg = self.send_deg[senders]
             which = torch.repeat_interleave(which, deg)
             first = torch.cumsum(deg, 0) - deg
@@ -952,12 +1064,15 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         rule = "push"
     elif type(algorithm) is EpidemicLearning:
         rule = "avg"
+    elif type(algorithm) is GradientExchange:
+        rule = "grad"
     elif type(algorithm) is GossipLearning and algorithm.order == "merge_update":
         rule = "age"
     else:
         detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
         raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
-                          "yet (dpsgd, averaging, pushsum, pushsum_averaging, epidemic and gossip are); "
+                          "yet (dpsgd, averaging, gradex, pushsum, pushsum_averaging, epidemic and gossip "
+                          "are); "
                           "use engine = \"cluster\"")
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
@@ -972,6 +1087,11 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
 def check_config(cfg: RunConfig) -> None:
     """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
     _checked(cfg)
+
+
+def pos_of(nodes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Position of each of ``nodes`` in the sorted node list ``rows`` (every one must be there)."""
+    return torch.searchsorted(rows, nodes)
 
 
 def mix_self_weight(wsum: torch.Tensor) -> torch.Tensor:

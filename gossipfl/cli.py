@@ -230,7 +230,9 @@ async def _serve_node(cfg: RunConfig) -> int:
     from gossipfl.build import build_algorithm, build_data, build_trainer, check_model_fits, stable_index
     from gossipfl.metrics import MetricsWriter
     from gossipfl.node import Node
+    from gossipfl.topology import check_spec
 
+    check_spec(cfg.topology, seed=cfg.seed)
     node_id = _node_id(cfg)
     secret = _read_secret(cfg.secret_file)
     data = build_data(cfg)

@@ -91,6 +91,7 @@ __all__ = [
     "Schedule",
     "build_graph",
     "build_schedule",
+    "check_spec",
     "column_stochastic_weights",
     "complete",
     "describe",
@@ -787,6 +788,15 @@ def build_graph(spec: str | os.PathLike[str], n: int | None = None, *, seed: int
         graph = _generate(resolved)
     _check_connected(graph, resolved.source)
     return graph
+
+
+def check_spec(spec: str | os.PathLike[str], *, seed: int = 0) -> None:
+    """Check a topology spec without a node count (a name, or a file that exists and parses).
+
+    For ``gossipfl node``, whose graph is laid over a membership that is not known yet: a typo in
+    the name or a broken file is a ``TopologyError`` at start-up rather than a silent fallback later.
+    """
+    _resolve(spec, None, seed, {})
 
 
 @dataclass(frozen=True)

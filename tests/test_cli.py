@@ -67,6 +67,8 @@ def test_sim_writes_the_run_folder_and_can_be_repeated(tmp_path: Path, capsys) -
         (["sim", "--seed", "-1"], "seed"),
         (["sim", "--seed", "99999999999999999999"], "seed"),
         (["node", "--shards", "2", "--node-index", "5"], "node_index"),
+        (["node", "--topology", "moebius", "--no-mdns"], "unknown topology 'moebius'"),
+        (["node", "--topology", "/nonexistent/t.edges", "--no-mdns"], "/nonexistent/t.edges"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_clear_line(tmp_path: Path, capsys, argv: list[str], needle: str) -> None:

@@ -738,9 +738,7 @@ class VectorizedSim:
         n, p = self.n, self.params
         count = torch.bincount(recv, minlength=n).to(p.dtype)
         own = 1.0 / (1.0 + count)
-        order = torch.argsort(recv * n + send)
-        crow = torch.zeros(n + 1, dtype=torch.int64, device=self.device)
-        crow[1:] = torch.cumsum(torch.bincount(recv, minlength=n), 0)
+        order, crow = _by_row(recv, send, n, n)
         out = torch.sparse.mm(_csr(crow, send[order], own[recv[order]], (n, n)), p)
         self.params = out.addcmul_(p, own.unsqueeze(1))
 
@@ -832,10 +830,8 @@ class VectorizedSim:
             return
         count, n, dev = rows.shape[0], self.n, self.device
         depth_n = ring.depth * n
-        order = torch.argsort(r * depth_n + ring.rows(got))
+        order, crow = _by_row(r, ring.rows(got), count, depth_n)
         rr, cols, w = r[order], ring.rows(got)[order], got.weight[order]
-        crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
-        crow[1:] = torch.cumsum(torch.bincount(rr, minlength=count), 0)
         acc = self.acc.index_select(0, rows).addmm_(_csr(crow, cols, w, (count, depth_n)), ring.flat)
         # own gradient: weight 1 - sum over present senders (each counted once)
         fresh = latest_per_pair(got, n)
@@ -852,10 +848,8 @@ class VectorizedSim:
         models = fresh.select(ring.age.view(-1)[ring.rows(fresh)] > 0.5)
         if len(models):
             mr = pos_of(models.recv, rows)
-            order = torch.argsort(mr * depth_n + ring.rows(models))
+            order, crow = _by_row(mr, ring.rows(models), count, depth_n)
             mr, cols, w = mr[order], ring.rows(models)[order], models.weight[order]
-            crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
-            crow[1:] = torch.cumsum(torch.bincount(mr, minlength=count), 0)
             wsum = torch.zeros(count, dtype=w.dtype, device=dev).index_add_(0, mr, w)
             p.mul_(mix_self_weight(wsum).unsqueeze(1))
             p.addmm_(_csr(crow, cols, w, (count, depth_n)), self._model_ring.flat)
@@ -904,10 +898,8 @@ class VectorizedSim:
                 if self.rule == "grad":
                     self._gradex_merge(p, rows, r, got, ring)
                 elif self.rule in ("mix", "push", "avg"):
-                    order = torch.argsort(r * (ring.depth * n) + ring.rows(got))
+                    order, crow = _by_row(r, ring.rows(got), count, ring.depth * n)
                     r, cols, w = r[order], ring.rows(got)[order], got.weight[order]
-                    crow = torch.zeros(count + 1, dtype=torch.int64, device=dev)
-                    crow[1:] = torch.cumsum(torch.bincount(r, minlength=count), 0)
                     if self.rule == "avg":  # plain average: 1 / (1 + arrivals) for each model
                         w = (1.0 / (1.0 + torch.bincount(r, minlength=count).to(w.dtype)))[r]
                     if self.rule in ("mix", "avg"):
@@ -1087,6 +1079,14 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
 def check_config(cfg: RunConfig) -> None:
     """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
     _checked(cfg)
+
+
+def _by_row(r: torch.Tensor, cols: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries (row ``r``, column ``cols``) in CSR order: (sort order, row pointers of ``rows`` rows)."""
+    order = torch.argsort(r * width + cols)
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=r.device)
+    crow[1:] = torch.cumsum(torch.bincount(r, minlength=rows), 0)
+    return order, crow
 
 
 def pos_of(nodes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

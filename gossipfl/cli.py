@@ -34,7 +34,8 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by sim and node; each maps to the TOML key of the same name."""
     p.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
     p.add_argument("--topology", help="ring, torus, complete, star, hypercube, exponential, ... or a file")
-    p.add_argument("--algorithm", help="dpsgd (default), gossip, averaging")
+    p.add_argument("--algorithm", help="dpsgd (default), gossip, gossip_partitioned, averaging, epidemic, "
+                   "gradex, pushsum, pushsum_averaging, adpsgd, choco, diging ([algorithm_params] in --config)")
     p.add_argument("--data", help="digits (default), synthetic, or pkg.mod:load_data")
     p.add_argument("--model", help="mlp (default), logreg, cnn, or pkg.mod:make_model")
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="MLP hidden layer sizes")

@@ -69,3 +69,14 @@ def test_dpsgd_on_random_matchings_chosen_per_round_by_each_node(tmp_path: Path)
     assert s["mean_accuracy"] >= 0.90
     assert s["messages"] <= 1.15 * s["node_steps"]  # at most one partner per round (+ lingering at the end)
     assert s["consensus_distance"] < s["initial_consensus_distance"] / 10
+
+
+def test_round_algorithms_do_not_wait_for_messages_that_are_never_sent(tmp_path: Path) -> None:
+    """With gossip_every = 2 only every 2nd step sends a round message: the steps in between
+    must not wait for one (a regression: each waited out the full timeout)."""
+    cfg = RunConfig(nodes=4, topology="ring", algorithm="diging", steps=6, eval_every=6, gossip_every=2,
+                    transport="memory", timeout=2.0)
+    s = asyncio.run(run_cluster(cfg, tmp_path, progress=None))
+    assert s["round_timeouts"] == 0
+    # 3 gossip rounds to 2 neighbours each; the last round's may reach neighbours that already stopped
+    assert 4 * 2 * 2 <= s["messages"] <= 4 * 2 * 3

@@ -44,38 +44,54 @@ def cluster_state(cfg: RunConfig, out: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 AGREEMENT = [
-    pytest.param("dpsgd", "erdos_renyi", "iid", 32, 1, id="dpsgd-erdos_renyi"),
-    pytest.param("gossip", "erdos_renyi", "iid", 32, 1, id="gossip-erdos_renyi"),
+    pytest.param("dpsgd", "erdos_renyi", "iid", 32, 1, {}, id="dpsgd-erdos_renyi"),
+    pytest.param("gossip", "erdos_renyi", "iid", 32, 1, {}, id="gossip-erdos_renyi"),
     # uneven shards smaller than the batch (padded batches), gossip every 2nd step, a hub node
-    pytest.param("dpsgd", "star", "dirichlet:0.3", 64, 2, id="dpsgd-star-dirichlet"),
-    pytest.param("gossip", "ring", "dirichlet:0.3", 64, 2, id="gossip-ring-dirichlet"),
+    pytest.param("dpsgd", "star", "dirichlet:0.3", 64, 2, {}, id="dpsgd-star-dirichlet"),
+    pytest.param("gossip", "ring", "dirichlet:0.3", 64, 2, {}, id="gossip-ring-dirichlet"),
     # push-sum: x and w on a directed graph, and pure push-sum averaging
-    pytest.param("pushsum", "exponential_directed", "dirichlet:0.3", 64, 2, id="pushsum-exponential_directed"),
-    pytest.param("pushsum_averaging", "ring", "iid", 32, 1, id="pushsum_averaging-ring"),
+    pytest.param("pushsum", "exponential_directed", "dirichlet:0.3", 64, 2, {}, id="pushsum-exponential_directed"),
+    pytest.param("pushsum_averaging", "ring", "iid", 32, 1, {}, id="pushsum_averaging-ring"),
     # Epidemic Learning: fanout random targets per round (each node's own RNG), plain averages
-    pytest.param("epidemic", "complete", "iid", 32, 1, id="epidemic-complete"),
-    pytest.param("epidemic", "erdos_renyi", "dirichlet:0.3", 64, 2, id="epidemic-erdos_renyi-dirichlet"),
+    pytest.param("epidemic", "complete", "iid", 32, 1, {}, id="epidemic-complete"),
+    pytest.param("epidemic", "erdos_renyi", "dirichlet:0.3", 64, 2, {}, id="epidemic-erdos_renyi-dirichlet"),
     # gradient exchange: gradients every gossip point, models every `average_every` (default 1)
-    pytest.param("gradex", "erdos_renyi", "iid", 32, 1, id="gradex-erdos_renyi"),
-    pytest.param("gradex", "star", "dirichlet:0.3", 64, 2, id="gradex-star-dirichlet"),
+    pytest.param("gradex", "erdos_renyi", "iid", 32, 1, {}, id="gradex-erdos_renyi"),
+    pytest.param("gradex", "star", "dirichlet:0.3", 64, 2, {}, id="gradex-star-dirichlet"),
+    # gradient tracking: models and trackers mixed with W; the first step only computes y = g(x)
+    pytest.param("diging", "erdos_renyi", "iid", 32, 1, {}, id="diging-erdos_renyi"),
+    pytest.param("diging", "star", "dirichlet:0.3", 64, 2, {"lr": 0.05}, id="diging-star-dirichlet"),
+    # CHOCO: compressed differences with each node's own compression generator
+    pytest.param("choco", "erdos_renyi", "iid", 32, 1, {}, id="choco-qsgd-erdos_renyi"),
+    pytest.param("choco", "ring", "dirichlet:0.3", 64, 2, {"compression": "randomk", "fraction": 0.2},
+                 id="choco-randomk-ring-dirichlet"),
+    pytest.param("choco", "exponential", "iid", 32, 1, {"compression": "topk", "fraction": 0.1, "gamma": 0.5},
+                 id="choco-topk-exponential"),
+    pytest.param("choco", "erdos_renyi", "iid", 32, 1, {"compression": "qsgd", "bits": 2, "norm": "l2"},
+                 id="choco-qsgd2-erdos_renyi"),
 ]
 
 
-@pytest.mark.parametrize(("algorithm", "topology", "part", "batch", "every"), AGREEMENT)
+@pytest.mark.parametrize(("algorithm", "topology", "part", "batch", "every", "params"), AGREEMENT)
 def test_sync_schedule_agrees_with_the_local_cluster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str, topology: str, part: str, batch: int, every: int,
+    params: dict[str, Any],
 ) -> None:
     """Acceptance: same seeds, synchronous schedule, 20 rounds -> same parameters (<= 1e-5)."""
     cfg = RunConfig(nodes=8, topology=topology, algorithm=algorithm, steps=20, eval_every=10, schedule="sync",
                     transport="memory", partition=part, batch_size=batch, gossip_every=every,
-                    weight_decay=1e-3, seed=3)
+                    weight_decay=1e-3, seed=3, algorithm_params=params)
     ref = cluster_state(cfg, tmp_path / "cluster", monkeypatch)
+    # QSGD rounds stochastically (floor(v + u)): the batched kernel's 1e-8 differences in x flip
+    # a few levels by one quantisation step, so only torch.func (the Trainer's own arithmetic)
+    # reproduces it bit for bit; the batched kernel must stay within a few such steps.
+    qsgd = algorithm == "choco" and params.get("compression", "qsgd") == "qsgd"
     for kernel in ("batched", "func"):
         sim = VectorizedSim(cfg, sampling="exact", kernel=kernel)
         sim.run(tmp_path / kernel)
         diff = float((sim.params - ref["params"]).abs().max())
         print(f"{algorithm} {topology} {part} {kernel}: max |vectorised - cluster| = {diff:.2e}")
-        assert diff <= 1e-5
+        assert diff <= (1e-3 if qsgd and kernel == "batched" else 1e-5)
         assert sim.age.tolist() == ref["age"]
         assert sim.msgs_out.tolist() == ref["msgs_out"]
         assert sim.msgs_in.tolist() == ref["msgs_in"]
@@ -83,7 +99,8 @@ def test_sync_schedule_agrees_with_the_local_cluster(
 
 
 @pytest.mark.parametrize("algorithm",
-                         ["dpsgd", "gossip", "averaging", "pushsum", "pushsum_averaging", "epidemic", "gradex"])
+                         ["dpsgd", "gossip", "averaging", "pushsum", "pushsum_averaging", "epidemic", "gradex",
+                          "diging", "choco"])
 def test_async_schedule_with_ideal_emulation_is_the_sync_schedule(algorithm: str) -> None:
     """Identical nodes on a perfect network: the event clock replays the lock-step rounds."""
     base = RunConfig(nodes=12, topology="exponential", algorithm=algorithm, steps=15, eval_every=5,
@@ -256,6 +273,10 @@ def test_node_rows_are_sampled_for_many_nodes() -> None:
     ({"algorithm": "gossip", "algorithm_params": {"order": "update_merge"}}, "algorithm"),
     ({"topology": "exponential_directed"}, "topology"),
     ({"device": "tpu"}, "device"),
+    ({"topology": "random_matching", "algorithm": "gossip"}, "topology"),
+    ({"algorithm": "choco", "emulation": {"loss": 0.01}}, "algorithm"),
+    ({"algorithm": "diging", "schedule": "async", "emulation": {"churn": 0.1}}, "emulation.churn"),
+    ({"algorithm": "diging", "schedule": "async", "duration": 1.0}, "duration"),
 ])
 def test_bad_settings_name_the_key(changes: dict[str, Any], key: str) -> None:
     cfg = RunConfig(nodes=4).replace(**changes)
@@ -355,3 +376,68 @@ def test_gradient_exchange_with_sparse_model_averaging_agrees(tmp_path: Path, mo
     sim = VectorizedSim(cfg, sampling="exact")
     sim.run(None)
     assert float((sim.params - ref["params"]).abs().max()) <= 1e-5
+
+
+def _round_clock(sim: VectorizedSim, steps: int, gossip_every: int) -> float:
+    """Reference for neighbour-local rounds, node by node in plain Python: step s + 1 starts when
+    step s is done and, after a gossip round, every in-neighbour's round-s message is in."""
+    emu, n, seed = sim.emulation, sim.n, sim.cfg.seed
+    dur = emu.step_seconds(n, seed=seed).tolist()
+    ins: dict[int, list[int]] = {i: [] for i in range(n)}
+    for i in range(n):
+        for j in sim.graph.neighbors(i):
+            ins[j].append(i)
+    start = [0.0] * n
+    end = start
+    for r in range(1, steps + 1):
+        end = [start[i] + dur[i] for i in range(n)]
+        if r % gossip_every:
+            start = end
+            continue
+        start = [max([end[i]] + [end[j] + float(emu.link_latency(torch.tensor([j]), torch.tensor([i]), seed=seed)[0])
+                                 for j in ins[i]]) for i in range(n)]
+    return max(end)
+
+
+@pytest.mark.parametrize("algorithm", ["diging", "choco"])
+def test_round_algorithms_wait_for_their_neighbours_in_the_async_schedule(algorithm: str) -> None:
+    """DIGing and CHOCO wait for every in-neighbour's message each round: stragglers and latency
+    change the clock (checked against a per-node reference) but not a single number."""
+    emulation = {"speed": "lognormal:0.5", "stragglers": 0.2, "straggler_slowdown": 4.0,
+                 "latency": "uniform:0.001:0.03"}
+    base = RunConfig(nodes=10, topology="ring", algorithm=algorithm, steps=24, eval_every=8, gossip_every=2,
+                     partition="dirichlet:0.5", batch_size=16, emulation=emulation)
+    sync = VectorizedSim(base.replace(schedule="sync"), sampling="exact")
+    sync.run(None)
+    sim = VectorizedSim(base.replace(schedule="async"), sampling="exact")
+    summary = sim.run(None)
+    assert torch.equal(sim.params, sync.params)
+    assert summary["simulated_seconds"] == pytest.approx(_round_clock(sim, 24, 2), rel=1e-12)
+    # the slowest node paces everyone: at least its 24 steps, more than the nominal 24 steps
+    assert summary["simulated_seconds"] >= 24 * float(sim.emulation.step_seconds(10, seed=0).max())
+    assert summary["node_steps"] == 240
+
+
+def test_diging_trackers_sum_to_the_gradients_every_round() -> None:
+    """Gradient tracking's invariant: sum_i y_i = sum_i g_i (W doubly stochastic), at scale, async."""
+    cfg = RunConfig(nodes=256, topology="exponential", algorithm="diging", algorithm_params={"lr": 0.1}, steps=150,
+                    eval_every=50, shards=44, schedule="async",
+                    emulation={"speed": "lognormal:0.3", "latency": "uniform:0.001:0.02"})
+    sim = VectorizedSim(cfg)
+    summary = sim.run(None)
+    gap = (sim.y.double().sum(0) - sim.g.double().sum(0)).abs().max()
+    assert float(gap) <= 1e-5 * float(sim.g.double().sum(0).abs().max())
+    # it learns, slowly: plain SGD steps without momentum (measured 0.44 after 150 steps; chance is 0.1)
+    assert summary["mean_accuracy"] >= 0.35
+
+
+def test_choco_learns_at_scale_with_compression_and_delays() -> None:
+    cfg = RunConfig(nodes=256, topology="exponential", algorithm="choco", steps=150, eval_every=50, shards=44,
+                    algorithm_params={"compression": "topk", "fraction": 0.05}, schedule="async",
+                    emulation={"speed": "lognormal:0.3", "latency": "uniform:0.001:0.02"})
+    summary = VectorizedSim(cfg).run(None)
+    assert summary["mean_accuracy"] >= 0.90
+    assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 5
+    # a top-5 % message is an index and a value per entry kept: about a tenth of the dense model
+    dense = VectorizedSim(cfg.replace(algorithm="dpsgd", algorithm_params={}), node_rows=0).msg_bytes
+    assert summary["bytes"] / summary["messages"] < 0.2 * dense

@@ -82,13 +82,13 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def random_indices(shape: torch.Size | tuple[int, ...], k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` distinct indices drawn uniformly along the last axis of ``shape`` (one draw per row)."""
-    keys = torch.rand(tuple(shape), generator=generator)
+    keys = torch.rand(tuple(shape), generator=generator, device=generator.device)
     return keys.topk(k, dim=-1, sorted=False).indices
 
 
 def scatter(idx: torch.Tensor, val: torch.Tensor, numel: int) -> torch.Tensor:
     """Dense ``[..., numel]`` vector with ``val`` at ``idx`` and zeros elsewhere."""
-    out = torch.zeros((*val.shape[:-1], numel), dtype=val.dtype)
+    out = torch.zeros((*val.shape[:-1], numel), dtype=val.dtype, device=val.device)
     return out.scatter_(-1, idx.long(), val)
 
 
@@ -106,7 +106,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*c.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
     return (c << shifts).sum(-1).to(torch.uint8)
 
 
@@ -115,7 +115,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :numel]
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return c.reshape(*packed.shape[:-1], -1)[..., :numel].to(torch.uint8)
 
@@ -137,7 +137,7 @@ def qsgd_quantize(
         scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     v = mag * (s / safe)
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     level = torch.floor(v + u).clamp_(0, s)
     level = torch.where(scale > 0, level, torch.zeros_like(level))
     codes = level.to(torch.uint8) | ((x < 0).to(torch.uint8) << (bits - 1))

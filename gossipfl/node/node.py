@@ -501,7 +501,8 @@ class Node:
             if deadline is not None and self._clock() >= deadline:
                 break
             self._refresh_view()
-            if self.algorithm.requirements.rounds:
+            if self.algorithm.requirements.rounds and self.state.step % cfg.gossip_every == 0:
+                # only a gossip step sends a round message (with gossip_every > 1 the others do not)
                 await self._wait_for_round(self.state.step)
             gossip_now = (self.state.step + 1) % cfg.gossip_every == 0
             if gossip_now:

@@ -203,6 +203,7 @@ def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[s
         "bytes": sum(n.bytes_out for n in nodes),
         "rejected": sum(sum(n.rejected.values()) for n in nodes),
         "lost": sum(getattr(n._transport, "lost", 0) for n in nodes),  # dropped by emulated loss
+        "round_timeouts": sum(n.round_timeouts for n in nodes),  # round algorithms: waits that ran out
         "wall_seconds": round(wall, 3),
         "node_steps": sum(n.state.step for n in nodes),
         "per_node": {

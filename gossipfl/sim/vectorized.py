@@ -15,6 +15,11 @@ smallest kept) and merges by the plain average of `plain_average`, again one spa
 Gradient exchange keeps each node's own gradient and accumulator as ``[N, D]`` rows; messages
 refer to a gradient ring and a model ring filled slot for slot, so every gradient that arrives
 counts once (late ones are applied stale, as in `GradientExchange.merge`).
+DIGing keeps the tracker ``y`` and last gradient ``g`` as rows; a round mixes models and trackers
+with M and takes the tracking step (`tracker_update`). CHOCO keeps the public copies ``x_hat``
+and ``s = W_off x_hat`` as rows; a send compresses every ``x - x_hat`` at once (the operators of
+`gossipfl.algorithms.compression` take a leading node axis; ``exact`` sampling draws with each
+node's own generator) and a merge is ``s += W_off q`` and `choco_consensus`.
 The algorithm math is reused unchanged.
 
 Two schedules, chosen by ``cfg.schedule``:
@@ -33,6 +38,9 @@ Two schedules, chosen by ``cfg.schedule``:
     one; everything else keeps its order. With an ideal emulation this reproduces ``sync``. As in
     the local cluster, a node that has done its ``steps`` lingers (merges and gossips at its own
     pace, no training) until the last node is done; with a ``duration`` all stop together.
+    Round algorithms (DIGing, CHOCO) keep neighbour-local rounds instead: a node waits for every
+    in-neighbour's message of the round, so their numbers are the sync schedule's and only the
+    clock follows the emulation (`VectorizedSim._run_rounds_async`).
 
 Randomness, chosen by ``sampling``:
 
@@ -82,12 +90,16 @@ from torch import nn
 
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm
+from gossipfl.algorithms._util import generator as node_generator
+from gossipfl.algorithms.base import LocalState
+from gossipfl.algorithms.choco import CHOCO, choco_consensus
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
 from gossipfl.algorithms.epidemic import EpidemicLearning
 from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
 from gossipfl.algorithms.gradex import GradientExchange
 from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging, push_share
-from gossipfl.build import build_algorithm, build_data, node_seed
+from gossipfl.algorithms.tracking import DIGing, tracker_update
+from gossipfl.build import build_algorithm, build_data, check_requirements, node_seed
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset, build_model, param_layout, partition
@@ -96,7 +108,7 @@ from gossipfl.metrics import MetricsWriter
 from gossipfl.sim._batched_models import BatchedModel, apply_sgd, batched_model
 from gossipfl.sim.emulation import Emulation, parse_emulation
 from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
-from gossipfl.topology import build_graph, graph_spectral_gap, mixing_matrix_sparse
+from gossipfl.topology import build_graph, build_schedule, graph_spectral_gap, mixing_matrix_sparse
 
 __all__ = ["NODE_ROWS", "VectorizedSim", "check_config", "mix_self_weight", "run_vectorized"]
 
@@ -248,6 +260,7 @@ class VectorizedSim:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 17)
         self._links()
         self._learning(kernel, block)
+        self._extra_state()
         dev = self.device
         self.step = torch.zeros(n, dtype=torch.int64, device=dev)
         self.age = torch.zeros(n, dtype=self.params.dtype, device=dev)
@@ -297,28 +310,32 @@ class VectorizedSim:
         if self.rule == "push":
             self._push_links(src, dst, deg)
             return
-        if self.rule not in ("mix", "grad"):
+        if self.rule not in ("mix", "grad", "track", "choco"):
             return
         w = mixing_matrix_sparse(g, self.cfg.weights, dtype=torch.float64)
         crow, col, val = w.crow_indices().numpy(), w.col_indices().numpy(), w.values().numpy()
         row = np.repeat(np.arange(n), np.diff(crow))
         off = row != col
-        row, col, val = row[off], col[off], val[off].astype(np.float32)  # W[receiver, sender]
+        row, col, val64 = row[off], col[off], val[off]  # W[receiver, sender]; rows sorted, then columns
+        val = val64.astype(np.float32)
         # the weight a receiver gives each message, looked up per (sender -> receiver) link
         key = row * n + col
         at = np.searchsorted(key, dst * n + src)
         self.send_weight = torch.from_numpy(val[at]).to(dev)
         # M with M @ params == mix(own, neighbours, weights) row by row (all neighbours fresh)
         wsum = torch.zeros(n, dtype=torch.float32).index_add_(0, torch.from_numpy(row), torch.from_numpy(val))
+        self.weight_sum = wsum.to(dev)  # CHOCO: sum_j w_ij over all in-neighbours
+        if self.rule == "choco":  # s_i += sum_j w_ij q_j: the off-diagonal part alone
+            self.mix_off = _csr_from(row, col, val, n, dev)
+            if self.sampling == "exact":  # the node's own float arithmetic (QSGD rounding is discontinuous)
+                ptr = np.searchsorted(row, np.arange(n + 1))
+                self.choco_in = [(col[ptr[i]:ptr[i + 1]].tolist(), val64[ptr[i]:ptr[i + 1]].tolist())
+                                 for i in range(n)]
+                self.weight_sum = torch.tensor([sum(w) for _, w in self.choco_in], dtype=torch.float32,
+                                               device=dev)
         diag = np.arange(n)
-        mrow, mcol = np.concatenate([row, diag]), np.concatenate([col, diag])
-        mval = np.concatenate([val, mix_self_weight(wsum).numpy()])
-        order = np.lexsort((mcol, mrow))
-        mptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(mrow, minlength=n), out=mptr[1:])
-        index = torch.int32 if len(mrow) < 2**31 else torch.int64  # 32-bit indices: a faster sparse product
-        self.mixing = _csr(torch.from_numpy(mptr).to(dev, index), torch.from_numpy(mcol[order]).to(dev, index),
-                           torch.from_numpy(mval[order]).to(dev), (n, n))
+        self.mixing = _csr_from(np.concatenate([row, diag]), np.concatenate([col, diag]),
+                                np.concatenate([val, mix_self_weight(wsum).numpy()]), n, dev)
 
     def _push_links(self, src: np.ndarray, dst: np.ndarray, deg: np.ndarray) -> None:
         """Push-sum shares: node i keeps ``keep_i`` of its mass and pushes ``send_i`` to each target.
@@ -378,14 +395,36 @@ class VectorizedSim:
         tsize = max(1, data.x_test.shape[0])
         self.eval_block = max(1, min(n, (2**22 if dev.type == "cpu" else 2**28) // (tsize * width)))
 
+    def _extra_state(self) -> None:
+        """Rows of what DIGing and CHOCO keep beside the model (their ``init_state``, one row per node)."""
+        n, cfg = self.n, self.cfg
+        if self.rule == "track":  # tracker y, last gradient g; y_mix: the mixed trackers this round
+            self.y = torch.zeros_like(self.params)
+            self.g = torch.zeros_like(self.params)
+            self.y_mix: torch.Tensor | None = None
+            self._started = False  # the first step only computes y = g(x)
+            self.velocity = None  # DIGing takes plain steps (momentum would break the tracking)
+        if self.rule == "choco":  # public copy x_hat, s = sum_j w_ij x_hat_j, last decoded q
+            self.x_hat = torch.zeros_like(self.params)
+            self.s = torch.zeros_like(self.params)
+            self._choco_q: torch.Tensor | None = None
+            if self.sampling == "exact":  # each node's own compression generator (`_util.generator`)
+                assert isinstance(self.algorithm, CHOCO)
+                self.choco_gens = [node_generator(LocalState(params=torch.zeros(0), seed=cfg.seed * 31 + i),
+                                                  self.algorithm.seed) for i in range(n)]
+
     def _message_bytes(self) -> int:
         """Size of one encoded gossip message, as the wire codec would frame it."""
         deg = int(self.send_deg.max()) if self.n else 0
+        tensors = {"params": torch.zeros(self.layout.numel, dtype=self.layout.dtype)}
+        if self.rule in ("track", "choco"):  # params and tracker; CHOCO: the compressed difference
+            specs = self.algorithm.tensor_specs(self.layout.numel, self.layout.dtype)
+            tensors = {k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in specs.items()}
         env = wire.Envelope(
             cluster=self.cfg.cluster, sender=self.ids[0], algorithm=self.algorithm.name,
             fingerprint=self.layout.fingerprint, step=self.cfg.steps, age=float(self.cfg.steps),
             meta={"addr": "127.0.0.1:65535", "deg": deg},
-            tensors={"params": torch.zeros(self.layout.numel, dtype=self.layout.dtype)},
+            tensors=tensors,
         )
         return wire.encoded_size(env)
 
@@ -409,6 +448,8 @@ class VectorizedSim:
             torch.mul(z, w, out=p)
         elif self.rule == "grad":
             loss = self._gradex_step(p, v, rows, x, y, weight)
+        elif self.rule == "track":
+            loss = self._track_step(p, rows, x, y, weight)
         else:
             loss = self.model.sgd_step(p, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
@@ -439,6 +480,25 @@ class VectorizedSim:
         self.acc[rows] = 0.0
         self.own_pending[rows] = True
         self.have_acc[rows] = False
+        return loss
+
+    def _track_step(self, p: torch.Tensor, rows: slice | torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    weight: torch.Tensor | None) -> torch.Tensor:
+        """`DIGing.local_step` for the nodes ``rows``: ``x -= lr y``, then the gradient at the new x
+        and ``y = y_mix + g - g_prev`` (the very first step only sets ``y = g = g(x)``)."""
+        assert isinstance(self.algorithm, DIGing)
+        cfg = self.cfg
+        if self._started:
+            p.sub_(self.y[rows], alpha=self.algorithm.lr or cfg.lr)
+        loss, grad = self.model.loss_and_grad(p, x, y, weight)
+        if cfg.weight_decay:
+            grad = grad + cfg.weight_decay * p
+        if self._started:
+            base = self.y if self.y_mix is None else self.y_mix
+            self.y[rows] = tracker_update(base[rows], grad, self.g[rows])
+        else:
+            self.y[rows] = grad
+        self.g[rows] = grad
         return loss
 
     def _train_rows(self, p: torch.Tensor, v: torch.Tensor | None, rows: torch.Tensor) -> None:
@@ -596,6 +656,10 @@ class VectorizedSim:
                 self._sync_push_round(self._pending is not None)
             elif self.rule == "grad":
                 self._sync_grad_round(self._pending is not None)
+            elif self.rule == "track":
+                self._sync_track_round(self._pending is not None)
+            elif self.rule == "choco":
+                self._sync_choco_round(self._pending is not None)
             else:
                 if self._pending is not None and self.rule == "avg":
                     self._sync_avg_merge(*self._pending)
@@ -664,6 +728,53 @@ class VectorizedSim:
         if self.trains:
             self._sync_train()
 
+    def _sync_track_round(self, merging: bool) -> None:
+        """DIGing round: mix round r-1's models and trackers (`DIGing.merge`: both with M, the own
+        unmixed tracker kept for the step), then every node's tracking step."""
+        if merging:
+            assert self.mixing is not None
+            self.y_mix = self.mixing @ self.y
+            self.params = self.mixing @ self.params
+        if self.trains:
+            self._sync_train()
+        self._started = True
+        self.y_mix = None
+
+    def _sync_choco_round(self, merging: bool) -> None:
+        """CHOCO round: ``s += W_off q`` with round r-1's decoded differences, the consensus step
+        (`choco_consensus`), then every node's SGD step; `_choco_send` makes this round's q."""
+        if merging and self._choco_q is not None:
+            assert isinstance(self.algorithm, CHOCO)
+            if self.sampling == "exact":  # message by message, in sender order, as `CHOCO.merge`
+                for i, (senders, weights) in enumerate(self.choco_in):
+                    for j, w in zip(senders, weights, strict=True):
+                        self.s[i].add_(self._choco_q[j], alpha=w)
+            else:
+                self.s.addmm_(self.mix_off, self._choco_q)
+            self.params = choco_consensus(self.params, self.x_hat, self.s, self.weight_sum.unsqueeze(1),
+                                          self.algorithm.gamma)
+        self._choco_q = None
+        if self.trains:
+            self._sync_train()
+
+    @torch.no_grad()
+    def _choco_send(self) -> None:
+        """`CHOCO.message` for every node: ``q = Q(x - x_hat)``, ``x_hat += q`` (decoded, as received)."""
+        alg = self.algorithm
+        assert isinstance(alg, CHOCO)
+        comp, numel, dtype = alg.compressor, self.layout.numel, self.params.dtype
+        diff = self.params - self.x_hat
+        if self.sampling == "exact":  # node by node, each with its own generator
+            q = torch.empty_like(diff)
+            for i in range(self.n):
+                wire_q = comp.compress(diff[i], self.choco_gens[i], contract=alg.rescale)
+                q[i] = comp.decompress(wire_q, numel, dtype, contract=alg.rescale)
+        else:
+            q = comp.decompress(comp.compress(diff, self.gen, contract=alg.rescale), numel, dtype,
+                                contract=alg.rescale)
+        self.x_hat += q
+        self._choco_q = q
+
     def _targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gossip learning: one random out-neighbour per sender; returns (senders, receivers).
 
@@ -687,9 +798,11 @@ class VectorizedSim:
 
     def _sync_send(self) -> tuple[torch.Tensor, ...]:
         """Count this round's messages; for gossip learning, return (senders, receivers)."""
-        if self.rule in ("mix", "push", "grad"):
+        if self.rule in ("mix", "push", "grad", "track", "choco"):
             self.msgs_out += self.send_deg
             self.msgs_in += self.recv_deg
+            if self.rule == "choco":
+                self._choco_send()
             if self.rule == "grad":
                 assert isinstance(self.algorithm, GradientExchange)
                 self._sent_params = self.round % self.algorithm.average_every == 0
@@ -750,6 +863,9 @@ class VectorizedSim:
     # ---------------------------------------------------------- async schedule
 
     def _run_async(self, writer: Callable[[dict[str, Any]], None]) -> None:
+        if self.algorithm.requirements.rounds:
+            self._run_rounds_async(writer)
+            return
         cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
         dur_h = emu.step_seconds(n, seed=cfg.seed)
         dur = dur_h.to(dev)
@@ -819,6 +935,42 @@ class VectorizedSim:
             self._after_metric(self._record(writer, next_eval, node_rows=True))
             next_eval += eval_dt
         self._after_metric(self._record(writer, self.sim_time, node_rows=True))
+
+    def _run_rounds_async(self, writer: Callable[[dict[str, Any]], None]) -> None:
+        """Round algorithms (DIGing, CHOCO) on the event clock: neighbour-local rounds.
+
+        A node starts step s + 1 when its step s is done and, after a gossip round, when every
+        in-neighbour's round-s message has arrived (the local cluster's ``_wait_for_round``).
+        Delivery is lossless and every node merges exactly its in-neighbours' round-s messages,
+        so the numbers are those of the sync schedule whatever the speeds and delays; only the
+        clock differs: ``start_i(s+1) = max(end_i(s), max_j end_j(s) + delay_ji)`` over in-links.
+        Nodes are therefore advanced round by round, and a metric row after round r carries the
+        time the last node finished it. (The cluster's bounded wait, ``timeout``, is not modelled:
+        a neighbour is always waited for.)
+        """
+        cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
+        dur = emu.step_seconds(n, seed=cfg.seed).to(dev)
+        src = torch.repeat_interleave(torch.arange(n, device=dev), self.send_deg)
+        dst = self.send_col
+        base = emu.link_latency(src, dst, seed=cfg.seed) + emu.transfer_seconds(self.msg_bytes)
+        start = torch.zeros(n, dtype=torch.float64, device=dev)
+        self._record(writer, 0.0, node_rows=False, evaluate=False)
+        for r in range(1, cfg.steps + 1):
+            self.rounds(1)
+            end = start + dur
+            if r % cfg.gossip_every == 0 and dst.numel():
+                delay = base
+                if emu.jitter:  # uniform in +-jitter, never negative
+                    u = torch.rand(dst.shape[0], dtype=torch.float64, generator=self.gen, device=dev)
+                    delay = (base + (2 * u - 1) * emu.jitter).clamp_min(0.0)
+                start = end.scatter_reduce(0, dst, end[src] + delay, reduce="amax")
+            else:
+                start = end
+            self.sim_time = float(end.max())
+            if r % cfg.eval_every == 0 or r == cfg.steps:
+                self._after_metric(self._record(writer, self.sim_time, node_rows=True))
+            else:
+                self._tick()
 
     def _gradex_merge(self, p: torch.Tensor, rows: torch.Tensor, r: torch.Tensor, got: Messages,
                       ring: SnapshotRing) -> None:
@@ -1010,6 +1162,7 @@ class VectorizedSim:
             "rejected": 0,
             "lost": int(self.lost),
             "expired": int(self.expired),
+            "round_timeouts": 0,  # neighbour-local rounds always wait (see _run_rounds_async)
             "wall_seconds": round(wall, 3),
             "simulated_seconds": self.sim_time,
             "node_steps": int(steps.sum()),
@@ -1058,27 +1211,51 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         rule = "avg"
     elif type(algorithm) is GradientExchange:
         rule = "grad"
+    elif type(algorithm) is DIGing:
+        rule = "track"
+    elif type(algorithm) is CHOCO:
+        rule = "choco"
     elif type(algorithm) is GossipLearning and algorithm.order == "merge_update":
         rule = "age"
     else:
         detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
         raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
-                          "yet (dpsgd, averaging, gradex, pushsum, pushsum_averaging, epidemic and gossip "
-                          "are); "
-                          "use engine = \"cluster\"")
+                          "yet (dpsgd, averaging, gradex, pushsum, pushsum_averaging, epidemic, choco, diging "
+                          "and gossip are); use engine = \"cluster\"")
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
     emulation = parse_emulation(cfg.emulation)
+    if algorithm.requirements.rounds and cfg.schedule == "async":
+        if cfg.duration is not None:
+            raise ConfigError(f"duration: {cfg.algorithm} runs in neighbour-local rounds, which the vectorised "
+                              "engine advances round by round; give steps instead")
+        if emulation.churn:
+            raise ConfigError(f"emulation.churn: {cfg.algorithm} waits for every neighbour each round; the "
+                              "vectorised engine does not model an offline neighbour's timeout (use "
+                              "engine = \"cluster\")")
     emulation.node_speeds(cfg.nodes, seed=cfg.seed)  # per-node factors must match the node count
+    if build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed).period != 1:
+        raise ConfigError(f"topology: {cfg.topology!r} gives a new graph every round; the vectorised engine "
+                          "runs static topologies only (use engine = \"cluster\")")
     graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
-    if algorithm.requirements.undirected and graph.is_directed():
-        raise ConfigError(f"topology: {cfg.algorithm} needs an undirected graph; {cfg.topology!r} is directed")
+    check_requirements(cfg, algorithm, directed=graph.is_directed(), time_varying=False)  # loss, direction
     return algorithm, rule, emulation, graph
 
 
 def check_config(cfg: RunConfig) -> None:
     """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
     _checked(cfg)
+
+
+def _csr_from(row: np.ndarray, col: np.ndarray, val: np.ndarray, n: int, dev: torch.device) -> torch.Tensor:
+    """The ``n x n`` CSR matrix with ``val`` at (``row``, ``col``) (no duplicates), 32-bit indices
+    where they fit: the sparse product is faster with them."""
+    order = np.lexsort((col, row))
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=n), out=ptr[1:])
+    index = torch.int32 if len(row) < 2**31 else torch.int64
+    return _csr(torch.from_numpy(ptr).to(dev, index), torch.from_numpy(col[order]).to(dev, index),
+                torch.from_numpy(val[order]).to(dev), (n, n))
 
 
 def _by_row(r: torch.Tensor, cols: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

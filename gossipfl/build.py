@@ -10,13 +10,13 @@ import hashlib
 
 import torch
 
-from gossipfl.algorithms import Algorithm, get_algorithm
+from gossipfl.algorithms import Algorithm, LocalState, get_algorithm
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
 
-__all__ = ["build_algorithm", "build_data", "build_trainer", "check_model_fits", "check_requirements", "node_seed",
-           "stable_index"]
+__all__ = ["build_algorithm", "build_data", "build_trainer", "check_algorithm_fits", "check_model_fits",
+           "check_requirements", "node_seed", "stable_index"]
 
 
 def build_data(cfg: RunConfig) -> Dataset:
@@ -60,6 +60,16 @@ def check_model_fits(cfg: RunConfig, data: Dataset, trainer: Trainer) -> None:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataError(f"model: {what}: a batch of {len(x)} gives output {got}, expected {list(expected)}")
+
+
+def check_algorithm_fits(algorithm: Algorithm, trainer: Trainer) -> None:
+    """Run the algorithm's ``init_state`` on a copy of one node's model, so that a hyperparameter
+    that does not fit the model (more gossip partitions than parameters) is a ConfigError naming
+    it before any node starts, not a traceback in every node."""
+    try:
+        algorithm.init_state(LocalState(params=trainer.params.detach().clone(), seed=0))
+    except ValueError as exc:
+        raise ConfigError(f"algorithm_params: {exc}") from None
 
 
 def build_algorithm(cfg: RunConfig) -> Algorithm:

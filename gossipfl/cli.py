@@ -228,7 +228,14 @@ def _node_id(cfg: RunConfig) -> str:
 
 
 async def _serve_node(cfg: RunConfig) -> int:
-    from gossipfl.build import build_algorithm, build_data, build_trainer, check_model_fits, stable_index
+    from gossipfl.build import (
+        build_algorithm,
+        build_data,
+        build_trainer,
+        check_algorithm_fits,
+        check_model_fits,
+        stable_index,
+    )
     from gossipfl.metrics import MetricsWriter
     from gossipfl.node import Node
     from gossipfl.topology import check_spec
@@ -243,6 +250,7 @@ async def _serve_node(cfg: RunConfig) -> int:
         log.info("no --shards given: this node trains on the whole training set")
     trainer = build_trainer(cfg, data, index, shards)
     check_model_fits(cfg, data, trainer)
+    check_algorithm_fits(build_algorithm(cfg), trainer)
     metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,14 +22,23 @@ __all__ = ["default_run_folder", "execute", "make_run_folder", "preflight", "wri
 def preflight(cfg: RunConfig) -> None:
     """Build topology, algorithm, data and one node's model once, so that a bad setting is
     reported (ConfigError naming it) before a run folder is created or a socket bound."""
-    from gossipfl.build import build_algorithm, build_data, build_trainer, check_model_fits, check_requirements
+    from gossipfl.build import (
+        build_algorithm,
+        build_data,
+        build_trainer,
+        check_algorithm_fits,
+        check_model_fits,
+        check_requirements,
+    )
     from gossipfl.topology import build_schedule
 
     schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
     algorithm = build_algorithm(cfg)
     check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
     data = build_data(cfg)
-    check_model_fits(cfg, data, build_trainer(cfg, data, 0, cfg.nodes))
+    trainer = build_trainer(cfg, data, 0, cfg.nodes)
+    check_model_fits(cfg, data, trainer)
+    check_algorithm_fits(algorithm, trainer)
     if cfg.engine == "vectorized":
         from gossipfl.sim.vectorized import check_config
 

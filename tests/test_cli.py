@@ -81,6 +81,18 @@ def test_user_mistakes_exit_2_with_one_clear_line(tmp_path: Path, capsys, argv: 
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("engine", ["cluster", "vectorized"])
+def test_hyperparameter_that_does_not_fit_the_model_exits_2(tmp_path: Path, capsys, engine: str) -> None:
+    """More gossip partitions than parameters: caught before any node starts, in both engines."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('algorithm = "gossip_partitioned"\nnodes = 3\nsteps = 2\n[algorithm_params]\npartitions = 1000000\n')
+    assert main(["sim", "--config", str(cfg), "--engine", engine, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "algorithm_params: partitions=1000000 exceeds the 2410 parameters" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_config_file_names_the_key(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.toml"
     for text, needle in [("nodes = 'eight'\n", "nodes"), ("nodez = 8\n", "nodez"), ("steps = [\n", "TOML"),

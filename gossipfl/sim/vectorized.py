@@ -19,7 +19,10 @@ DIGing keeps the tracker ``y`` and last gradient ``g`` as rows; a round mixes mo
 with M and takes the tracking step (`tracker_update`). CHOCO keeps the public copies ``x_hat``
 and ``s = W_off x_hat`` as rows; a send compresses every ``x - x_hat`` at once (the operators of
 `gossipfl.algorithms.compression` take a leading node axis; ``exact`` sampling draws with each
-node's own generator) and a merge is ``s += W_off q`` and `choco_consensus`.
+node's own generator) and a merge is ``s += W_off q`` and `choco_consensus`. Gossip learning's
+update-merge order gives every arrival one SGD step on its receiver's next minibatch (a batched
+gradient per merge wave) after the own step; partitioned gossip keeps per-part ages ``[N, P]`` and
+merges only the entries of the part a message carries (its index rides in the message's weight).
 The algorithm math is reused unchanged.
 
 Two schedules, chosen by ``cfg.schedule``:
@@ -95,7 +98,7 @@ from gossipfl.algorithms.base import LocalState
 from gossipfl.algorithms.choco import CHOCO, choco_consensus
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
 from gossipfl.algorithms.epidemic import EpidemicLearning
-from gossipfl.algorithms.gossip import GossipLearning, age_weighted_merge
+from gossipfl.algorithms.gossip import GossipLearning, PartitionedGossip, age_weighted_merge
 from gossipfl.algorithms.gradex import GradientExchange
 from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging, push_share
 from gossipfl.algorithms.tracking import DIGing, tracker_update
@@ -396,8 +399,22 @@ class VectorizedSim:
         self.eval_block = max(1, min(n, (2**22 if dev.type == "cpu" else 2**28) // (tsize * width)))
 
     def _extra_state(self) -> None:
-        """Rows of what DIGing and CHOCO keep beside the model (their ``init_state``, one row per node)."""
-        n, cfg = self.n, self.cfg
+        """Rows of what DIGing, CHOCO and partitioned gossip keep beside the model (their
+        ``init_state``, one row per node)."""
+        n, cfg, alg = self.n, self.cfg, self.algorithm
+        # gossip learning variants: update-merge order; partitioned (per-part ages [N, P], float64)
+        self.update_merge = isinstance(alg, GossipLearning) and alg.order == "update_merge"
+        self.partitions = alg.partitions if isinstance(alg, PartitionedGossip) else 0
+        if self.partitions:
+            assert isinstance(alg, PartitionedGossip)
+            if self.partitions > self.layout.numel:
+                raise ConfigError(f"algorithm_params.partitions: {self.partitions} exceeds the "
+                                  f"{self.layout.numel} parameters")
+            self.part_ages = torch.zeros(n, self.partitions, dtype=torch.float64, device=self.device)
+            self._part_of = torch.arange(self.layout.numel, device=self.device) % self.partitions
+            if self.sampling == "exact":  # each node's own part generator (`_util.generator`)
+                self.part_gens = [node_generator(LocalState(params=torch.zeros(0), seed=cfg.seed * 31 + i), alg.seed)
+                                  for i in range(n)]
         if self.rule == "track":  # tracker y, last gradient g; y_mix: the mixed trackers this round
             self.y = torch.zeros_like(self.params)
             self.g = torch.zeros_like(self.params)
@@ -417,7 +434,7 @@ class VectorizedSim:
         """Size of one encoded gossip message, as the wire codec would frame it."""
         deg = int(self.send_deg.max()) if self.n else 0
         tensors = {"params": torch.zeros(self.layout.numel, dtype=self.layout.dtype)}
-        if self.rule in ("track", "choco"):  # params and tracker; CHOCO: the compressed difference
+        if self.rule in ("track", "choco") or self.partitions:  # and tracker; CHOCO: q; partitioned: a part
             specs = self.algorithm.tensor_specs(self.layout.numel, self.layout.dtype)
             tensors = {k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in specs.items()}
         env = wire.Envelope(
@@ -522,13 +539,64 @@ class VectorizedSim:
 
     @torch.no_grad()
     def _age_merge(self, p: torch.Tensor, age: torch.Tensor, recv: torch.Tensor,
-                   models: torch.Tensor, ages: torch.Tensor, waves: list[torch.Tensor]) -> None:
-        """Gossip learning: each receiver folds its messages in, one after another, in wave order."""
+                   models: torch.Tensor, ages: torch.Tensor, waves: list[torch.Tensor],
+                   parts: torch.Tensor | None = None, part_ages: torch.Tensor | None = None) -> None:
+        """Gossip learning: each receiver folds its messages in, one after another, in wave order.
+
+        Partitioned gossip (``parts``: each message's part, ``part_ages``: the receivers' ages per
+        part) merges only the entries of the message's part, with that part's ages
+        (`merge_partition`)."""
         for wave in waves:
             r = recv[wave]
-            merged, a = age_weighted_merge(p[r], age[r], models[wave], ages[wave])
-            p[r] = merged
-            age[r] = a
+            if parts is None or part_ages is None:
+                merged, a = age_weighted_merge(p[r], age[r], models[wave], ages[wave])
+                p[r] = merged
+                age[r] = a
+                continue
+            k = parts[wave]
+            merged, a = age_weighted_merge(p[r], part_ages[r, k], models[wave], ages[wave])
+            p[r] = torch.where(self._part_of == k.unsqueeze(1), merged, p[r])
+            part_ages[r, k] = torch.as_tensor(a).to(part_ages.dtype)
+
+    def _update_merge(self, p: torch.Tensor, age: torch.Tensor, nodes: torch.Tensor, recv: torch.Tensor,
+                      models: torch.Tensor, ages: torch.Tensor, waves: list[torch.Tensor]) -> None:
+        """Gossip learning, update-merge order (`GossipLearning.local_step`), after the own step:
+        each arrived model takes one plain SGD step on its receiver's next minibatch, then is
+        merged with ages counting that update. ``nodes[i]`` is the node of row i of ``p``."""
+        lr = self.cfg.lr
+        if not waves:
+            return
+        cur = age.clone()
+        recvd = torch.zeros(age.shape[0], dtype=torch.bool, device=age.device)
+        recvd[recv] = True
+        cur += recvd.to(cur.dtype)  # the own step (the engine adds its 1 later)
+        for wave in waves:
+            r = recv[wave]
+            gidx, weight = self.batches.next(nodes.index_select(0, r))
+            k, b = gidx.shape
+            flat = gidx.reshape(-1)
+            xb = self.x_train.index_select(0, flat).view(k, b, *self.x_train.shape[1:])
+            yb = self.y_train.index_select(0, flat).view(k, b)
+            _, grad = self.model.loss_and_grad(models[wave], xb, yb, weight)
+            with torch.no_grad():
+                updated = models[wave] - lr * grad
+                merged, a = age_weighted_merge(p[r], cur[r], updated, ages[wave] + 1)
+                p[r] = merged
+                cur[r] = a
+        age.copy_(torch.where(recvd, cur - 1, age))
+
+    def _send_parts(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partitioned gossip: the part each sender sends and that part's age (`PartitionedGossip.message`).
+
+        Only senders with an out-neighbour draw (a node with no target builds no message)."""
+        has = self.send_deg.index_select(0, senders) > 0
+        if self.sampling == "exact":
+            drawn = [int(torch.randint(self.partitions, (), generator=self.part_gens[i])) if h else 0
+                     for i, h in zip(senders.tolist(), has.tolist(), strict=True)]
+            parts = torch.tensor(drawn, dtype=torch.int64, device=self.device)
+        else:
+            parts = torch.randint(self.partitions, senders.shape, generator=self.gen, device=self.device)
+        return parts, self.part_ages[senders, parts]
 
     # ------------------------------------------------------------------ evaluation
 
@@ -661,16 +729,25 @@ class VectorizedSim:
             elif self.rule == "choco":
                 self._sync_choco_round(self._pending is not None)
             else:
-                if self._pending is not None and self.rule == "avg":
-                    self._sync_avg_merge(*self._pending)
-                elif self._pending is not None:
-                    self._sync_age_merge(*self._pending)
+                pending, arrived = self._pending, None
+                if pending is not None and self.rule == "avg":
+                    self._sync_avg_merge(*pending)
+                elif pending is not None and self.update_merge:  # merged after the own step
+                    arrived = (pending[1], self.params[pending[0]], self.age[pending[0]], pending[0])
+                elif pending is not None:
+                    self._sync_age_merge(*pending)
                 if self.trains:
                     self._sync_train()
+                if arrived is not None:
+                    recv, models, ages, send = arrived
+                    self._update_merge(self.params, self.age, torch.arange(self.n, device=self.device), recv,
+                                       models, ages, merge_waves(recv, send))
             self._pending = None
             self.step += 1
             if self.trains:
                 self.age += 1
+                if self.partitions:
+                    self.part_ages += 1
             self.node_steps += self.n
             self.sim_time = self.round * self.emulation.step_time
             if self.round % self.cfg.gossip_every == 0:
@@ -813,6 +890,8 @@ class VectorizedSim:
         send, recv = self._targets(torch.arange(self.n, device=self.device))
         self.msgs_out.index_add_(0, send, torch.ones_like(send))
         self.msgs_in.index_add_(0, recv, torch.ones_like(recv))
+        if self.partitions:  # one sender, one target: the part and its age as sent now
+            return (send, recv, *self._send_parts(send))
         return send, recv
 
     def _fanout_targets(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -855,10 +934,12 @@ class VectorizedSim:
         out = torch.sparse.mm(_csr(crow, send[order], own[recv[order]], (n, n)), p)
         self.params = out.addcmul_(p, own.unsqueeze(1))
 
-    def _sync_age_merge(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+    def _sync_age_merge(self, send: torch.Tensor, recv: torch.Tensor, parts: torch.Tensor | None = None,
+                        part_age: torch.Tensor | None = None) -> None:
         # What each sender sent at the end of round r-1 is its model now, before anyone merges.
-        models, ages = self.params[send], self.age[send]
-        self._age_merge(self.params, self.age, recv, models, ages, merge_waves(recv, send))
+        models, ages = self.params[send], self.age[send] if part_age is None else part_age
+        self._age_merge(self.params, self.age, recv, models, ages, merge_waves(recv, send), parts,
+                        self.part_ages if self.partitions else None)
 
     # ---------------------------------------------------------- async schedule
 
@@ -1028,6 +1109,10 @@ class VectorizedSim:
         full = count == n  # every node steps (identical nodes): work on the state itself, no copies
         p = self.params if full else self.params.index_select(0, rows)
         age = self.age if full else self.age.index_select(0, rows)
+        part_ages = None
+        if self.partitions:
+            part_ages = self.part_ages if full else self.part_ages.index_select(0, rows)
+        arrived: tuple[torch.Tensor, ...] | None = None
         # deliveries: messages that arrived by the start of their receiver's step
         if len(inflight):
             m = inflight
@@ -1062,10 +1147,14 @@ class VectorizedSim:
                         mass = w.double() * ring.age.view(-1)[cols].double()
                         self.weight.index_add_(0, got.recv[order], mass)
                     p.addmm_(_csr(crow, cols, w, (count, ring.depth * n)), ring.flat)
+                elif self.update_merge:  # merged after the own step, below
+                    flat = ring.rows(got)
+                    arrived = (r, ring.flat[flat], ring.age.view(-1)[flat], got.arrive, got.send)
                 else:
                     waves = merge_waves(r, got.arrive, got.send)
                     flat = ring.rows(got)
-                    self._age_merge(p, age, r, ring.flat[flat], ring.age.view(-1)[flat], waves)
+                    parts = got.weight.long() if self.partitions else None  # the part rides in the weight
+                    self._age_merge(p, age, r, ring.flat[flat], ring.age.view(-1)[flat], waves, parts, part_ages)
         if self.trains and everyone_trains:
             v = self.velocity
             if v is not None and not full:
@@ -1075,11 +1164,18 @@ class VectorizedSim:
                 self.velocity.index_copy_(0, rows, v)
         elif self.trains:
             self._train_some(p, rows, tr.nonzero().squeeze(1))
+        if arrived is not None and self.trains:  # update-merge: only nodes that stepped (a lingering node has none)
+            r, models, ages, at, sender = (a[tr.index_select(0, arrived[0])] for a in arrived)
+            self._update_merge(p, age, rows, r, models, ages, merge_waves(r, at, sender))
         if self.trains:
             age += tr.to(age.dtype)
+            if part_ages is not None:
+                part_ages += tr.to(part_ages.dtype).unsqueeze(1)
         if not full:
             self.params.index_copy_(0, rows, p)
             self.age.index_copy_(0, rows, age)
+            if part_ages is not None:
+                self.part_ages.index_copy_(0, rows, part_ages)
         step = self.step.index_select(0, rows) + tr.long()
         self.step.index_copy_(0, rows, step)
         # sends, at the end of each step (a lingering node sends at every tick)
@@ -1108,6 +1204,10 @@ class VectorizedSim:
             flag = (sent_step % self.algorithm.average_every == 0).to(ages.dtype)
             self._model_ring.record(senders, models, flag)
             models, ages = self.grad.index_select(0, senders), flag
+        parts = None
+        if self.partitions:  # PartitionedGossip.message: one random part, with that part's age
+            parts, ages = self._send_parts(senders)
+            ages = ages.to(models.dtype)
         slot, seq = ring.record(senders, models, ages)
         which = torch.arange(senders.shape[0], device=dev)
         if self.rule in ("mix", "push", "grad"):
@@ -1120,6 +1220,8 @@ class VectorizedSim:
             send, recv = self._targets(senders)
             which = torch.searchsorted(senders, send)
             weight = torch.zeros(send.shape[0], dtype=torch.float32, device=dev)
+            if parts is not None:  # gossip has no mixing weight: the slot carries the part index
+                weight = parts[which].to(torch.float32)
         delay = emu.link_latency(send, recv, seed=self.cfg.seed)
         if emu.jitter:  # uniform in +-jitter, never before the message was sent
             u = torch.rand(send.shape[0], dtype=torch.float64, generator=self.gen, device=dev)
@@ -1215,13 +1317,11 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         rule = "track"
     elif type(algorithm) is CHOCO:
         rule = "choco"
-    elif type(algorithm) is GossipLearning and algorithm.order == "merge_update":
+    elif type(algorithm) in (GossipLearning, PartitionedGossip):
         rule = "age"
     else:
-        detail = " with order = \"update_merge\"" if isinstance(algorithm, GossipLearning) else ""
-        raise ConfigError(f"algorithm: {cfg.algorithm!r}{detail} is not available in the vectorised engine "
-                          "yet (dpsgd, averaging, gradex, pushsum, pushsum_averaging, epidemic, choco, diging "
-                          "and gossip are); use engine = \"cluster\"")
+        raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in the vectorised engine "
+                          "yet (every algorithm but adpsgd is); use engine = \"cluster\"")
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
     emulation = parse_emulation(cfg.emulation)

@@ -785,6 +785,8 @@ class Node:
             self._lock.release()
         self.bytes_in += len(body)
         self.msgs_in += 1
+        self.bytes_out += len(out)  # the reply carries our model too: it counts as a message sent
+        self.msgs_out += 1
         addr = env.meta.get("addr")
         if isinstance(addr, str) and _valid_address(addr):
             self.membership.seen(env.sender, addr)

@@ -6,7 +6,8 @@ Every node's flat parameter vector is a row of ``params`` (and its momentum a ro
 any other model). A D-PSGD merge is a sparse product on the node axis with the matrix that
 `gossipfl.algorithms.dpsgd.mix` defines (mix is linear; `mix_self_weight` reads its diagonal off
 mix itself), and gossip-learning merges are batched calls of
-`gossipfl.algorithms.gossip.age_weighted_merge`. Push-sum / SGP (`gossipfl.algorithms.pushsum`)
+`gossipfl.algorithms.gossip.age_weighted_merge`; AD-PSGD's pairwise exchanges (`exchange_delta`) run
+in waves of disjoint pairs. Push-sum / SGP (`gossipfl.algorithms.pushsum`)
 keeps each node's mass ``w`` beside its row ``x``: a push scales the sender by its kept share
 (`push_share`), a merge adds every share that arrived (x and w, one sparse product), and a local
 step is SGD on ``z = x / w`` (the `PushSum.local_step` rule); metrics read the de-biased ``x / w``.
@@ -43,7 +44,9 @@ Two schedules, chosen by ``cfg.schedule``:
     pace, no training) until the last node is done; with a ``duration`` all stop together.
     Round algorithms (DIGing, CHOCO) keep neighbour-local rounds instead: a node waits for every
     in-neighbour's message of the round, so their numbers are the sync schedule's and only the
-    clock follows the emulation (`VectorizedSim._run_rounds_async`).
+    clock follows the emulation (`VectorizedSim._run_rounds_async`). AD-PSGD follows the node's
+    exchange protocol: an initiator waits for its reply, a responder answers at its next step
+    start, one that is exchanging itself answers busy (`VectorizedSim._pair_deliver`).
 
 Randomness, chosen by ``sampling``:
 
@@ -94,6 +97,7 @@ from torch import nn
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm
 from gossipfl.algorithms._util import generator as node_generator
+from gossipfl.algorithms.adpsgd import ADPSGD, exchange_delta
 from gossipfl.algorithms.base import LocalState
 from gossipfl.algorithms.choco import CHOCO, choco_consensus
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging, mix
@@ -421,6 +425,11 @@ class VectorizedSim:
             self.y_mix: torch.Tensor | None = None
             self._started = False  # the first step only computes y = g(x)
             self.velocity = None  # DIGing takes plain steps (momentum would break the tracking)
+        if self.rule == "pair":  # AD-PSGD async: requests in flight, initiators waiting for their reply
+            self._requests = Messages.empty(self.device)
+            self.waiting = torch.zeros(n, dtype=torch.bool, device=self.device)
+            self._hold = torch.zeros(n, dtype=torch.float64, device=self.device)  # earliest next step
+            self._seen_until = 0.0  # requests arriving before this were looked at in a time slice
         if self.rule == "choco":  # public copy x_hat, s = sum_j w_ij x_hat_j, last decoded q
             self.x_hat = torch.zeros_like(self.params)
             self.s = torch.zeros_like(self.params)
@@ -734,7 +743,7 @@ class VectorizedSim:
                     self._sync_avg_merge(*pending)
                 elif pending is not None and self.update_merge:  # merged after the own step
                     arrived = (pending[1], self.params[pending[0]], self.age[pending[0]], pending[0])
-                elif pending is not None:
+                elif pending:  # (AD-PSGD exchanged within its round: nothing pending)
                     self._sync_age_merge(*pending)
                 if self.trains:
                     self._sync_train()
@@ -888,6 +897,9 @@ class VectorizedSim:
                 self.weight.mul_(self.keep)
             return ()
         send, recv = self._targets(torch.arange(self.n, device=self.device))
+        if self.rule == "pair":  # AD-PSGD: the exchanges of this round, one after another in node order
+            self._exchange(send, recv, _pair_waves(send, recv))
+            return ()
         self.msgs_out.index_add_(0, send, torch.ones_like(send))
         self.msgs_in.index_add_(0, recv, torch.ones_like(recv))
         if self.partitions:  # one sender, one target: the part and its age as sent now
@@ -934,6 +946,101 @@ class VectorizedSim:
         out = torch.sparse.mm(_csr(crow, send[order], own[recv[order]], (n, n)), p)
         self.params = out.addcmul_(p, own.unsqueeze(1))
 
+    @torch.no_grad()
+    def _exchange(self, init: torch.Tensor, resp: torch.Tensor, waves: list[torch.Tensor],
+                  reply_ok: torch.Tensor | None = None) -> None:
+        """AD-PSGD exchanges (`ADPSGD.respond` / `apply_reply`), wave by wave (a node appears at most
+        once per wave): the responder moves towards the initiator's model, the initiator towards
+        the responder's model before it moved. ``reply_ok``: False where the reply was lost (the
+        responder moved, the initiator did not)."""
+        alg = self.algorithm
+        assert isinstance(alg, ADPSGD)
+        p = self.params
+        for wave in waves:
+            i, j = init[wave], resp[wave]
+            xi, xj = p[i], p[j]
+            p[j] = xj + exchange_delta(xj, xi, alg.mix)
+            moved = xi + exchange_delta(xi, xj, alg.mix)
+            if reply_ok is not None:
+                moved = torch.where(reply_ok[wave].unsqueeze(1), moved, xi)
+            p[i] = moved
+        ok = torch.ones_like(init) if reply_ok is None else reply_ok.long()
+        self.msgs_out.index_add_(0, init, torch.ones_like(init))  # the request
+        self.msgs_in.index_add_(0, resp, torch.ones_like(resp))
+        self.msgs_out.index_add_(0, resp, torch.ones_like(resp))  # the reply
+        self.msgs_in.index_add_(0, init, ok)
+
+    def _pair_request(self, senders: torch.Tensor, sent_at: torch.Tensor, closed: torch.Tensor) -> None:
+        """AD-PSGD initiators (after their step): pick a neighbour, send the request, and wait for
+        the reply. A lost request leaves the initiator waiting out ``timeout``."""
+        if not senders.numel():
+            return
+        emu, dev = self.emulation, self.device
+        init, resp = self._targets(senders)
+        at = sent_at[torch.searchsorted(senders, init)]
+        arrive = at + self._delay(init, resp)
+        ok = torch.ones_like(init, dtype=torch.bool)
+        if emu.loss:
+            ok = torch.rand(init.shape[0], generator=self.gen, device=dev) >= emu.loss
+            self.lost += (~ok).sum()
+        self._hold[init[~ok]] = at[~ok] + self.cfg.timeout
+        self.waiting[init[ok]] = True
+        zero = torch.zeros_like(init)
+        new = Messages(resp, init, zero, zero, arrive, torch.zeros(init.shape[0], device=dev)).select(ok)
+        self._requests = self._requests.extend(new)
+
+    def _delay(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """One message's delay on each link src -> dst: latency, jitter, transfer of a model."""
+        emu = self.emulation
+        delay = emu.link_latency(src, dst, seed=self.cfg.seed)
+        if emu.jitter:  # uniform in +-jitter, never negative
+            u = torch.rand(src.shape[0], dtype=torch.float64, generator=self.gen, device=src.device)
+            delay = (delay + (2 * u - 1) * emu.jitter).clamp_min(0.0)
+        return delay + emu.transfer_seconds(self.msg_bytes)
+
+    def _pair_deliver(self, t_next: torch.Tensor, t_end: float, up: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
+        """AD-PSGD requests that reached their responder by this time slice (the node's
+        ``rpc_exchange``): a responder that is itself waiting for a reply when the request arrives
+        answers busy (423), an offline one loses the request (the initiator waits out
+        ``timeout``), a finished one answers 503; otherwise the request waits for the responder's
+        lock, i.e. its next step start (even if the responder starts an exchange of its own
+        meanwhile), where the requests that arrived by then exchange in arrival order; the reply,
+        which may be lost, frees the initiator. (A request's ``weight`` marks it as queued.)
+        Returns ``t_next`` with the freed initiators' next step times."""
+        req = self._requests
+        self._seen_until = t_end
+        if not len(req):
+            return t_next
+        j, i, arrive = req.recv, req.send, req.arrive
+        here = arrive < t_end
+        queued = req.weight > 0.5  # reached a free responder earlier: it waits for the lock, it is not refused
+        busy = here & ~queued & self.waiting[j]
+        gone = here & ~busy & ~up[j]
+        done = here & ~busy & ~gone & closed[j]
+        answer = up[j] & ~self.waiting[j] & ~closed[j] & (t_next[j] < t_end) & (arrive <= t_next[j])
+        back = arrive + self._delay(j, i)  # a refusal's way back
+        free = torch.full_like(arrive, math.inf)
+        free = torch.where(busy | done, back, free)
+        free = torch.where(gone, arrive + self.cfg.timeout, free)
+        self.lost += gone.sum()
+        if bool(answer.any()):
+            ex = answer.nonzero().squeeze(1)
+            ok = torch.ones(ex.shape[0], dtype=torch.bool, device=self.device)
+            if self.emulation.loss:
+                ok = torch.rand(ex.shape[0], generator=self.gen, device=self.device) >= self.emulation.loss
+                self.lost += (~ok).sum()
+            ii, jj = i[ex], j[ex]
+            self._exchange(ii, jj, merge_waves(jj, arrive[ex], ii), ok)
+            reply = t_next[jj] + self._delay(jj, ii)  # the responder answers at its step start
+            free[ex] = torch.where(ok, reply, arrive[ex] + self.cfg.timeout)
+        settled = busy | gone | done | answer
+        t_next = t_next.clone()
+        t_next[i[settled]] = free[settled]
+        self.waiting[i[settled]] = False
+        req.weight = torch.where(here, 1.0, req.weight)  # the rest wait for their responder's next step
+        self._requests = req.select(~settled)
+        return t_next
+
     def _sync_age_merge(self, send: torch.Tensor, recv: torch.Tensor, parts: torch.Tensor | None = None,
                         part_age: torch.Tensor | None = None) -> None:
         # What each sender sent at the end of round r-1 is its model now, before anyone merges.
@@ -948,6 +1055,10 @@ class VectorizedSim:
             self._run_rounds_async(writer)
             return
         cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
+        if self.rule == "pair" and emu.ideal:
+            log.warning("adpsgd on identical nodes: every node starts its exchange at the same instant, so "
+                        "each finds its partner busy (423) and no exchange completes; give the [emulation] "
+                        "table a speed spread or jitter, or use schedule = \"sync\"")
         dur_h = emu.step_seconds(n, seed=cfg.seed)
         dur = dur_h.to(dev)
         width = emu.slice_width(dur_h)
@@ -958,7 +1069,7 @@ class VectorizedSim:
         # finishes its step.
         fastest, slowest = float(dur_h.min()), float(dur_h.max())
         span = delay_max + width + (slowest if self.rule in ("age", "push", "grad") else 0.0)
-        depth = 1 if emu.ideal else 2 + math.ceil(span / fastest)
+        depth = 1 if emu.ideal or self.rule == "pair" else 2 + math.ceil(span / fastest)  # AD-PSGD: no ring
         cap = max(2, min(MAX_RING, RING_BYTES // max(1, n * self.layout.numel * self.params.element_size())))
         if depth > cap:
             log.warning("the snapshot ring keeps the last %d models per node, not the %d these delays "
@@ -990,6 +1101,10 @@ class VectorizedSim:
             if t_toggle is not None:
                 nxt = torch.minimum(nxt, torch.stack([torch.where(active, t_toggle, inf).min(),
                                                       torch.where(training, t_toggle, inf).min()]))
+            if self.rule == "pair" and len(self._requests):  # requests still to look at, and replies to wait for
+                arr = self._requests.arrive
+                nxt = torch.minimum(nxt, torch.stack([torch.where(arr >= self._seen_until, arr, inf).min(),
+                                                      arr.min()]))
             t0, t_train = nxt.tolist()  # the next event times: one read per time slice
             if math.isinf(t_train):  # nobody trains any more: the run is over
                 break
@@ -1006,10 +1121,15 @@ class VectorizedSim:
                 t_toggle = torch.where(flip, t_toggle + self._exponential(n, 1.0) * mean, t_toggle)
             t_end = t0 + width
             self.sim_time = t0
+            if self.rule == "pair":  # exchanges happen at the responder's step start, before the batch
+                t_next = self._pair_deliver(t_next, t_end, up, ~active)
             stepping = up & active & (t_next < t_end)
             inflight = self._async_batch(stepping, training, t_next, t_end, dur, up, ~active, ring, inflight)
             tick = torch.where(training, dur, dur * cfg.gossip_every)  # a lingering node's gossip period
             t_next = torch.where(stepping, t_next + tick, t_next)
+            if self.rule == "pair":  # an initiator waits for its reply (inf until the responder answers)
+                t_next = torch.where(self.waiting, inf, torch.maximum(t_next, self._hold))
+                self._hold.zero_()
             self._tick()
         self.sim_time = float(t_next.max()) if cfg.duration is None else cfg.duration
         while next_eval < self.sim_time:
@@ -1186,6 +1306,10 @@ class VectorizedSim:
             senders, models, ages = rows[which], p.index_select(0, which), age[which]
         if not senders.numel():
             return inflight
+        if self.rule == "pair":  # only training nodes initiate (a lingering one still answers)
+            keep = tr.index_select(0, which) if not (self.cfg.gossip_every == 1 and everyone_trains) else tr
+            self._pair_request(senders[keep], (t_next + dur).index_select(0, senders[keep]), closed)
+            return inflight
         if self.rule == "push":
             # PushSum.message: the sender keeps its own share of x and w; the ring holds what it
             # kept (its messages scale that by send / keep) and, in the age slot, its kept w.
@@ -1319,9 +1443,11 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
         rule = "choco"
     elif type(algorithm) in (GossipLearning, PartitionedGossip):
         rule = "age"
+    elif type(algorithm) is ADPSGD:
+        rule = "pair"
     else:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in the vectorised engine "
-                          "yet (every algorithm but adpsgd is); use engine = \"cluster\"")
+                          "(it runs the built-in algorithms only); use engine = \"cluster\"")
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
     emulation = parse_emulation(cfg.emulation)
@@ -1345,6 +1471,23 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
 def check_config(cfg: RunConfig) -> None:
     """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
     _checked(cfg)
+
+
+def _pair_waves(init: torch.Tensor, resp: torch.Tensor) -> list[torch.Tensor]:
+    """Pairwise exchanges that run one after another, grouped into waves of disjoint pairs.
+
+    Exchange k goes one wave after the last earlier exchange that touched either of its nodes, so
+    every node sees its exchanges in the original order (a scan over exchanges, not over D)."""
+    last: dict[int, int] = {}
+    wave_of: list[int] = []
+    for i, j in zip(init.tolist(), resp.tolist(), strict=True):
+        k = max(last.get(i, -1), last.get(j, -1)) + 1
+        last[i] = last[j] = k
+        wave_of.append(k)
+    if not wave_of:
+        return []
+    waves = torch.tensor(wave_of, device=init.device)
+    return [(waves == k).nonzero().squeeze(1) for k in range(max(wave_of) + 1)]
 
 
 def _csr_from(row: np.ndarray, col: np.ndarray, val: np.ndarray, n: int, dev: torch.device) -> torch.Tensor:

@@ -105,11 +105,12 @@ class BatchedMLP:
 
         Activations are kept feature-major, ``[n, features, batch]``: then every matmul takes the
         weights as stored (``[out, in]`` rows of the flat vector, no transposed copies) and the
-        gradients come out in the stored layout too."""
+        gradients come out in the stored layout too. A plain ``bmm`` and an in-place bias add beat
+        ``baddbmm`` with a broadcast bias (which first copies the bias into every output)."""
         acts, out = [xt], []
         for k in range(len(self.layers)):
             w, b = self._weights(p, k)
-            z = torch.baddbmm(b.unsqueeze(2), w, acts[-1])
+            z = torch.bmm(w, acts[-1]).add_(b.unsqueeze(2))
             if k < len(self.layers) - 1:
                 acts.append(z.relu_())  # in place: relu(z) > 0 exactly where z > 0, all backward needs
             out.append(z)
@@ -118,16 +119,15 @@ class BatchedMLP:
     def _backward(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
                   sink: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
         """Forward, loss, and backward; hands each layer's (weight, bias) gradient to ``sink``."""
-        acts, pre = self._forward(p, x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2))
+        xb = x.reshape(x.shape[0], x.shape[1], -1)  # [n, B, in]
+        acts, pre = self._forward(p, xb.transpose(1, 2))
         z = pre[-1]  # [n, classes, B]
-        # softmax cross-entropy, written out (see module docstring)
-        zmax = z.amax(1, keepdim=True)
-        e = torch.exp(z - zmax)
-        s = e.sum(1, keepdim=True)
-        zy = z.gather(1, y.unsqueeze(1))
-        nll = (torch.log(s) + zmax - zy).squeeze(1)  # [n, B]
-        dz = e.div_(s)
-        dz.scatter_add_(1, y.unsqueeze(1), torch.full_like(zy, -1.0))
+        # softmax cross-entropy over the class axis (not the last one: no slow short-axis kernel)
+        logp = torch.log_softmax(z, 1)
+        yi = y.unsqueeze(1)
+        nll = logp.gather(1, yi).squeeze(1).neg_()  # [n, B]
+        dz = logp.exp_()
+        dz.scatter_add_(1, yi, torch.full(yi.shape, -1.0, dtype=dz.dtype, device=dz.device))
         if weight is None:
             loss = nll.mean(1)
             dz.mul_(1.0 / z.shape[2])
@@ -136,7 +136,7 @@ class BatchedMLP:
             loss = (nll * weight).sum(1) / count.squeeze(1)
             dz.mul_((weight / count).unsqueeze(1))
         for k in range(len(self.layers) - 1, -1, -1):
-            gw = torch.bmm(dz, acts[k].transpose(1, 2))
+            gw = torch.bmm(dz, xb if k == 0 else acts[k].transpose(1, 2))
             gb = dz.sum(2)
             if k:  # propagate through the pre-update weights before anyone changes them
                 w, _ = self._weights(p, k)

@@ -6,8 +6,8 @@ Two implementations of one small interface (`BatchedModel`):
   with batched matmuls and a hand-written backward pass. On a 2-core CPU it is 2-3x faster than
   the ``torch.func`` path for the MLP 64-32-10 at 256-4096 nodes (``scripts/bench_sim.py``): no
   per-op batching rules, no autograd graph, no ``[n, D]`` gradient (the SGD update is applied layer
-  by layer), and the softmax over a short class axis is written out (``torch.softmax`` over a last
-  axis of 10 is slow on CPU).
+  by layer), and the log-softmax runs over the class axis of ``[n, classes, batch]`` logits (over a
+  last axis of 10 it is slow on CPU).
 - `FuncModel`: any ``nn.Module`` (the CNN, user models) through ``torch.func``:
   ``vmap(grad_and_value(loss))`` over ``functional_call`` on views of each row.
 
@@ -119,8 +119,7 @@ class BatchedMLP:
     def _backward(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
                   sink: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
         """Forward, loss, and backward; hands each layer's (weight, bias) gradient to ``sink``."""
-        xb = x.reshape(x.shape[0], x.shape[1], -1)  # [n, B, in]
-        acts, pre = self._forward(p, xb.transpose(1, 2))
+        acts, pre = self._forward(p, x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2))
         z = pre[-1]  # [n, classes, B]
         # softmax cross-entropy over the class axis (not the last one: no slow short-axis kernel)
         logp = torch.log_softmax(z, 1)
@@ -136,7 +135,7 @@ class BatchedMLP:
             loss = (nll * weight).sum(1) / count.squeeze(1)
             dz.mul_((weight / count).unsqueeze(1))
         for k in range(len(self.layers) - 1, -1, -1):
-            gw = torch.bmm(dz, xb if k == 0 else acts[k].transpose(1, 2))
+            gw = torch.bmm(dz, acts[k].transpose(1, 2))
             gb = dz.sum(2)
             if k:  # propagate through the pre-update weights before anyone changes them
                 w, _ = self._weights(p, k)

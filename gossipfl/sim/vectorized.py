@@ -1005,7 +1005,9 @@ class VectorizedSim:
         ``timeout``), a finished one answers 503; otherwise the request waits for the responder's
         lock, i.e. its next step start (even if the responder starts an exchange of its own
         meanwhile), where the requests that arrived by then exchange in arrival order; the reply,
-        which may be lost, frees the initiator. (A request's ``weight`` marks it as queued.)
+        which may be lost, frees the initiator. A queued request whose responder is still
+        exchanging ``timeout / 2`` after it arrived is answered busy, which ends any cycle of
+        nodes waiting for each other. (A request's ``weight`` marks it as queued.)
         Returns ``t_next`` with the freed initiators' next step times."""
         req = self._requests
         self._seen_until = t_end
@@ -1014,11 +1016,13 @@ class VectorizedSim:
         j, i, arrive = req.recv, req.send, req.arrive
         here = arrive < t_end
         queued = req.weight > 0.5  # reached a free responder earlier: it waits for the lock, it is not refused
-        busy = here & ~queued & self.waiting[j]
+        # ... for timeout / 2 (the node's rpc_exchange), then busy after all: ends a cycle of waits
+        waited = arrive + self.cfg.timeout / 2
+        busy = (here & ~queued & self.waiting[j]) | (queued & self.waiting[j] & (waited < t_end))
         gone = here & ~busy & ~up[j]
         done = here & ~busy & ~gone & closed[j]
         answer = up[j] & ~self.waiting[j] & ~closed[j] & (t_next[j] < t_end) & (arrive <= t_next[j])
-        back = arrive + self._delay(j, i)  # a refusal's way back
+        back = torch.where(queued, waited, arrive) + self._delay(j, i)  # a refusal's way back
         free = torch.full_like(arrive, math.inf)
         free = torch.where(busy | done, back, free)
         free = torch.where(gone, arrive + self.cfg.timeout, free)
@@ -1103,7 +1107,9 @@ class VectorizedSim:
                                                       torch.where(training, t_toggle, inf).min()]))
             if self.rule == "pair" and len(self._requests):  # requests still to look at, and replies to wait for
                 arr = self._requests.arrive
-                nxt = torch.minimum(nxt, torch.stack([torch.where(arr >= self._seen_until, arr, inf).min(),
+                # a request is looked at when it arrives and, if still queued, when its wait runs out
+                due = torch.where(self._requests.weight > 0.5, arr + cfg.timeout / 2, arr)
+                nxt = torch.minimum(nxt, torch.stack([torch.where(due >= self._seen_until, due, inf).min(),
                                                       arr.min()]))
             t0, t_train = nxt.tolist()  # the next event times: one read per time slice
             if math.isinf(t_train):  # nobody trains any more: the run is over

@@ -76,7 +76,7 @@ def _check_summary(summary: Any, where: Path) -> None:
     """A summary the table can show: a JSON object whose figures are numbers or null."""
     if not isinstance(summary, dict):
         raise ConfigError(f"report: {where} is not a run summary (a JSON object), got a {type(summary).__name__}")
-    rows = [("", summary, _SUMMARY_NUMBERS)]
+    rows: list[tuple[str, Any, tuple[str, ...]]] = [("", summary, _SUMMARY_NUMBERS)]
     per_node = summary.get("per_node", {})
     if not isinstance(per_node, dict) or not all(isinstance(r, dict) for r in per_node.values()):
         raise ConfigError(f"report: {where}: per_node must map node ids to objects")

@@ -403,9 +403,9 @@ class VectorizedSim:
         self.eval_block = max(1, min(n, (2**22 if dev.type == "cpu" else 2**28) // (tsize * width)))
 
     def _extra_state(self) -> None:
-        """Rows of what DIGing, CHOCO and partitioned gossip keep beside the model (their
-        ``init_state``, one row per node)."""
-        n, cfg, alg = self.n, self.cfg, self.algorithm
+        """Rows of what DIGing, CHOCO, partitioned gossip and AD-PSGD keep beside the model (their
+        ``init_state``, one row per node; AD-PSGD: its exchanges in flight)."""
+        n, alg = self.n, self.algorithm
         # gossip learning variants: update-merge order; partitioned (per-part ages [N, P], float64)
         self.update_merge = isinstance(alg, GossipLearning) and alg.order == "update_merge"
         self.partitions = alg.partitions if isinstance(alg, PartitionedGossip) else 0
@@ -416,9 +416,8 @@ class VectorizedSim:
                                   f"{self.layout.numel} parameters")
             self.part_ages = torch.zeros(n, self.partitions, dtype=torch.float64, device=self.device)
             self._part_of = torch.arange(self.layout.numel, device=self.device) % self.partitions
-            if self.sampling == "exact":  # each node's own part generator (`_util.generator`)
-                self.part_gens = [node_generator(LocalState(params=torch.zeros(0), seed=cfg.seed * 31 + i), alg.seed)
-                                  for i in range(n)]
+            if self.sampling == "exact":
+                self.part_gens = self._node_generators(alg.seed)
         if self.rule == "track":  # tracker y, last gradient g; y_mix: the mixed trackers this round
             self.y = torch.zeros_like(self.params)
             self.g = torch.zeros_like(self.params)
@@ -434,10 +433,15 @@ class VectorizedSim:
             self.x_hat = torch.zeros_like(self.params)
             self.s = torch.zeros_like(self.params)
             self._choco_q: torch.Tensor | None = None
-            if self.sampling == "exact":  # each node's own compression generator (`_util.generator`)
+            if self.sampling == "exact":
                 assert isinstance(self.algorithm, CHOCO)
-                self.choco_gens = [node_generator(LocalState(params=torch.zeros(0), seed=cfg.seed * 31 + i),
-                                                  self.algorithm.seed) for i in range(n)]
+                self.choco_gens = self._node_generators(self.algorithm.seed)
+
+    def _node_generators(self, seed: int) -> list[torch.Generator]:
+        """Each node's algorithm generator (`_util.generator` for the node's state seed), for the
+        ``exact`` sampling of CHOCO's compression and partitioned gossip's part choice."""
+        base = self.cfg.seed * 31  # the local cluster's per-node state seed is seed * 31 + i
+        return [node_generator(LocalState(params=torch.zeros(0), seed=base + i), seed) for i in range(self.n)]
 
     def _message_bytes(self) -> int:
         """Size of one encoded gossip message, as the wire codec would frame it."""

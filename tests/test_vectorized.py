@@ -68,6 +68,11 @@ AGREEMENT = [
     # AD-PSGD: pairwise exchanges one after another in node order (a node may be in several)
     pytest.param("adpsgd", "erdos_renyi", "iid", 32, 1, {}, id="adpsgd-erdos_renyi"),
     pytest.param("adpsgd", "star", "dirichlet:0.3", 64, 2, {"mix": 0.3}, id="adpsgd-star-dirichlet"),
+    # time-varying topologies (sync schedule): round r's messages follow graph r
+    pytest.param("dpsgd", "random_matching", "iid", 32, 1, {}, id="dpsgd-random_matching"),
+    pytest.param("pushsum", "one_peer_exponential", "dirichlet:0.3", 64, 2, {}, id="pushsum-one_peer_exponential"),
+    pytest.param("gossip", "random_matching", "iid", 32, 1, {}, id="gossip-random_matching"),
+    pytest.param("diging", "random_matching", "iid", 32, 1, {}, id="diging-random_matching"),
     # gradient tracking: models and trackers mixed with W; the first step only computes y = g(x)
     pytest.param("diging", "erdos_renyi", "iid", 32, 1, {}, id="diging-erdos_renyi"),
     pytest.param("diging", "star", "dirichlet:0.3", 64, 2, {"lr": 0.05}, id="diging-star-dirichlet"),
@@ -282,7 +287,8 @@ def test_node_rows_are_sampled_for_many_nodes() -> None:
     ({"emulation": {"speeds": [1.0, 2.0]}}, "emulation.speeds"),
     ({"topology": "exponential_directed"}, "topology"),
     ({"device": "tpu"}, "device"),
-    ({"topology": "random_matching", "algorithm": "gossip"}, "topology"),
+    ({"topology": "random_matching", "algorithm": "gossip", "schedule": "async"}, "topology"),
+    ({"topology": "random_matching", "algorithm": "choco", "schedule": "sync"}, "algorithm"),
     ({"algorithm": "choco", "emulation": {"loss": 0.01}}, "algorithm"),
     ({"algorithm": "diging", "schedule": "async", "emulation": {"churn": 0.1}}, "emulation.churn"),
     ({"algorithm": "diging", "schedule": "async", "duration": 1.0}, "duration"),
@@ -488,3 +494,17 @@ def test_adpsgd_exchanges_conserve_the_sum_and_reach_consensus_asynchronously() 
     assert lossy_summary["lost"] > 0
     assert float((lossy.params.double().sum(0) - total).abs().max()) > 1e-2
 
+
+
+def test_one_peer_exponential_graph_averages_exactly_in_log2_n_rounds() -> None:
+    """Theory (Ying et al., NeurIPS 2021): on the one-peer exponential graph with weights 1/2 the
+    product of its log2(N) mixing matrices is exactly the average. Push-sum averaging on 1024
+    nodes, one neighbour per round: merges 1..9 about halve the consensus distance, merge 10 ends it."""
+    cfg = RunConfig(nodes=1024, topology="one_peer_exponential", algorithm="pushsum_averaging", steps=11,
+                    eval_every=1, schedule="sync", shards=44)
+    sim = VectorizedSim(cfg, node_rows=0)
+    sim.run(None)
+    dist = [h["consensus_distance"] for h in sim.history]  # rows at rounds 0..11; merges start in round 2
+    assert dist[10] > 1e-4 * dist[0]  # 9 merges: about 2^-10 of the start, far from consensus
+    assert all(0.3 < b / a < 0.6 for a, b in zip(dist[2:10], dist[3:11], strict=True))  # about halved
+    assert dist[11] < 1e-12 * dist[0]  # the 10th merge: exact average (float rounding left)

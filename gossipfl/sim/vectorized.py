@@ -31,7 +31,9 @@ Two schedules, chosen by ``cfg.schedule``:
 ``sync``
     Lock-step rounds, exactly those of the local cluster's ``_run_lockstep``: in round r every
     node merges the messages of round r-1 (in sender-index order), takes one SGD step, and at
-    gossip points sends. Simulated time is ``r * emulation.step_time``.
+    gossip points sends. Simulated time is ``r * emulation.step_time``. A time-varying topology
+    (`gossipfl.topology.build_schedule`) sends round r's messages on graph r, as the cluster's
+    nodes do; the async schedule refuses it.
 ``async``
     Events on a simulated clock drawn from `gossipfl.sim.emulation` (per-node speeds,
     stragglers, per-link latency, jitter, loss, bandwidth, churn). A node's step starts when its
@@ -88,7 +90,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import networkx as nx
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ from gossipfl.metrics import MetricsWriter
 from gossipfl.sim._batched_models import BatchedModel, apply_sgd, batched_model
 from gossipfl.sim.emulation import Emulation, parse_emulation
 from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
-from gossipfl.topology import build_graph, build_schedule, graph_spectral_gap, mixing_matrix_sparse
+from gossipfl.topology import Schedule, build_schedule, graph_spectral_gap, mixing_matrix_sparse
 
 __all__ = ["NODE_ROWS", "VectorizedSim", "check_config", "mix_self_weight", "run_vectorized"]
 
@@ -261,7 +262,10 @@ class VectorizedSim:
         self.n = n = cfg.nodes
         self.ids = node_ids(n)
         self.sampling = sampling
-        self.algorithm, self.rule, self.emulation, self.graph = _checked(cfg)
+        self.algorithm, self.rule, self.emulation, self.schedule = _checked(cfg)
+        # a time-varying topology (sync schedule only): round r's messages follow graph r
+        self.time_varying = self.schedule.period != 1
+        self.graph = self.schedule(0)
         self.trains = self.algorithm.requirements.trains
         self.data = data if data is not None else build_data(cfg)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 17)
@@ -293,7 +297,8 @@ class VectorizedSim:
     # ------------------------------------------------------------------ setup
 
     def _links(self) -> None:
-        """Out-neighbour lists (CSR by sender) and, for D-PSGD, mixing weights (CSR by receiver)."""
+        """Out-neighbour lists (CSR by sender) and, for D-PSGD, mixing weights (CSR by receiver),
+        of ``self.graph`` (rebuilt at every gossip round when the topology is time-varying)."""
         n, g = self.n, self.graph
         pairs = np.array(list(g.edges()), dtype=np.int64).reshape(-1, 2)
         src, dst = pairs[:, 0], pairs[:, 1]
@@ -313,7 +318,8 @@ class VectorizedSim:
             if self.sampling == "exact" else []
         self.send_weight = torch.zeros(len(dst), dtype=torch.float32, device=dev)
         self.mixing: torch.Tensor | None = None
-        self._spare: torch.Tensor | None = None
+        if not hasattr(self, "_spare"):  # the mixing product's output buffer, kept across graphs
+            self._spare: torch.Tensor | None = None
         if self.rule == "push":
             self._push_links(src, dst, deg)
             return
@@ -764,6 +770,9 @@ class VectorizedSim:
             self.node_steps += self.n
             self.sim_time = self.round * self.emulation.step_time
             if self.round % self.cfg.gossip_every == 0:
+                if self.time_varying:  # this round's graph; the next round merges with its weights
+                    self.graph = self.schedule(self.round)
+                    self._links()
                 self._pending = self._sync_send()
 
     def _sync_train(self) -> None:
@@ -1427,6 +1436,8 @@ class VectorizedSim:
             denom = ((xs - xs.mean()) ** 2).sum()
             if denom > 0:
                 out["consensus_rate"] = float(torch.exp(((xs - xs.mean()) * (ys - ys.mean())).sum() / denom))
+        if self.time_varying:  # no single graph's spectral gap predicts a changing one
+            return out
         try:
             kind = "push_sum" if self.rule == "push" else self.cfg.weights  # push-sum: uniform shares
             out["predicted_rate"] = (1.0 - graph_spectral_gap(self.graph, kind)) ** 2
@@ -1435,7 +1446,7 @@ class VectorizedSim:
         return out
 
 
-def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
+def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, Schedule]:
     """Everything about ``cfg`` the vectorised engine refuses, as ConfigErrors naming the key."""
     _device(cfg.device)
     algorithm = build_algorithm(cfg)
@@ -1470,12 +1481,14 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, nx.Graph]:
                               "vectorised engine does not model an offline neighbour's timeout (use "
                               "engine = \"cluster\")")
     emulation.node_speeds(cfg.nodes, seed=cfg.seed)  # per-node factors must match the node count
-    if build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed).period != 1:
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
+    time_varying = schedule.period != 1
+    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=time_varying)  # loss, direction
+    if time_varying and cfg.schedule == "async":
         raise ConfigError(f"topology: {cfg.topology!r} gives a new graph every round; the vectorised engine "
-                          "runs static topologies only (use engine = \"cluster\")")
-    graph = build_graph(cfg.topology, cfg.nodes, seed=cfg.seed)
-    check_requirements(cfg, algorithm, directed=graph.is_directed(), time_varying=False)  # loss, direction
-    return algorithm, rule, emulation, graph
+                          "runs time-varying topologies in the sync schedule only (schedule = \"sync\", or "
+                          "engine = \"cluster\")")
+    return algorithm, rule, emulation, schedule
 
 
 def check_config(cfg: RunConfig) -> None:

@@ -865,9 +865,10 @@ class VectorizedSim:
         diff = self.params - self.x_hat
         if self.sampling == "exact":  # node by node, each with its own generator
             q = torch.empty_like(diff)
+            host = diff.cpu()  # the nodes' generators live on the host, like the nodes' own
             for i in range(self.n):
-                wire_q = comp.compress(diff[i], self.choco_gens[i], contract=alg.rescale)
-                q[i] = comp.decompress(wire_q, numel, dtype, contract=alg.rescale)
+                wire_q = comp.compress(host[i], self.choco_gens[i], contract=alg.rescale)
+                q[i] = comp.decompress(wire_q, numel, dtype, contract=alg.rescale).to(q.device)
         else:
             q = comp.decompress(comp.compress(diff, self.gen, contract=alg.rescale), numel, dtype,
                                 contract=alg.rescale)

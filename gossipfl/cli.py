@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--device", help="vectorized engine: cpu (default) or cuda")
     sim.add_argument("--nodes", type=int, help="number of nodes (default 8)")
     sim.add_argument("--transport", help="http (loopback sockets, default) or memory")
+    sim.add_argument("--schedule", help="async (default: every node at its own pace, the [emulation] table "
+                     "applies) or sync (lock-step rounds)")
+    sim.add_argument("--shards", type=int, help="cut the training set into this many shards; node i trains on "
+                     "shard i %% K (default: one per node)")
     sim.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress, no table")
 

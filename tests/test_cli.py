@@ -65,6 +65,8 @@ def test_sim_writes_the_run_folder_and_can_be_repeated(tmp_path: Path, capsys) -
         (["sim", "--partition", "shards:inf"], "shards per node"),
         (["sim", "--partition", "shards:nan"], "shards per node"),
         (["sim", "--seed", "-1"], "seed"),
+        (["sim", "--schedule", "lockstep"], "schedule"),
+        (["sim", "--shards", "0"], "shards"),
         (["sim", "--seed", "99999999999999999999"], "seed"),
         (["node", "--shards", "2", "--node-index", "5"], "node_index"),
         (["node", "--topology", "moebius", "--no-mdns"], "unknown topology 'moebius'"),

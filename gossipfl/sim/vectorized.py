@@ -33,7 +33,7 @@ Two schedules, chosen by ``cfg.schedule``:
     node merges the messages of round r-1 (in sender-index order), takes one SGD step, and at
     gossip points sends. Simulated time is ``r * emulation.step_time``. A time-varying topology
     (`gossipfl.topology.build_schedule`) sends round r's messages on graph r, as the cluster's
-    nodes do; the async schedule refuses it.
+    nodes do (in ``async`` each sender on the graph of its own step, `VectorizedSim._round_groups`).
 ``async``
     Events on a simulated clock drawn from `gossipfl.sim.emulation` (per-node speeds,
     stragglers, per-link latency, jitter, loss, bandwidth, churn). A node's step starts when its
@@ -349,6 +349,55 @@ class VectorizedSim:
         diag = np.arange(n)
         self.mixing = _csr_from(np.concatenate([row, diag]), np.concatenate([col, diag]),
                                 np.concatenate([val, mix_self_weight(wsum).numpy()]), n, dev)
+
+    def _use_round(self, r: int | None) -> None:
+        """Make round ``r``'s graph of a time-varying topology the current one (links and weights),
+        from a small cache: a periodic schedule has few graphs, and async senders sit at nearby rounds.
+        ``None``: a static topology, nothing to do."""
+        if r is None:
+            return
+        key = r % self.schedule.period if self.schedule.period else r
+        if key == getattr(self, "_round_key", None):
+            return
+        cache: dict[int, dict[str, Any]] = self.__dict__.setdefault("_round_cache", {})
+        if key not in cache:
+            self.graph = self.schedule(key)
+            self._links()
+            if len(cache) >= 32:
+                cache.pop(next(iter(cache)))
+            cache[key] = {a: getattr(self, a) for a in _LINK_ATTRS if hasattr(self, a)}
+        self.__dict__.update(cache[key])
+        self._round_key = key
+
+    def _round_groups(self, senders: torch.Tensor) -> list[tuple[int | None, torch.Tensor]]:
+        """(round, positions in ``senders``) of the senders that send on one graph: all of them for
+        a static topology (round None); for a time-varying one, one group per round, since a node
+        sends round s's message on graph s (`_use_round` makes it current)."""
+        if not self.time_varying:
+            return [(None, torch.arange(senders.shape[0], device=senders.device))]
+        rounds = self.step.index_select(0, senders)
+        return [(r, (rounds == r).nonzero().squeeze(1)) for r in torch.unique(rounds).tolist()]
+
+    def _message_rows(self, senders: torch.Tensor, idx: torch.Tensor, r: int | None,
+                      parts: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(sender, receiver, weight, position in ``senders``) of every message that the senders at
+        positions ``idx`` send on round ``r``'s graph: to all out-neighbours (D-PSGD, push-sum,
+        gradient exchange) or to drawn targets (gossip, epidemic)."""
+        self._use_round(r)
+        dev = self.device
+        sub = senders.index_select(0, idx)
+        if self.rule in ("mix", "push", "grad"):
+            deg = self.send_deg[sub]
+            which = torch.repeat_interleave(torch.arange(sub.shape[0], device=dev), deg)
+            first = torch.cumsum(deg, 0) - deg
+            link = self.send_ptr[sub][which] + torch.arange(which.shape[0], device=dev) - first[which]
+            return sub[which], self.send_col[link], self.send_weight[link], idx[which]
+        send, recv = self._targets(sub)
+        which = idx[torch.searchsorted(sub, send)]
+        weight = torch.zeros(send.shape[0], dtype=torch.float32, device=dev)
+        if parts is not None:  # gossip has no mixing weight: the slot carries the part index
+            weight = parts[which].to(torch.float32)
+        return send, recv, weight, which
 
     def _push_links(self, src: np.ndarray, dst: np.ndarray, deg: np.ndarray) -> None:
         """Push-sum shares: node i keeps ``keep_i`` of its mass and pushes ``send_i`` to each target.
@@ -771,8 +820,7 @@ class VectorizedSim:
             self.sim_time = self.round * self.emulation.step_time
             if self.round % self.cfg.gossip_every == 0:
                 if self.time_varying:  # this round's graph; the next round merges with its weights
-                    self.graph = self.schedule(self.round)
-                    self._links()
+                    self._use_round(self.round)
                 self._pending = self._sync_send()
 
     def _sync_train(self) -> None:
@@ -990,7 +1038,11 @@ class VectorizedSim:
         if not senders.numel():
             return
         emu, dev = self.emulation, self.device
-        init, resp = self._targets(senders)
+        pairs = []
+        for r, idx in self._round_groups(senders):  # partners on each initiator's round graph
+            self._use_round(r)
+            pairs.append(self._targets(senders.index_select(0, idx)))
+        init, resp = (torch.cat(c) for c in zip(*pairs, strict=True))
         at = sent_at[torch.searchsorted(senders, init)]
         arrive = at + self._delay(init, resp)
         ok = torch.ones_like(init, dtype=torch.bool)
@@ -1171,20 +1223,15 @@ class VectorizedSim:
         """
         cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
         dur = emu.step_seconds(n, seed=cfg.seed).to(dev)
-        src = torch.repeat_interleave(torch.arange(n, device=dev), self.send_deg)
-        dst = self.send_col
-        base = emu.link_latency(src, dst, seed=cfg.seed) + emu.transfer_seconds(self.msg_bytes)
         start = torch.zeros(n, dtype=torch.float64, device=dev)
         self._record(writer, 0.0, node_rows=False, evaluate=False)
         for r in range(1, cfg.steps + 1):
-            self.rounds(1)
+            self.rounds(1)  # round r's messages went out on the current links (graph r if time-varying)
             end = start + dur
-            if r % cfg.gossip_every == 0 and dst.numel():
-                delay = base
-                if emu.jitter:  # uniform in +-jitter, never negative
-                    u = torch.rand(dst.shape[0], dtype=torch.float64, generator=self.gen, device=dev)
-                    delay = (base + (2 * u - 1) * emu.jitter).clamp_min(0.0)
-                start = end.scatter_reduce(0, dst, end[src] + delay, reduce="amax")
+            if r % cfg.gossip_every == 0 and self.send_col.numel():
+                src = torch.repeat_interleave(torch.arange(n, device=dev), self.send_deg)
+                dst = self.send_col
+                start = end.scatter_reduce(0, dst, end[src] + self._delay(src, dst), reduce="amax")
             else:
                 start = end
             self.sim_time = float(end.max())
@@ -1330,10 +1377,14 @@ class VectorizedSim:
             keep = tr.index_select(0, which) if not (self.cfg.gossip_every == 1 and everyone_trains) else tr
             self._pair_request(senders[keep], (t_next + dur).index_select(0, senders[keep]), closed)
             return inflight
+        groups = self._round_groups(senders)
         if self.rule == "push":
             # PushSum.message: the sender keeps its own share of x and w; the ring holds what it
             # kept (its messages scale that by send / keep) and, in the age slot, its kept w.
-            keep = self.keep.index_select(0, senders)
+            keep = torch.empty(senders.shape[0], dtype=torch.float64, device=dev)
+            for rnd, idx in groups:  # shares of each sender's round graph
+                self._use_round(rnd)
+                keep[idx] = self.keep.index_select(0, senders.index_select(0, idx))
             models = models * keep.to(models.dtype).unsqueeze(1)
             self.params.index_copy_(0, senders, models)
             kept_w = self.weight.index_select(0, senders) * keep
@@ -1353,25 +1404,10 @@ class VectorizedSim:
             parts, ages = self._send_parts(senders)
             ages = ages.to(models.dtype)
         slot, seq = ring.record(senders, models, ages)
-        which = torch.arange(senders.shape[0], device=dev)
-        if self.rule in ("mix", "push", "grad"):
-            deg = self.send_deg[senders]
-            which = torch.repeat_interleave(which, deg)
-            first = torch.cumsum(deg, 0) - deg
-            link = self.send_ptr[senders][which] + torch.arange(which.shape[0], device=dev) - first[which]
-            send, recv, weight = senders[which], self.send_col[link], self.send_weight[link]
-        else:
-            send, recv = self._targets(senders)
-            which = torch.searchsorted(senders, send)
-            weight = torch.zeros(send.shape[0], dtype=torch.float32, device=dev)
-            if parts is not None:  # gossip has no mixing weight: the slot carries the part index
-                weight = parts[which].to(torch.float32)
-        delay = emu.link_latency(send, recv, seed=self.cfg.seed)
-        if emu.jitter:  # uniform in +-jitter, never before the message was sent
-            u = torch.rand(send.shape[0], dtype=torch.float64, generator=self.gen, device=dev)
-            delay = (delay + (2 * u - 1) * emu.jitter).clamp_min(0.0)
+        out = [self._message_rows(senders, idx, rnd, parts) for rnd, idx in groups]
+        send, recv, weight, which = out[0] if len(out) == 1 else [torch.cat(c) for c in zip(*out, strict=True)]
         sent_at = t_next + torch.where(training, dur, 0.0)  # after the step; a lingering node computes nothing
-        arrive = sent_at[send] + delay + emu.transfer_seconds(self.msg_bytes)
+        arrive = sent_at[send] + self._delay(send, recv)
         keep = ~closed[recv]
         if emu.loss:
             lost = torch.rand(send.shape[0], generator=self.gen, device=dev) < emu.loss
@@ -1485,16 +1521,17 @@ def _checked(cfg: RunConfig) -> tuple[Algorithm, str, Emulation, Schedule]:
     schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
     time_varying = schedule.period != 1
     check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=time_varying)  # loss, direction
-    if time_varying and cfg.schedule == "async":
-        raise ConfigError(f"topology: {cfg.topology!r} gives a new graph every round; the vectorised engine "
-                          "runs time-varying topologies in the sync schedule only (schedule = \"sync\", or "
-                          "engine = \"cluster\")")
     return algorithm, rule, emulation, schedule
 
 
 def check_config(cfg: RunConfig) -> None:
     """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
     _checked(cfg)
+
+
+# what `_links` derives from a graph (a time-varying topology swaps these per round)
+_LINK_ATTRS = ("graph", "send_ptr", "send_col", "send_deg", "recv_deg", "neighbour_lists", "send_weight", "mixing",
+               "weight_sum", "keep", "_push_ratio", "_mixing64")
 
 
 def _pair_waves(init: torch.Tensor, resp: torch.Tensor) -> list[torch.Tensor]:

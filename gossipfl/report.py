@@ -138,5 +138,8 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         if key == "consensus_distance":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # below the panels, where it hides no curve however many runs there are
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize=7)
+        fig.set_figheight(4.2 + 0.16 * math.ceil(len(handles) / 3))
     fig.savefig(path, dpi=120)

@@ -1224,7 +1224,7 @@ class VectorizedSim:
         cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
         dur = emu.step_seconds(n, seed=cfg.seed).to(dev)
         start = torch.zeros(n, dtype=torch.float64, device=dev)
-        self._record(writer, 0.0, node_rows=False, evaluate=False)
+        self._record(writer, 0.0, node_rows=True)  # as the other async runs: the initial models too
         for r in range(1, cfg.steps + 1):
             self.rounds(1)  # round r's messages went out on the current links (graph r if time-varying)
             end = start + dur

@@ -1,7 +1,13 @@
 """Metrics: JSONL rows (one JSON object per line) and the cluster-level measures.
 
-Node rows: node, t, step, loss, accuracy, bytes_out, bytes_in, msgs_out, msgs_in.
+Node rows: node, t, step, loss, accuracy, bytes_out, bytes_in, msgs_out, msgs_in, staleness.
 Cluster rows: node = null, t, consensus_distance, avg_model_accuracy, mean_accuracy.
+
+Staleness of a message, in local steps: the receiver's step count when it merges the message
+minus the sender's step count when it sent it. It is 0 in lock-step rounds, grows with latency
+and with a receiver that runs ahead of its sender, and is negative for a message from a sender
+that is ahead. Node rows carry the mean over the messages merged since the node's previous row
+(null if none); summaries carry the run's mean and maximum. Every engine counts it the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["MetricsWriter", "consensus_distance", "read_metrics"]
+__all__ = ["MetricsWriter", "StalenessTally", "consensus_distance", "read_metrics"]
 
 log = logging.getLogger("gossipfl.metrics")
 
@@ -27,6 +33,31 @@ def consensus_distance(params: torch.Tensor) -> float:
     """
     p = params.double()
     return float(((p - p.mean(0, keepdim=True)) ** 2).sum(1).mean())
+
+
+class StalenessTally:
+    """Running staleness of one node's merged messages (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.count = 0
+        self.max: int | None = None
+        self._row = (0, 0)  # total and count at the previous metrics row
+
+    def add(self, staleness: int) -> None:
+        self.total += staleness
+        self.count += 1
+        self.max = staleness if self.max is None else max(self.max, staleness)
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    def since_row(self) -> float | None:
+        """Mean over the messages merged since the last call (the previous metrics row)."""
+        total, count = self.total - self._row[0], self.count - self._row[1]
+        self._row = (self.total, self.count)
+        return total / count if count else None
 
 
 def _clean(v: Any) -> Any:

@@ -245,7 +245,8 @@ def test_latest_message_per_pair_and_expired_snapshots() -> None:
     slots = [ring.record(nodes, torch.full((1, 4), float(k)), torch.tensor([float(k)])) for k in range(3)]
     m = Messages(recv=torch.tensor([0, 0, 0]), send=torch.tensor([1, 1, 1]),
                  slot=torch.cat([s for s, _ in slots]), seq=torch.cat([q for _, q in slots]),
-                 arrive=torch.zeros(3, dtype=torch.float64), weight=torch.ones(3))
+                 arrive=torch.zeros(3, dtype=torch.float64), weight=torch.ones(3),
+                 step=torch.zeros(3, dtype=torch.int64))
     assert ring.valid(m).tolist() == [False, True, True]  # the first snapshot was overwritten
     newest = latest_per_pair(m, 3)
     assert newest.seq.tolist() == [2]
@@ -567,3 +568,29 @@ def test_sgp_on_the_one_peer_exponential_graph_learns_asynchronously() -> None:
     assert summary["mean_accuracy"] >= 0.90
     assert summary["messages"] >= 256 * 150 * 0.95  # one message per step (lingering nodes add more)
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 10
+
+
+def test_staleness_is_zero_in_lock_step_and_grows_with_latency() -> None:
+    """Staleness (receiver's step at merge - sender's step at send), as both engines count it:
+    0 in lock-step rounds; on identical nodes with a mean one-way latency of L step times a
+    message merges about L + 1/2 steps after it left (it waits for the receiver's next step start)."""
+    base = RunConfig(nodes=64, topology="exponential", steps=60, eval_every=20, shards=32)
+    sync = VectorizedSim(base.replace(schedule="sync")).run(None)
+    assert sync["staleness_mean"] == 0
+    assert sync["staleness_max"] == 0
+    assert sync["per_node"]["n00"]["staleness"] == 0
+    late = VectorizedSim(base.replace(schedule="async", emulation={"latency": "uniform:0.01:0.04"})).run(None)
+    assert 2.0 <= late["staleness_mean"] <= 3.5  # latency 2.5 steps on average, plus the wait
+    assert late["staleness_max"] >= 4
+    straggler = VectorizedSim(base.replace(schedule="async", emulation={"stragglers": 0.1})).run(None)
+    assert straggler["staleness_max"] >= 20  # fast nodes merge a slow (10x) node's old models
+
+
+def test_cluster_reports_staleness(tmp_path: Path) -> None:
+    """The local cluster counts the same quantity: 0 in lock-step rounds, in summary and rows."""
+    cfg = RunConfig(nodes=4, topology="ring", steps=6, eval_every=3, schedule="sync", transport="memory")
+    summary = asyncio.run(cluster.run_cluster(cfg, tmp_path, progress=None))
+    assert summary["staleness_mean"] == 0
+    assert summary["staleness_max"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("node") and r.get("staleness") == 0 for r in rows)

@@ -44,6 +44,7 @@ from gossipfl.errors import (
     WireError,
 )
 from gossipfl.learning.trainer import Trainer
+from gossipfl.metrics import StalenessTally
 from gossipfl.node.buffers import BufferPool
 from gossipfl.node.discovery import Discovery, PeerInfo, _default_addresses
 from gossipfl.node.membership import Membership
@@ -153,6 +154,7 @@ class Node:
         self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
         self.dropped = 0
         self.rejected: Counter[str] = Counter()
+        self.staleness = StalenessTally()  # of every merged message, in local steps
         self.loss = float("nan")
         self.accuracy = float("nan")
         self.finished = asyncio.Event()
@@ -394,6 +396,7 @@ class Node:
             "msgs_out": self.msgs_out,
             "dropped": self.dropped,
             "rejected": dict(self.rejected),
+            "staleness": self.staleness.mean,
             "finished": self.finished.is_set(),
         }
 
@@ -597,6 +600,8 @@ class Node:
                 self._inbox = [item for item in self._inbox if item[0].round > max_round]
         if inbox:
             messages = [m for m, _ in inbox]
+            for m in messages:
+                self.staleness.add(self.state.step - m.step)
             self.algorithm.merge(self.state, messages, self._merge_weights(messages))
             del messages
         for _, body in inbox:  # merged: nothing references these buffers any more
@@ -651,7 +656,7 @@ class Node:
             "node": self.id, "t": round(self._now(), 4), "step": self.state.step,
             "loss": loss, "train_loss": self.loss, "accuracy": acc,
             "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
-            "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
+            "msgs_out": self.msgs_out, "msgs_in": self.msgs_in, "staleness": self.staleness.since_row(),
         })
 
     async def model_snapshot(self) -> torch.Tensor:
@@ -754,7 +759,9 @@ class Node:
             except WireError as exc:
                 self._warn_once(f"xbad-{peer_id}", "bad exchange reply from %s: %s", peer_id, exc)
                 return
-            self.algorithm.apply_reply(self.state, _message(env))
+            reply_msg = _message(env)
+            self.staleness.add(self.state.step - reply_msg.step)
+            self.algorithm.apply_reply(self.state, reply_msg)
             self.bytes_out += len(body)
             self.msgs_out += 1
             self.bytes_in += len(reply.body)
@@ -779,7 +786,9 @@ class Node:
         if self._exchanging or not await self._acquire(self.cfg.timeout / 2):
             return 423, _json({"error": f"node {self.id} is busy exchanging", "reason": "busy"})
         try:
-            reply = self.algorithm.respond(self.state, _message(env))
+            incoming = _message(env)
+            self.staleness.add(self.state.step - incoming.step)
+            reply = self.algorithm.respond(self.state, incoming)
             out = bytes(self._encode_locked(reply, kind="reply"))
         finally:
             self._lock.release()

@@ -186,6 +186,14 @@ async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
     return monitor.history[-1]
 
 
+def _staleness(nodes: list[Node]) -> dict[str, float | int | None]:
+    """Mean and maximum staleness (local steps) over every message any node merged."""
+    count = sum(n.staleness.count for n in nodes)
+    highs = [n.staleness.max for n in nodes if n.staleness.max is not None]
+    return {"staleness_mean": sum(n.staleness.total for n in nodes) / count if count else None,
+            "staleness_max": max(highs) if highs else None}
+
+
 def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
              wall: float) -> dict[str, Any]:
     accs = [n.accuracy for n in nodes]
@@ -204,13 +212,14 @@ def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[s
         "rejected": sum(sum(n.rejected.values()) for n in nodes),
         "lost": sum(getattr(n._transport, "lost", 0) for n in nodes),  # dropped by emulated loss
         "round_timeouts": sum(n.round_timeouts for n in nodes),  # round algorithms: waits that ran out
+        **_staleness(nodes),
         "wall_seconds": round(wall, 3),
         "node_steps": sum(n.state.step for n in nodes),
         "per_node": {
             n.id: {
                 "accuracy": n.accuracy, "loss": n.loss, "steps": n.state.step,
                 "msgs_out": n.msgs_out, "msgs_in": n.msgs_in,
-                "bytes_out": n.bytes_out, "bytes_in": n.bytes_in,
+                "bytes_out": n.bytes_out, "bytes_in": n.bytes_in, "staleness": n.staleness.mean,
             }
             for n in nodes
         },

@@ -2,7 +2,8 @@
 
 A message does not carry a copy of its model. The sender's model at send time goes once into a
 `SnapshotRing` (the last few models each node sent), and a message in flight is one row of
-`Messages`: receiver, sender, ring slot, send sequence number, arrival time and mixing weight.
+`Messages`: receiver, sender, ring slot, send sequence number, arrival time, mixing weight and the
+sender's step count.
 Sending to 20 neighbours costs 20 index rows, not 20 copies of D floats; merging is an indexed
 read of the ring (a sparse product for D-PSGD). If a slow link outlives the ring (the sender has
 sent ``depth`` newer models since), the message is reported as expired, like a bounded inbox
@@ -28,12 +29,13 @@ class Messages:
     seq: torch.Tensor  # int64, the sender's send counter when it sent this message
     arrive: torch.Tensor  # float64, simulated arrival time
     weight: torch.Tensor  # float32, mixing weight the receiver gives the sender (D-PSGD)
+    step: torch.Tensor  # int64, the sender's step count when it sent (for staleness)
 
     @classmethod
     def empty(cls, device: torch.device) -> Messages:
         i = torch.empty(0, dtype=torch.int64, device=device)
         return cls(i, i, i, i, torch.empty(0, dtype=torch.float64, device=device),
-                   torch.empty(0, dtype=torch.float32, device=device))
+                   torch.empty(0, dtype=torch.float32, device=device), i)
 
     def __len__(self) -> int:
         return self.recv.shape[0]

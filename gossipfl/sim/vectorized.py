@@ -283,6 +283,12 @@ class VectorizedSim:
         self.msgs_out = torch.zeros(n, dtype=torch.int64, device=dev)
         self.msgs_in = torch.zeros(n, dtype=torch.int64, device=dev)
         self.lost = torch.zeros((), dtype=torch.int64, device=dev)
+        # staleness of merged messages (`gossipfl.metrics`): per node sum, count, max; and at the last row
+        self.stale_sum = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.stale_count = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.stale_max = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
+        self._stale_row = (torch.zeros_like(self.stale_sum), torch.zeros_like(self.stale_count))
+        self._pending_in: torch.Tensor | None = None  # sync: messages each node merges next round
         self.expired = torch.zeros((), dtype=torch.int64, device=dev)
         self.sim_time = 0.0
         self.node_steps = 0
@@ -605,6 +611,12 @@ class VectorizedSim:
         if self.velocity is not None and v is not None:
             self.velocity.index_copy_(0, nodes, v)
 
+    def _tally(self, recv: torch.Tensor, staleness: torch.Tensor) -> None:
+        """Count merged messages' staleness (receiver's step at merge - sender's step at send)."""
+        self.stale_sum.index_add_(0, recv, staleness)
+        self.stale_count.index_add_(0, recv, torch.ones_like(staleness))
+        self.stale_max.scatter_reduce_(0, recv, staleness, reduce="amax")
+
     @torch.no_grad()
     def _age_merge(self, p: torch.Tensor, age: torch.Tensor, recv: torch.Tensor,
                    models: torch.Tensor, ages: torch.Tensor, waves: list[torch.Tensor],
@@ -716,14 +728,17 @@ class VectorizedSim:
             self.test_loss, self.accuracy = self.evaluate()
         if node_rows and self.sample:
             idx = torch.tensor(self.sample, device=self.device)
-            cols = [self.step, self.test_loss, self.last_loss, self.accuracy, self.msgs_out, self.msgs_in]
-            step, loss, train_loss, acc, mo, mi = (c[idx].tolist() for c in cols)
+            row_sum, row_count = self._stale_row
+            cols = [self.step, self.test_loss, self.last_loss, self.accuracy, self.msgs_out, self.msgs_in,
+                    self.stale_sum - row_sum, self.stale_count - row_count]
+            step, loss, train_loss, acc, mo, mi, ss, sc = (c[idx].tolist() for c in cols)
+            self._stale_row = (self.stale_sum.clone(), self.stale_count.clone())
             for k, i in enumerate(self.sample):
                 writer({
                     "node": self.ids[i], "t": round(t, 6), "step": step[k], "loss": loss[k],
                     "train_loss": train_loss[k], "accuracy": acc[k],
                     "bytes_out": mo[k] * self.msg_bytes, "bytes_in": mi[k] * self.msg_bytes,
-                    "msgs_out": mo[k], "msgs_in": mi[k],
+                    "msgs_out": mo[k], "msgs_in": mi[k], "staleness": ss[k] / sc[k] if sc[k] else None,
                 })
         evaluated = bool(torch.isfinite(self.accuracy).any())
         row = {
@@ -786,6 +801,10 @@ class VectorizedSim:
         """
         for _ in range(k):
             self.round += 1
+            if self._pending is not None and self._pending_in is not None:  # round r-1's messages: staleness 0
+                self.stale_count += self._pending_in
+                self.stale_max = torch.where(self._pending_in > 0, self.stale_max.clamp_min(0), self.stale_max)
+                self._pending_in = None
             if self.rule == "mix":
                 self._sync_mix_round(self._pending is not None)
             elif self.rule == "push":
@@ -949,6 +968,7 @@ class VectorizedSim:
         if self.rule in ("mix", "push", "grad", "track", "choco"):
             self.msgs_out += self.send_deg
             self.msgs_in += self.recv_deg
+            self._pending_in = self.recv_deg.clone()
             if self.rule == "choco":
                 self._choco_send()
             if self.rule == "grad":
@@ -964,6 +984,7 @@ class VectorizedSim:
             return ()
         self.msgs_out.index_add_(0, send, torch.ones_like(send))
         self.msgs_in.index_add_(0, recv, torch.ones_like(recv))
+        self._pending_in = torch.bincount(recv, minlength=self.n)
         if self.partitions:  # one sender, one target: the part and its age as sent now
             return (send, recv, *self._send_parts(send))
         return send, recv
@@ -1027,6 +1048,10 @@ class VectorizedSim:
                 moved = torch.where(reply_ok[wave].unsqueeze(1), moved, xi)
             p[i] = moved
         ok = torch.ones_like(init) if reply_ok is None else reply_ok.long()
+        gap = self.step.index_select(0, resp) - self.step.index_select(0, init)
+        self._tally(resp, gap)  # the responder merges the request ...
+        replied = ok.bool()
+        self._tally(init[replied], -gap[replied])  # ... and the initiator the reply
         self.msgs_out.index_add_(0, init, torch.ones_like(init))  # the request
         self.msgs_in.index_add_(0, resp, torch.ones_like(resp))
         self.msgs_out.index_add_(0, resp, torch.ones_like(resp))  # the reply
@@ -1052,7 +1077,8 @@ class VectorizedSim:
         self._hold[init[~ok]] = at[~ok] + self.cfg.timeout
         self.waiting[init[ok]] = True
         zero = torch.zeros_like(init)
-        new = Messages(resp, init, zero, zero, arrive, torch.zeros(init.shape[0], device=dev)).select(ok)
+        new = Messages(resp, init, zero, zero, arrive, torch.zeros(init.shape[0], device=dev),
+                       self.step.index_select(0, init)).select(ok)
         self._requests = self._requests.extend(new)
 
     def _delay(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -1311,6 +1337,7 @@ class VectorizedSim:
             got = m.select(deliver)
             if len(got):
                 self.msgs_in.index_add_(0, got.recv, torch.ones_like(got.recv))
+                self._tally(got.recv, self.step.index_select(0, got.recv) - got.step)  # every one delivered
                 pos = torch.full((n,), -1, dtype=torch.int64, device=dev)
                 pos[rows] = torch.arange(count, device=dev)
                 if self.rule in ("mix", "avg"):
@@ -1414,7 +1441,8 @@ class VectorizedSim:
             self.lost += (lost & keep).sum()
             keep &= ~lost
         self.msgs_out.index_add_(0, send, keep.long())
-        new = Messages(recv, send, slot[which], seq[which], arrive, weight).select(keep)
+        sent_step = self.step.index_select(0, send)
+        new = Messages(recv, send, slot[which], seq[which], arrive, weight, sent_step).select(keep)
         return inflight.extend(new)
 
     # ------------------------------------------------------------------ results
@@ -1425,6 +1453,7 @@ class VectorizedSim:
         loss = self.test_loss.cpu()
         steps = self.step.cpu()
         mo, mi = self.msgs_out.cpu(), self.msgs_in.cpu()
+        stale_sum, stale_count = self.stale_sum.tolist(), self.stale_count.tolist()
         summary: dict[str, Any] = {
             "engine": "vectorized",
             "transport": "simulated",
@@ -1445,6 +1474,7 @@ class VectorizedSim:
             "lost": int(self.lost),
             "expired": int(self.expired),
             "round_timeouts": 0,  # neighbour-local rounds always wait (see _run_rounds_async)
+            **self._staleness_summary(),
             "wall_seconds": round(wall, 3),
             "simulated_seconds": self.sim_time,
             "node_steps": int(steps.sum()),
@@ -1455,6 +1485,7 @@ class VectorizedSim:
                     "accuracy": float(acc[i]), "loss": float(loss[i]), "steps": int(steps[i]),
                     "msgs_out": int(mo[i]), "msgs_in": int(mi[i]),
                     "bytes_out": int(mo[i]) * self.msg_bytes, "bytes_in": int(mi[i]) * self.msg_bytes,
+                    "staleness": stale_sum[i] / stale_count[i] if stale_count[i] else None,
                 }
                 for i in self.sample
             },
@@ -1462,6 +1493,14 @@ class VectorizedSim:
         if not self.trains:
             summary.update(self._consensus_rates())
         return summary
+
+    def _staleness_summary(self) -> dict[str, float | int | None]:
+        """Mean and maximum staleness (local steps) over every merged message, as the cluster reports."""
+        count = int(self.stale_count.sum())
+        if not count:
+            return {"staleness_mean": None, "staleness_max": None}
+        return {"staleness_mean": float(self.stale_sum.sum()) / count,
+                "staleness_max": int(self.stale_max[self.stale_count > 0].max())}
 
     def _consensus_rates(self) -> dict[str, float]:
         """Measured per-round contraction of the consensus distance, and SLEM(W)^2 of the graph."""

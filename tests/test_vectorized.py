@@ -544,11 +544,12 @@ def test_one_peer_exponential_graph_averages_exactly_in_log2_n_rounds() -> None:
 
 @pytest.mark.parametrize(("algorithm", "topology"), [
     ("dpsgd", "random_matching"), ("pushsum", "one_peer_exponential"), ("gossip", "random_matching"),
-    ("adpsgd", "random_matching"), ("diging", "random_matching"),
+    ("adpsgd", "random_matching"), ("diging", "random_matching"), ("gossip_partitioned", "random_matching"),
 ])
 def test_time_varying_topologies_in_the_async_schedule(algorithm: str, topology: str) -> None:
-    """Each node sends round s's messages on graph s: identical nodes replay the sync schedule."""
-    base = RunConfig(nodes=16, topology=topology, algorithm=algorithm, steps=12, eval_every=4, batch_size=16,
+    """Each node sends round s's messages on graph s: identical nodes replay the sync schedule.
+    (15 nodes: a random matching leaves a different node out every round.)"""
+    base = RunConfig(nodes=15, topology=topology, algorithm=algorithm, steps=12, eval_every=4, batch_size=16,
                      partition="dirichlet:0.5")
     sims = {s: VectorizedSim(base.replace(schedule=s), sampling="exact") for s in ("sync", "async")}
     for sim in sims.values():
@@ -594,3 +595,23 @@ def test_cluster_reports_staleness(tmp_path: Path) -> None:
     assert summary["staleness_max"] == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("node") and r.get("staleness") == 0 for r in rows)
+
+
+def test_adpsgd_keeps_exchanging_in_duration_runs_and_ends_with_coarse_time_slices(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regressions: a node waiting for its reply is not 'finished' in a duration run (it used to
+    refuse queued requests, freezing initiators for timeout / 2); a time slice wider than a step,
+    where requests arrive inside a slice already done, still ends (it used to loop forever)."""
+    emulation = {"speed": "lognormal:0.3", "latency": "uniform:0.001:0.02"}
+    base = RunConfig(nodes=16, topology="exponential", algorithm="adpsgd", eval_every=20, shards=16,
+                     schedule="async", emulation=emulation)
+    by_steps = VectorizedSim(base.replace(steps=60)).run(None)
+    by_time = VectorizedSim(base.replace(duration=by_steps["simulated_seconds"])).run(None)
+    assert by_time["messages"] >= 0.8 * by_steps["messages"]
+    assert by_time["node_steps"] >= 0.8 * by_steps["node_steps"]
+    coarse = base.replace(nodes=6, topology="ring", steps=10, emulation={**emulation, "time_slice": 0.05})
+    with caplog.at_level("WARNING", logger="gossipfl.sim"):
+        summary = VectorizedSim(coarse).run(None)
+    assert summary["node_steps"] == 60
+    assert summary["messages"] > 0 or "none of" in caplog.text  # every exchange collided: said so

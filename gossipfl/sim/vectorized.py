@@ -185,10 +185,12 @@ class _Batches:
 
     def next(self, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Global training-set indices ``[n, bmax]`` for ``rows``, and a 0/1 weight if batches differ."""
+        if self.exact and isinstance(rows, torch.Tensor):  # exact mode keeps its state on the host
+            rows = rows.cpu()
         n, b, pos = self.n[rows], self.b[rows], self.pos[rows]
         need = pos + b > n
         if self.exact:
-            r = torch.arange(self.n.shape[0])[rows] if isinstance(rows, slice) else rows.cpu()
+            r = torch.arange(self.n.shape[0])[rows] if isinstance(rows, slice) else rows
             for i in r[need].tolist():  # epoch boundaries only: the Trainer's own randperm
                 self.order[i, : self.lengths[i]] = torch.randperm(self.lengths[i], generator=self.gens[i])
             rows_h: slice | torch.Tensor = rows if isinstance(rows, slice) else r
@@ -489,6 +491,9 @@ class VectorizedSim:
             self._requests = Messages.empty(self.device)
             self.waiting = torch.zeros(n, dtype=torch.bool, device=self.device)
             self._hold = torch.zeros(n, dtype=torch.float64, device=self.device)  # earliest next step
+            # a lost request's initiator waits out its timeout, still exchanging (it refuses others)
+            self._busy_until = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
+            self.exchanges_tried = 0
             self._seen_until = 0.0  # requests arriving before this were looked at in a time slice
         if self.rule == "choco":  # public copy x_hat, s = sum_j w_ij x_hat_j, last decoded q
             self.x_hat = torch.zeros_like(self.params)
@@ -668,8 +673,12 @@ class VectorizedSim:
     def _send_parts(self, senders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Partitioned gossip: the part each sender sends and that part's age (`PartitionedGossip.message`).
 
-        Only senders with an out-neighbour draw (a node with no target builds no message)."""
-        has = self.send_deg.index_select(0, senders) > 0
+        Only senders with an out-neighbour (in their own round's graph) draw: a node with no target
+        builds no message."""
+        has = torch.empty(senders.shape[0], dtype=torch.bool, device=self.device)
+        for rnd, idx in self._round_groups(senders):
+            self._use_round(rnd)
+            has[idx] = self.send_deg.index_select(0, senders.index_select(0, idx)) > 0
         if self.sampling == "exact":
             drawn = [int(torch.randint(self.partitions, (), generator=self.part_gens[i])) if h else 0
                      for i, h in zip(senders.tolist(), has.tolist(), strict=True)]
@@ -1052,9 +1061,10 @@ class VectorizedSim:
         self._tally(resp, gap)  # the responder merges the request ...
         replied = ok.bool()
         self._tally(init[replied], -gap[replied])  # ... and the initiator the reply
-        self.msgs_out.index_add_(0, init, torch.ones_like(init))  # the request
+        # as the node counts: the responder its request and reply, the initiator both once the reply is in
         self.msgs_in.index_add_(0, resp, torch.ones_like(resp))
-        self.msgs_out.index_add_(0, resp, torch.ones_like(resp))  # the reply
+        self.msgs_out.index_add_(0, resp, torch.ones_like(resp))
+        self.msgs_out.index_add_(0, init, ok)
         self.msgs_in.index_add_(0, init, ok)
 
     def _pair_request(self, senders: torch.Tensor, sent_at: torch.Tensor, closed: torch.Tensor) -> None:
@@ -1068,6 +1078,7 @@ class VectorizedSim:
             self._use_round(r)
             pairs.append(self._targets(senders.index_select(0, idx)))
         init, resp = (torch.cat(c) for c in zip(*pairs, strict=True))
+        self.exchanges_tried += init.shape[0]
         at = sent_at[torch.searchsorted(senders, init)]
         arrive = at + self._delay(init, resp)
         ok = torch.ones_like(init, dtype=torch.bool)
@@ -1075,6 +1086,7 @@ class VectorizedSim:
             ok = torch.rand(init.shape[0], generator=self.gen, device=dev) >= emu.loss
             self.lost += (~ok).sum()
         self._hold[init[~ok]] = at[~ok] + self.cfg.timeout
+        self._busy_until[init[~ok]] = at[~ok] + self.cfg.timeout  # still exchanging: it answers busy
         self.waiting[init[ok]] = True
         zero = torch.zeros_like(init)
         new = Messages(resp, init, zero, zero, arrive, torch.zeros(init.shape[0], device=dev),
@@ -1110,7 +1122,8 @@ class VectorizedSim:
         queued = req.weight > 0.5  # reached a free responder earlier: it waits for the lock, it is not refused
         # ... for timeout / 2 (the node's rpc_exchange), then busy after all: ends a cycle of waits
         waited = arrive + self.cfg.timeout / 2
-        busy = (here & ~queued & self.waiting[j]) | (queued & self.waiting[j] & (waited < t_end))
+        exchanging = self.waiting[j] | (self._busy_until[j] > arrive)
+        busy = (here & ~queued & exchanging) | (queued & self.waiting[j] & (waited < t_end))
         gone = here & ~busy & ~up[j]
         done = here & ~busy & ~gone & closed[j]
         answer = up[j] & ~self.waiting[j] & ~closed[j] & (t_next[j] < t_end) & (arrive <= t_next[j])
@@ -1198,14 +1211,20 @@ class VectorizedSim:
                 nxt = torch.minimum(nxt, torch.stack([torch.where(active, t_toggle, inf).min(),
                                                       torch.where(training, t_toggle, inf).min()]))
             if self.rule == "pair" and len(self._requests):  # requests still to look at, and replies to wait for
-                arr = self._requests.arrive
-                # a request is looked at when it arrives and, if still queued, when its wait runs out
-                due = torch.where(self._requests.weight > 0.5, arr + cfg.timeout / 2, arr)
-                nxt = torch.minimum(nxt, torch.stack([torch.where(due >= self._seen_until, due, inf).min(),
-                                                      arr.min()]))
+                req = self._requests
+                # a request is looked at when it arrives (or at once, if it arrived within a slice
+                # already done) and, if queued at a responder that is exchanging, when its wait runs out
+                queued = req.weight > 0.5
+                wait_end = req.arrive + cfg.timeout / 2
+                wait_end = torch.where(wait_end >= self._seen_until, wait_end,
+                                       torch.where(self.waiting[req.recv], self._seen_until, inf))
+                due = torch.where(queued, wait_end, req.arrive.clamp_min(self._seen_until))
+                nxt = torch.minimum(nxt, torch.stack([due.min(), req.arrive.min()]))
             t0, t_train = nxt.tolist()  # the next event times: one read per time slice
             if math.isinf(t_train):  # nobody trains any more: the run is over
                 break
+            if math.isinf(t0):  # cannot happen: someone trains, so someone has a next event
+                raise RuntimeError("vectorised engine: no next event while nodes still train (a bug)")
             while t0 >= next_eval:  # nothing has happened between next_eval and t0
                 self.sim_time = next_eval
                 self._after_metric(self._record(writer, next_eval, node_rows=True))
@@ -1220,7 +1239,8 @@ class VectorizedSim:
             t_end = t0 + width
             self.sim_time = t0
             if self.rule == "pair":  # exchanges happen at the responder's step start, before the batch
-                t_next = self._pair_deliver(t_next, t_end, up, ~active)
+                # a node waiting for its reply (t_next = inf) has not finished, whatever `training` says
+                t_next = self._pair_deliver(t_next, t_end, up, ~active & ~self.waiting)
             stepping = up & active & (t_next < t_end)
             inflight = self._async_batch(stepping, training, t_next, t_end, dur, up, ~active, ring, inflight)
             tick = torch.where(training, dur, dur * cfg.gossip_every)  # a lingering node's gossip period
@@ -1230,6 +1250,10 @@ class VectorizedSim:
                 self._hold.zero_()
             self._tick()
         self.sim_time = float(t_next.max()) if cfg.duration is None else cfg.duration
+        if self.rule == "pair" and self.exchanges_tried and not int(self.msgs_out.sum()):
+            log.warning("adpsgd: none of %d exchanges completed (partners busy with their own, or lost); the "
+                        "models never mixed. Spread the node speeds or add jitter in [emulation]",
+                        self.exchanges_tried)
         while next_eval < self.sim_time:
             self._after_metric(self._record(writer, next_eval, node_rows=True))
             next_eval += eval_dt

@@ -22,7 +22,7 @@ __all__ = ["Run", "check_plot_path", "comparison_table", "load_run", "plot_runs"
 # summary.json figures the table and `--detail` format as numbers (null allowed)
 _SUMMARY_NUMBERS = ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
                     "initial_consensus_distance", "messages", "bytes", "wall_seconds", "node_steps",
-                    "consensus_rate", "predicted_rate")
+                    "consensus_rate", "predicted_rate", "staleness_mean", "staleness_max")
 _NODE_NUMBERS = ("steps", "accuracy", "loss", "msgs_out", "msgs_in", "bytes_out")
 
 
@@ -106,14 +106,15 @@ def _fmt(v: Any, spec: str) -> str:
 def comparison_table(runs: list[Run]) -> str:
     """One line per run: what it was, and where it ended."""
     head = (f"{'run':<44}{'engine':>11}{'mean acc':>10}{'min acc':>9}{'avg model':>10}"
-            f"{'consensus':>11}{'MB':>9}{'node-steps':>11}{'wall s':>8}")
+            f"{'consensus':>11}{'stale':>7}{'MB':>9}{'node-steps':>11}{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in runs:
         s = r.summary
         lines.append(
             f"{r.label[:43]:<44}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
-            f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}"
+            f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt(s.get('staleness_mean'), '.2f'):>7}"
+            f"{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}"
             f"{_fmt(s.get('node_steps'), '.0f'):>11}{_fmt(s.get('wall_seconds'), '.1f'):>8}"
         )
     return "\n".join(lines)

@@ -1111,7 +1111,8 @@ class VectorizedSim:
         meanwhile), where the requests that arrived by then exchange in arrival order; the reply,
         which may be lost, frees the initiator. A queued request whose responder is still
         exchanging ``timeout / 2`` after it arrived is answered busy, which ends any cycle of
-        nodes waiting for each other. (A request's ``weight`` marks it as queued.)
+        nodes waiting for each other. (A request's ``weight`` marks it as queued. Timeouts of lost
+        requests' replies count from the request's arrival: a latency late.)
         Returns ``t_next`` with the freed initiators' next step times."""
         req = self._requests
         self._seen_until = t_end

@@ -108,3 +108,13 @@ def test_lossless_algorithm_is_refused_on_a_lossy_network(tmp_path: Path) -> Non
     check_requirements(RunConfig(), Fragile(), directed=False, time_varying=False)  # no loss: fine
     with pytest.raises(ConfigError, match="undirected"):
         check_requirements(RunConfig(topology="exponential_directed"), Fragile(), directed=True, time_varying=False)
+
+
+def test_cluster_says_when_it_cannot_keep_the_emulated_speeds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A step time far below the real compute time cannot be honoured: the summary and a warning say so."""
+    cfg = RunConfig(nodes=3, topology="ring", steps=20, eval_every=10, transport="memory",
+                    emulation={"step_time": 1e-6, "latency": 0.001})
+    with caplog.at_level("WARNING", logger="gossipfl.sim"):
+        summary = asyncio.run(run_cluster(cfg, tmp_path, progress=None))
+    assert summary["step_overruns"] > 0.9
+    assert "emulated speeds were not kept" in caplog.text

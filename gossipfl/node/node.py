@@ -116,6 +116,7 @@ class Node:
             transport = network.transport() if network else HttpTransport()
         self._transport = transport
         self._min_step = min_step_seconds  # emulated compute speed: a step takes at least this long
+        self.step_overruns = 0  # emulated steps whose real compute took longer than the emulated time
         # After its last step a lingering node keeps merging and gossiping (no more training) until
         # it is closed, so slower peers are not left to drift alone at the end of a simulation.
         self._linger = linger and not algorithm.requirements.rounds
@@ -514,7 +515,9 @@ class Node:
             out = await asyncio.to_thread(self._work, trains, gossip_now)
             done += 1
             if self._min_step:
-                await asyncio.sleep(max(0.0, self._min_step - (self._clock() - started)))
+                spare = self._min_step - (self._clock() - started)
+                self.step_overruns += spare < -0.1 * self._min_step  # the emulated speed was not kept
+                await asyncio.sleep(max(0.0, spare))
             if out is not None:
                 self._outgoing = out
                 self._send_idle.clear()

@@ -212,6 +212,8 @@ def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[s
         "rejected": sum(sum(n.rejected.values()) for n in nodes),
         "lost": sum(getattr(n._transport, "lost", 0) for n in nodes),  # dropped by emulated loss
         "round_timeouts": sum(n.round_timeouts for n in nodes),  # round algorithms: waits that ran out
+        # emulated speeds: the share of steps whose real compute outlasted their emulated step time
+        "step_overruns": sum(n.step_overruns for n in nodes) / max(1, sum(n.state.step for n in nodes)),
         **_staleness(nodes),
         "wall_seconds": round(wall, 3),
         "node_steps": sum(n.state.step for n in nodes),
@@ -224,6 +226,10 @@ def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[s
             for n in nodes
         },
     }
+    if summary["step_overruns"] > 0.1:
+        log.warning("the emulated speeds were not kept: %.0f %% of steps took longer in real compute than their "
+                    "emulated step time (emulation.step_time %g s); raise step_time to compare with the "
+                    "vectorised engine", 100 * summary["step_overruns"], parse_emulation(cfg.emulation).step_time)
     if not nodes[0].algorithm.requirements.trains:
         summary.update(_consensus_rates(monitor.history, cfg))
     return summary

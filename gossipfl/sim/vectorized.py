@@ -1499,6 +1499,7 @@ class VectorizedSim:
             "lost": int(self.lost),
             "expired": int(self.expired),
             "round_timeouts": 0,  # neighbour-local rounds always wait (see _run_rounds_async)
+            "step_overruns": 0.0,  # simulated steps take exactly their emulated time
             **self._staleness_summary(),
             "wall_seconds": round(wall, 3),
             "simulated_seconds": self.sim_time,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -104,8 +105,12 @@ def test_latency_holds_messages_back_in_the_vectorised_engine() -> None:
     prompt = VectorizedSim(cfg.replace(emulation={"latency": 0.05, "bandwidth": 100.0}))
     prompt.run(None)
     received = int(prompt.msgs_in.sum())
-    # every node sends to 2 neighbours per 10 ms step; the last ~5.2 steps' messages are in flight
-    assert 2 * 8 * (20 - 7) <= received <= 2 * 8 * (20 - 5)
+    # a step (10 ms) waits for the previous send to both neighbours (one at a time, as the node):
+    # a step every 10 ms + latency + transfer; each message is in at the receiver's next step start
+    period = 0.01 + 0.05 + prompt.emulation.transfer_seconds(prompt.msg_bytes)
+    steps = math.ceil(0.2 / period)
+    assert prompt.step.tolist() == [steps] * 8
+    assert received == 2 * 8 * (steps - 1)
 
 
 def test_a_wider_time_slice_keeps_the_step_count() -> None:

@@ -62,12 +62,12 @@ def check_model_fits(cfg: RunConfig, data: Dataset, trainer: Trainer) -> None:
         raise DataError(f"model: {what}: a batch of {len(x)} gives output {got}, expected {list(expected)}")
 
 
-def check_algorithm_fits(algorithm: Algorithm, trainer: Trainer) -> None:
-    """Run the algorithm's ``init_state`` on a copy of one node's model, so that a hyperparameter
-    that does not fit the model (more gossip partitions than parameters) is a ConfigError naming
-    it before any node starts, not a traceback in every node."""
+def check_algorithm_fits(algorithm: Algorithm, params: torch.Tensor) -> None:
+    """Run the algorithm's ``init_state`` on a copy of one node's flat ``params``, so that a
+    hyperparameter that does not fit the model (more gossip partitions than parameters) is a
+    ConfigError naming it before any node starts, not a traceback in every node."""
     try:
-        algorithm.init_state(LocalState(params=trainer.params.detach().clone(), seed=0))
+        algorithm.init_state(LocalState(params=params.detach().clone(), seed=0))
     except ValueError as exc:
         raise ConfigError(f"algorithm_params: {exc}") from None
 

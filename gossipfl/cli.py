@@ -256,7 +256,7 @@ async def _serve_node(cfg: RunConfig) -> int:
         log.info("no --shards given: this node trains on the whole training set")
     trainer = build_trainer(cfg, data, index, shards)
     check_model_fits(cfg, data, trainer)
-    check_algorithm_fits(build_algorithm(cfg), trainer)
+    check_algorithm_fits(build_algorithm(cfg), trainer.params)
     metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -38,7 +38,7 @@ def preflight(cfg: RunConfig) -> None:
     data = build_data(cfg)
     trainer = build_trainer(cfg, data, 0, cfg.nodes)
     check_model_fits(cfg, data, trainer)
-    check_algorithm_fits(algorithm, trainer)
+    check_algorithm_fits(algorithm, trainer.params)
     if cfg.engine == "vectorized":
         from gossipfl.sim.vectorized import check_config
 

@@ -108,7 +108,7 @@ from gossipfl.algorithms.gossip import GossipLearning, PartitionedGossip, age_we
 from gossipfl.algorithms.gradex import GradientExchange
 from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging, push_share
 from gossipfl.algorithms.tracking import DIGing, tracker_update
-from gossipfl.build import build_algorithm, build_data, check_requirements, node_seed
+from gossipfl.build import build_algorithm, build_data, check_algorithm_fits, check_requirements, node_seed
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset, build_model, param_layout, partition
@@ -266,7 +266,7 @@ class VectorizedSim:
         self.ids = node_ids(n)
         self.sampling = sampling
         self.algorithm, self.rule, self.emulation, self.schedule = _checked(cfg)
-        # a time-varying topology (sync schedule only): round r's messages follow graph r
+        # a time-varying topology: a node sends round r's messages on graph r
         self.time_varying = self.schedule.period != 1
         self.graph = self.schedule(0)
         self.trains = self.algorithm.requirements.trains
@@ -430,13 +430,8 @@ class VectorizedSim:
         diag = np.arange(n)
         rows, cols = np.concatenate([dst, diag]), np.concatenate([src, diag])
         vals = np.concatenate([ratio[src], np.ones(n)])
-        order = np.lexsort((cols, rows))
-        ptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=n), out=ptr[1:])
-        index = torch.int32 if len(rows) < 2**31 else torch.int64
-        crow, col = torch.from_numpy(ptr).to(dev, index), torch.from_numpy(cols[order]).to(dev, index)
-        self.mixing = _csr(crow, col, torch.from_numpy(vals[order].astype(np.float32)).to(dev), (n, n))
-        self._mixing64 = _csr(crow, col, torch.from_numpy(vals[order]).to(dev), (n, n))
+        self.mixing = _csr_from(rows, cols, vals.astype(np.float32), n, dev)
+        self._mixing64 = _csr_from(rows, cols, vals, n, dev)
 
     def _learning(self, kernel: str, block: int | None) -> None:
         cfg, data, n, dev = self.cfg, self.data, self.n, self.device
@@ -476,11 +471,9 @@ class VectorizedSim:
         # gossip learning variants: update-merge order; partitioned (per-part ages [N, P], float64)
         self.update_merge = isinstance(alg, GossipLearning) and alg.order == "update_merge"
         self.partitions = alg.partitions if isinstance(alg, PartitionedGossip) else 0
+        check_algorithm_fits(alg, self.params[0])  # e.g. more gossip partitions than parameters
         if self.partitions:
             assert isinstance(alg, PartitionedGossip)
-            if self.partitions > self.layout.numel:
-                raise ConfigError(f"algorithm_params.partitions: {self.partitions} exceeds the "
-                                  f"{self.layout.numel} parameters")
             self.part_ages = torch.zeros(n, self.partitions, dtype=torch.float64, device=self.device)
             self._part_of = torch.arange(self.layout.numel, device=self.device) % self.partitions
             if self.sampling == "exact":
@@ -532,11 +525,7 @@ class VectorizedSim:
 
     def _train(self, p: torch.Tensor, v: torch.Tensor | None, rows: slice | torch.Tensor) -> None:
         """One local SGD step, in place on ``p`` (and ``v``), for the nodes ``rows``."""
-        gidx, weight = self.batches.next(rows)
-        k, b = gidx.shape
-        flat = gidx.reshape(-1)
-        x = self.x_train.index_select(0, flat).view(k, b, *self.x_train.shape[1:])
-        y = self.y_train.index_select(0, flat).view(k, b)
+        x, y, weight = self._minibatch(rows)
         cfg = self.cfg
         if self.rule == "push":
             # SGP (`PushSum.local_step`): SGD at z = x / w, momentum in z-space, x -= lr w u, i.e.
@@ -554,6 +543,14 @@ class VectorizedSim:
             loss = self.model.sgd_step(p, v, x, y, weight, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
         self.last_loss[rows] = loss.detach()
+
+    def _minibatch(self, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next minibatch of each node ``rows``: inputs ``[k, B, ...]``, labels ``[k, B]``, 0/1 weights."""
+        gidx, weight = self.batches.next(rows)
+        k, b = gidx.shape
+        flat = gidx.reshape(-1)
+        x = self.x_train.index_select(0, flat).view(k, b, *self.x_train.shape[1:])
+        return x, self.y_train.index_select(0, flat).view(k, b), weight
 
     def _gradex_step(self, p: torch.Tensor, v: torch.Tensor | None, rows: slice | torch.Tensor, x: torch.Tensor,
                      y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -661,11 +658,7 @@ class VectorizedSim:
         cur += recvd.to(cur.dtype)  # the own step (the engine adds its 1 later)
         for wave in waves:
             r = recv[wave]
-            gidx, weight = self.batches.next(nodes.index_select(0, r))
-            k, b = gidx.shape
-            flat = gidx.reshape(-1)
-            xb = self.x_train.index_select(0, flat).view(k, b, *self.x_train.shape[1:])
-            yb = self.y_train.index_select(0, flat).view(k, b)
+            xb, yb, weight = self._minibatch(nodes.index_select(0, r))
             _, grad = self.model.loss_and_grad(models[wave], xb, yb, weight)
             with torch.no_grad():
                 updated = models[wave] - lr * grad
@@ -1071,7 +1064,7 @@ class VectorizedSim:
         self.msgs_out.index_add_(0, init, ok)
         self.msgs_in.index_add_(0, init, ok)
 
-    def _pair_request(self, senders: torch.Tensor, sent_at: torch.Tensor, closed: torch.Tensor) -> None:
+    def _pair_request(self, senders: torch.Tensor, sent_at: torch.Tensor) -> None:
         """AD-PSGD initiators (after their step): pick a neighbour, send the request, and wait for
         the reply. A lost request leaves the initiator waiting out ``timeout``."""
         if not senders.numel():
@@ -1440,7 +1433,7 @@ class VectorizedSim:
             return inflight
         if self.rule == "pair":  # only training nodes initiate (a lingering one still answers)
             keep = tr.index_select(0, which) if not (self.cfg.gossip_every == 1 and everyone_trains) else tr
-            self._pair_request(senders[keep], (t_next + dur).index_select(0, senders[keep]), closed)
+            self._pair_request(senders[keep], (t_next + dur).index_select(0, senders[keep]))
             return inflight
         groups = self._round_groups(senders)
         if self.rule == "push":

@@ -162,8 +162,9 @@ class BatchedMLP:
         The Trainer's update (``g += wd * p; v = momentum * v + g; p -= lr * v``), applied layer by
         layer as gradients come out of the backward pass, so no ``[n, D]`` gradient is materialised
         (the velocity update is one fused multiply-add, which may round the last bit differently).
+        A layer's weights are updated only after the backward pass has propagated through them
+        (`_backward` calls ``sink`` after that), and while its velocity is still in cache.
         """
-        later: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def sink(k: int, gw: torch.Tensor, gb: torch.Tensor) -> None:
             for g, (pw, vw) in ((gw, self._pair(p, v, k, 0)), (gb, self._pair(p, v, k, 1))):
@@ -171,15 +172,10 @@ class BatchedMLP:
                     g = g + weight_decay * pw
                 if vw is not None:
                     torch.add(g, vw, alpha=momentum, out=vw)  # v = momentum * v + g, one pass
-                else:
-                    later.append((pw, g))
+                    g = vw
+                pw.sub_(g, alpha=lr)
 
-        loss = self._backward(p, x, y, weight, sink)
-        if v is not None:
-            p.sub_(v, alpha=lr)
-        for pw, g in later:
-            pw.sub_(g, alpha=lr)
-        return loss
+        return self._backward(p, x, y, weight, sink)
 
     def _pair(self, p: torch.Tensor, v: torch.Tensor | None, k: int,
               which: int) -> tuple[torch.Tensor, torch.Tensor | None]:

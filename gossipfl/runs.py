@@ -36,7 +36,7 @@ def preflight(cfg: RunConfig) -> None:
     algorithm = build_algorithm(cfg)
     check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
     data = build_data(cfg)
-    trainer = build_trainer(cfg, data, 0, cfg.nodes)
+    trainer = build_trainer(cfg, data, 0, cfg.shards or cfg.nodes)  # the partition the engines will cut
     check_model_fits(cfg, data, trainer)
     check_algorithm_fits(algorithm, trainer.params)
     if cfg.engine == "vectorized":

@@ -101,7 +101,9 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
     check_requirements(cfg, build_algorithm(cfg), directed=schedule.directed, time_varying=schedule.period != 1)
     network = MemoryNetwork() if cfg.transport == "memory" else None
     ids = node_ids(cfg.nodes)
-    trainers = [build_trainer(cfg, data, i, cfg.nodes) for i in range(cfg.nodes)]  # user errors surface here
+    # node i trains on shard i % shards, as in the vectorised engine (one shard per node by default);
+    # user errors surface here
+    trainers = [build_trainer(cfg, data, i, cfg.shards or cfg.nodes) for i in range(cfg.nodes)]
     writer = MetricsWriter(out / "metrics.jsonl")
     t0 = time.monotonic()
     emulation = parse_emulation(cfg.emulation)

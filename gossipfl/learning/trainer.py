@@ -54,6 +54,12 @@ class Trainer:
         self.last_loss = float("nan")
         self._forward_lock = threading.Lock()
 
+    @property
+    def velocity(self) -> torch.Tensor | None:
+        """The momentum buffer (None without momentum): a node checkpoints it with the model, so
+        a restarted node does not lose its optimizer state."""
+        return self._velocity
+
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # One shuffled pass over the shard per epoch: every sample seen, order seeded.
         if self._pos + self.batch_size > len(self._order):

@@ -58,6 +58,7 @@ PEER_EXCHANGE_EVERY = 3  # membership passes between two view exchanges with a r
 RECENT_CONTACT = 3.0  # a peer heard from this recently is not probed
 INBOX_PER_NEIGHBOUR = 4  # queued messages per neighbour before the oldest is dropped (bounds memory)
 CHECKPOINT_EVERY = 50  # local steps between checkpoints when a state dir is set
+_EXTRA = "extra/"  # checkpoint tensor names of the algorithm state (LocalState.extra)
 
 _REASONS: list[tuple[type[WireError], str]] = [
     (MessageTooLarge, "too_large"),
@@ -927,14 +928,25 @@ class Node:
         assert self._state_dir is not None
         return self._state_dir / "checkpoint.gfl"
 
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a restarted node needs to carry on: the model, the optimizer's momentum and
+        the algorithm's own state (CHOCO's public copies, DIGing's tracker, partition ages, ...)."""
+        tensors = {"params": self.state.params.clone()}
+        velocity = self.trainer.velocity
+        if velocity is not None:
+            tensors["velocity"] = velocity.clone()
+        for name, t in self.state.extra.items():
+            tensors[_EXTRA + name] = t.clone()
+        return tensors
+
     def _save_checkpoint(self) -> None:
-        """Write params, step and age atomically (temp file + rename); a full disk is logged, not fatal."""
+        """Write the node's state atomically (temp file + rename); a full disk is logged, not fatal."""
         path = self._checkpoint_path()
         with self._lock:
             env = wire.Envelope(
                 cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
                 fingerprint=self.fingerprint, kind="checkpoint", step=self.state.step,
-                age=self.state.age, weight=self.state.weight, tensors={"params": self.state.params.clone()},
+                age=self.state.age, weight=self.state.weight, tensors=self._checkpoint_tensors(),
             )
         tmp = path.with_suffix(".tmp")
         try:
@@ -955,16 +967,41 @@ class Node:
         path = self._checkpoint_path()
         try:
             env = wire.decode(path.read_bytes(), fingerprint=self.fingerprint)
-            params = env.tensors["params"]
-            if params.shape != self.state.params.shape:
-                raise WireError(f"params of shape {list(params.shape)}")
+            if env.algorithm != self.algorithm.name:
+                raise WireError(f"written by algorithm {env.algorithm!r}, this node runs {self.algorithm.name!r}")
             wire.require_finite(env)
+            restore = self._restorable(env.tensors)
         except (OSError, KeyError, GossipflError) as exc:
             self.log.warning("ignoring checkpoint %s: %s", path, exc)
             return
-        self.state.params.copy_(params)
+        for target, saved in restore:
+            target.copy_(saved)
         self.state.step, self.state.age, self.state.weight = env.step, env.age, env.weight
         self.log.info("resumed from %s at step %d", path, env.step)
+
+    def _restorable(self, tensors: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(live tensor, saved tensor) pairs, all checked before anything is overwritten: the model
+        must fit; the momentum and algorithm state fit too or the checkpoint is refused, and where
+        an older checkpoint lacks them they keep their fresh values (a warning says so)."""
+        live: dict[str, torch.Tensor] = {"params": self.state.params}
+        if self.trainer.velocity is not None:
+            live["velocity"] = self.trainer.velocity
+        live.update({_EXTRA + k: t for k, t in self.state.extra.items()})
+        pairs, missing = [], []
+        for name, t in live.items():
+            saved = tensors.get(name)
+            if saved is None:
+                if name == "params":
+                    raise WireError("no params tensor")
+                missing.append(name)
+                continue
+            if saved.shape != t.shape or saved.dtype != t.dtype:
+                raise WireError(f"{name} is {saved.dtype} {list(saved.shape)}, "
+                                f"this node's is {t.dtype} {list(t.shape)}")
+            pairs.append((t, saved))
+        if missing:
+            self.log.warning("checkpoint lacks %s: starting those afresh", ", ".join(missing))
+        return pairs
 
     # ------------------------------------------------------------------ helpers
 

@@ -105,12 +105,16 @@ def test_latency_holds_messages_back_in_the_vectorised_engine() -> None:
     prompt = VectorizedSim(cfg.replace(emulation={"latency": 0.05, "bandwidth": 100.0}))
     prompt.run(None)
     received = int(prompt.msgs_in.sum())
-    # a step (10 ms) waits for the previous send to both neighbours (one at a time, as the node):
-    # a step every 10 ms + latency + transfer; each message is in at the receiver's next step start
-    period = 0.01 + 0.05 + prompt.emulation.transfer_seconds(prompt.msg_bytes)
-    steps = math.ceil(0.2 / period)
+    # One send at a time, as the node: a step's message waits until the previous one reached both
+    # neighbours (latency + transfer = L), and the next step starts once it went out. Step 1 runs
+    # 0-10 ms and sends at once; from then on a message leaves every L, so step k >= 2 starts at
+    # 10 ms + (k - 2) L, and message k (out at 10 ms + (k - 1) L) arrives exactly when step k + 2
+    # starts: the last two messages find no step left to merge them.
+    link = 0.05 + prompt.emulation.transfer_seconds(prompt.msg_bytes)
+    steps = 1 + math.ceil((0.2 - 0.01) / link)
+    assert steps == 5  # more than the 0.2 / (10 ms + L) = 3.3 a step-then-send node would take
     assert prompt.step.tolist() == [steps] * 8
-    assert received == 2 * 8 * (steps - 1)
+    assert received == 2 * 8 * (steps - 2)
 
 
 def test_a_wider_time_slice_keeps_the_step_count() -> None:

@@ -70,7 +70,7 @@ def test_bad_messages_get_clear_http_errors_and_change_nothing() -> None:
                 assert (got, answer["reason"]) == (status, reason), answer
                 assert answer["error"]
             assert node._inbox == []  # nothing was queued for a merge
-            node._work(trains=False, gossip_now=False)  # a merge point
+            node._work(trains=False, exchange_now=False)  # a merge point
             assert torch.equal(node.state.params, before)
             status = await get_status(node.address)
             assert status["rejected"] == {r: 1 for _, _, r in cases}
@@ -79,7 +79,7 @@ def test_bad_messages_get_clear_http_errors_and_change_nothing() -> None:
             ok, _ = await post(node.address, bytes(wire.encode(envelope(node))))
             assert ok == 200
             assert len(node._inbox) == 1
-            node._work(trains=False, gossip_now=False)
+            node._work(trains=False, exchange_now=False)
             assert not torch.equal(node.state.params, before)
         finally:
             await node.aclose()

@@ -224,10 +224,11 @@ def test_stragglers_lose_steps_and_lossy_links_lose_messages() -> None:
     steps = sim.step.cpu()
     slow, fast = steps[speeds < 1], steps[speeds == 1]
     assert len(slow) == 4
-    # a step is 10 ms (40 ms for a straggler) plus the wait for the node's previous send (one at a
-    # time): the slowest of its 8 links, 1-25 ms
-    assert ((fast >= 1.2 / 0.036) & (fast <= 1.2 / 0.011)).all()
-    assert ((slow >= 1.2 / 0.066) & (slow <= 1.2 / 0.041)).all()
+    # a step's message waits for the node's previous send (one at a time), which went on while the
+    # step computed: a step lasts the longer of its compute, 10 ms (40 ms for a straggler), and the
+    # slowest of its 8 links (1-25 ms with jitter); a straggler's compute outlasts every link
+    assert ((fast >= 1.2 / 0.026) & (fast <= 1.2 / 0.0099)).all()
+    assert ((slow >= 29) & (slow <= 31)).all()
     assert fast.float().mean() > 1.5 * slow.float().mean()
     assert summary["lost"] > 0
     assert summary["messages"] < int((sim.send_deg.cpu() * steps).sum())  # lost ones are not counted
@@ -442,8 +443,9 @@ def test_gradient_exchange_with_sparse_model_averaging_agrees(tmp_path: Path, mo
 
 def _round_clock(sim: VectorizedSim, steps: int, gossip_every: int) -> float:
     """Reference for neighbour-local rounds, node by node in plain Python: step s + 1 starts when
-    step s is done, after a gossip round when every in-neighbour's round-s message is in, and
-    before a gossip step when the node's own previous send (to all its neighbours) is done."""
+    step s is done; after a gossip step s, the node's round-s message leaves once its previous
+    send (to all its neighbours) is done, and step s + 1 starts after that and once every
+    in-neighbour's round-s message is in."""
     emu, n, seed = sim.emulation, sim.n, sim.cfg.seed
     dur = emu.step_seconds(n, seed=seed).tolist()
     nbrs = {i: list(sim.graph.neighbors(i)) for i in range(n)}  # undirected: in- and out-links alike
@@ -451,15 +453,14 @@ def _round_clock(sim: VectorizedSim, steps: int, gossip_every: int) -> float:
     def delay(a: int, b: int) -> float:
         return float(emu.link_latency(torch.tensor([a]), torch.tensor([b]), seed=seed)[0])
 
-    start, end, sent = [0.0] * n, [0.0] * n, [-math.inf] * n
+    start, end, done = [0.0] * n, [0.0] * n, [-math.inf] * n
     for r in range(1, steps + 1):
         end = [start[i] + dur[i] for i in range(n)]
         start = list(end)
         if r % gossip_every == 0:
-            start = [max([end[i]] + [end[j] + delay(j, i) for j in nbrs[i]]) for i in range(n)]
-            sent = [max([end[i]] + [end[i] + delay(i, j) for j in nbrs[i]]) for i in range(n)]
-        if (r + 1) % gossip_every == 0:
-            start = [max(start[i], sent[i]) for i in range(n)]
+            out = [max(end[i], done[i]) for i in range(n)]
+            start = [max([out[i]] + [out[j] + delay(j, i) for j in nbrs[i]]) for i in range(n)]
+            done = [max([out[i]] + [out[i] + delay(i, j) for j in nbrs[i]]) for i in range(n)]
     return max(end)
 
 
@@ -605,13 +606,14 @@ def test_staleness_is_zero_in_lock_step_and_grows_with_latency() -> None:
     """Staleness (receiver's step at merge - sender's step at send), as both engines count it:
     0 in lock-step rounds; on identical nodes gossiping every 4th step, with a one-way latency of
     1-4 step times, a message merges about L + 1/2 = 3 steps after it left (it waits for the
-    receiver's next step start). Gossiping every step instead, a node's next step waits for its
-    previous send (one at a time): each step lasts 10 ms plus the slowest of its 12 links, about
-    0.01 + 0.03 * 12/13 s, and messages are fresh."""
+    receiver's next step start). Gossiping every step instead, a step's message waits for the
+    node's previous send (one at a time), which went on while the step computed: each step lasts
+    the slowest of the node's 12 links (about 0.01 + 0.03 * 12/13 s, more than the 10 ms of
+    compute), and a message arrives while its receiver takes one step: staleness about 1."""
     base = RunConfig(nodes=64, topology="exponential", steps=60, eval_every=20, shards=32)
     every = VectorizedSim(base.replace(schedule="async", emulation={"latency": "uniform:0.01:0.04"})).run(None)
-    assert 60 * (0.01 + 0.03 * 12 / 13) * 0.9 <= every["simulated_seconds"] <= 60 * 0.05 * 1.1
-    assert every["staleness_mean"] < 0.5
+    assert 60 * (0.01 + 0.03 * 12 / 13) * 0.9 <= every["simulated_seconds"] <= 60 * 0.04 * 1.1
+    assert 0.5 <= every["staleness_mean"] <= 1.5
     sync = VectorizedSim(base.replace(schedule="sync")).run(None)
     assert sync["staleness_mean"] == 0
     assert sync["staleness_max"] == 0

@@ -6,8 +6,9 @@ loop (sends the newest snapshot to the algorithm's targets), and a membership lo
 static peers, expires dead ones). Received messages are validated by the wire codec and queued;
 they are merged between two local steps, never during one, so a step sees a consistent model.
 
-There is no barrier: a node trains at most one gossip period ahead of its own outgoing messages
-(back-pressure on its own sends only), and never waits for anyone else.
+There is no barrier: a node sends one message batch at a time (a gossip point waits until its
+previous send is done; the send runs while the next steps compute), and never waits for anyone
+else (round algorithms excepted: they wait, bounded, for their in-neighbours' round messages).
 """
 
 from __future__ import annotations
@@ -493,6 +494,7 @@ class Node:
     async def _train_loop(self) -> None:
         cfg = self.cfg
         trains = self.algorithm.requirements.trains
+        pairwise = self.algorithm.requirements.pairwise
         deadline = None if cfg.duration is None else self._clock() + cfg.duration
         target = cfg.steps if deadline is None else None
         await self.go.wait()
@@ -510,15 +512,21 @@ class Node:
                 # only a gossip step sends a round message (with gossip_every > 1 the others do not)
                 await self._wait_for_round(self.state.step)
             gossip_now = (self.state.step + 1) % cfg.gossip_every == 0
-            if gossip_now:
-                await self._send_idle.wait()  # back-pressure on our own sends only
+            if gossip_now and pairwise:
+                await self._send_idle.wait()  # an exchange waits for its reply before the next one
             started = self._clock()
-            out = await asyncio.to_thread(self._work, trains, gossip_now)
+            out = await asyncio.to_thread(self._work, trains, gossip_now and pairwise)
             done += 1
             if self._min_step:
                 spare = self._min_step - (self._clock() - started)
                 self.step_overruns += spare < -0.1 * self._min_step  # the emulated speed was not kept
                 await asyncio.sleep(max(0.0, spare))
+            if gossip_now and not pairwise:
+                # This step's message waits for the previous send to finish (back-pressure, one send
+                # buffer); that send went on while this step computed, so a step lasts the longer
+                # of its compute and its slowest link, not their sum.
+                await self._send_idle.wait()
+                out = await asyncio.to_thread(self._gossip_message)
             if out is not None:
                 self._outgoing = out
                 self._send_idle.clear()
@@ -612,12 +620,11 @@ class Node:
             self._rx_pool.give(body)
         return len(inbox)
 
-    def _work(self, trains: bool, gossip_now: bool) -> tuple[memoryview | None, list[str]] | None:
-        """Merge what arrived, take one local step, encode this gossip point's message (worker thread).
+    def _work(self, trains: bool, exchange_now: bool) -> tuple[memoryview | None, list[str]] | None:
+        """Merge what arrived and take one local step (worker thread).
 
-        Returns (frame, targets), (None, [peer]) for a pairwise exchange, or None. Encoding happens
-        under the lock and copies the parameters into the send buffer: that copy is the snapshot,
-        so the model can change as soon as the lock is released.
+        With ``exchange_now`` (a pairwise algorithm's gossip point) returns (None, [peer]), the
+        partner of the exchange the gossip loop runs next; otherwise None.
         """
         with self._lock:
             rounds = self.algorithm.requirements.rounds
@@ -626,14 +633,25 @@ class Node:
                 self.loss = self.algorithm.local_step(self.state, self.trainer)
                 self.state.age += 1
             self.state.step += 1
-            if not gossip_now:
+            if not exchange_now:
                 return None
+            self._set_round(self.state.step)
+            targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
+            return (None, targets[:1]) if targets else None
+
+    def _gossip_message(self) -> tuple[memoryview, list[str]] | None:
+        """This gossip point's message and its targets, or None (worker thread, send buffer free).
+
+        Nothing merges between the step and this call (merges happen at step starts), so the
+        message carries the model the step left. Encoding copies the parameters into the send
+        buffer under the lock: that copy is the snapshot, so the next step may change the model
+        while the frame is on its way.
+        """
+        with self._lock:
             self._set_round(self.state.step)
             targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
             if not targets:
                 return None
-            if self.algorithm.requirements.pairwise:
-                return None, targets[:1]
             body = self._encode_locked(self.algorithm.message(self.state, targets=targets))
         return body, targets
 
@@ -685,7 +703,11 @@ class Node:
         reproduces). The node's own training loop must not be running (start with ``hold=True``).
         """
         self._refresh_view()
-        return await asyncio.to_thread(self._work, self.algorithm.requirements.trains, gossip)
+        pairwise = self.algorithm.requirements.pairwise
+        out = await asyncio.to_thread(self._work, self.algorithm.requirements.trains, gossip and pairwise)
+        if gossip and not pairwise:
+            out = await asyncio.to_thread(self._gossip_message)
+        return out
 
     async def send_round(self, out: tuple[memoryview | None, list[str]] | None) -> None:
         """Deliver this round's message to its targets, one after another (deterministic)."""

@@ -36,10 +36,11 @@ Two schedules, chosen by ``cfg.schedule``:
     nodes do (in ``async`` each sender on the graph of its own step, `VectorizedSim._round_groups`).
 ``async``
     Events on a simulated clock drawn from `gossipfl.sim.emulation` (per-node speeds,
-    stragglers, per-link latency, jitter, loss, bandwidth, churn). A node's step starts when its
-    previous one ends and, for a gossip step, when its previous send is done (a node sends one
-    message batch at a time, as the node service does); at its start it merges every message that
-    has arrived; at its end it sends. Events are processed in batches: all steps that start within one time slice
+    stragglers, per-link latency, jitter, loss, bandwidth, churn). At its start a step merges
+    every message that has arrived; at its end, a gossip step's message goes out once the node's
+    previous send is done (one message batch at a time, as the node service does; that send went
+    on while the step computed), and the next step starts then: a step lasts the longer of its
+    compute and the node's slowest link. Events are processed in batches: all steps that start within one time slice
     (``emulation.time_slice``, default the fastest node's step time, so no node steps twice in
     a slice) run as one vectorised batch. Messages sent within a batch are merged in a later
     one; everything else keeps its order. With an ideal emulation this reproduces ``sync``. As in
@@ -292,9 +293,11 @@ class VectorizedSim:
         self.stale_max = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
         self._stale_row = (torch.zeros_like(self.stale_sum), torch.zeros_like(self.stale_count))
         self._pending_in: torch.Tensor | None = None  # sync: messages each node merges next round
-        # async: when each node's last send completes (the node sends one message at a time: a gossip
-        # step waits for the previous send, as `Node._send_idle` makes it)
+        # async: when each node's last send completes (the node sends one message batch at a time: a
+        # gossip step's message waits for the previous send, as `Node._send_idle` makes it), and the
+        # earliest start of its next step (a sender's next step starts once its message went out)
         self._send_done = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
+        self._next_start = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
         self.expired = torch.zeros((), dtype=torch.int64, device=dev)
         self.sim_time = 0.0
         self.node_steps = 0
@@ -1242,12 +1245,8 @@ class VectorizedSim:
             stepping = up & active & (t_next < t_end)
             inflight = self._async_batch(stepping, training, t_next, t_end, dur, up, ~active, ring, inflight)
             tick = torch.where(training, dur, dur * cfg.gossip_every)  # a lingering node's gossip period
-            t_next = torch.where(stepping, t_next + tick, t_next)
-            # back-pressure: the next gossip step (or linger tick) waits until the last send is done
-            gossips_next = (self.step + 1) % cfg.gossip_every == 0
-            if cfg.duration is None:
-                gossips_next |= self.step >= cfg.steps
-            t_next = torch.where(gossips_next, torch.maximum(t_next, self._send_done), t_next)
+            # a sender's next step starts when its message went out (after its previous send)
+            t_next = torch.where(stepping, torch.maximum(t_next + tick, self._next_start), t_next)
             if self.rule == "pair":  # an initiator waits for its reply (inf until the responder answers)
                 t_next = torch.where(self.waiting, inf, torch.maximum(t_next, self._hold))
                 self._hold.zero_()
@@ -1267,10 +1266,12 @@ class VectorizedSim:
 
         A node starts step s + 1 when its step s is done and, after a gossip round, when every
         in-neighbour's round-s message has arrived (the local cluster's ``_wait_for_round``); a
-        gossip step also waits until the node's own previous send is done (one send at a time).
+        gossip step's message goes out once the node's own previous send is done (one send at a
+        time), and the next step starts after that.
         Delivery is lossless and every node merges exactly its in-neighbours' round-s messages,
         so the numbers are those of the sync schedule whatever the speeds and delays; only the
-        clock differs: ``start_i(s+1) = max(end_i(s), max_j end_j(s) + delay_ji, send_done_i)``.
+        clock differs: with ``out_i(s) = max(end_i(s), send_done_i(s-1))`` the moment node i's
+        round-s message leaves, ``start_i(s+1) = max(out_i(s), max_j out_j(s) + delay_ji)``.
         Nodes are therefore advanced round by round, and a metric row after round r carries the
         time the last node finished it. (The cluster's bounded wait, ``timeout``, is not modelled:
         a neighbour is always waited for.)
@@ -1286,11 +1287,10 @@ class VectorizedSim:
             if r % cfg.gossip_every == 0 and self.send_col.numel():
                 src = torch.repeat_interleave(torch.arange(n, device=dev), self.send_deg)
                 dst = self.send_col
-                arrive = end[src] + self._delay(src, dst)
-                start = start.scatter_reduce(0, dst, arrive, reduce="amax")  # the in-neighbours' messages
-                self._send_done = end.scatter_reduce(0, src, arrive, reduce="amax")  # its own sends
-            if (r + 1) % cfg.gossip_every == 0:  # a gossip step waits for the node's previous send
-                start = torch.maximum(start, self._send_done)
+                out = torch.maximum(end, self._send_done)  # the message waits for the previous send
+                arrive = out[src] + self._delay(src, dst)
+                start = out.scatter_reduce(0, dst, arrive, reduce="amax")  # the in-neighbours' messages
+                self._send_done = out.scatter_reduce(0, src, arrive, reduce="amax")  # its own sends
             self.sim_time = float(end.max())
             if r % cfg.eval_every == 0 or r == cfg.steps:
                 self._after_metric(self._record(writer, self.sim_time, node_rows=True))
@@ -1464,7 +1464,13 @@ class VectorizedSim:
         slot, seq = ring.record(senders, models, ages)
         out = [self._message_rows(senders, idx, rnd, parts) for rnd, idx in groups]
         send, recv, weight, which = out[0] if len(out) == 1 else [torch.cat(c) for c in zip(*out, strict=True)]
-        sent_at = t_next + torch.where(training, dur, 0.0)  # after the step; a lingering node computes nothing
+        # After the step (a lingering node computes nothing), once the node's previous send is done
+        # (`Node._send_idle`: one send buffer); the next step starts then, a linger tick later.
+        sent_at = t_next + torch.where(training, dur, 0.0)
+        out_at = torch.maximum(sent_at.index_select(0, senders), self._send_done.index_select(0, senders))
+        sent_at = sent_at.index_copy(0, senders, out_at)
+        linger_tick = torch.where(training, 0.0, dur * self.cfg.gossip_every).index_select(0, senders)
+        self._next_start.index_copy_(0, senders, out_at + linger_tick)
         arrive = sent_at[send] + self._delay(send, recv)
         self._send_done.scatter_reduce_(0, send, arrive, reduce="amax")  # all targets at once, lost ones too
         keep = ~closed[recv]

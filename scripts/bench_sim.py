@@ -17,6 +17,16 @@ subprocess (so thread settings and peak memory are its own); ``peak RSS`` is tha
 maximum resident set (Python and torch included). The ratio compares with the naive loop at the
 same N and thread count.
 
+Where the time goes at N = 4096 (torch profiler, this 2-core VM, one round of 4096 node-steps):
+on 1 thread about 90-100 ms: sparse mixing ~28 ms (memory-bound: each output row reads its 25
+neighbours' rows, ~1 GB from L3 per round), the five batched matmuls per block ~30 ms (MKL
+reaches 60-90 GFLOP/s on these 32x64 / 10x32 shapes in isolation, less in place), the momentum and
+parameter updates ~8 ms, the minibatch shuffle (argsort of random keys) ~4 ms, the data gather
+~4 ms; on 2 threads about 58-65 ms (mixing 9-13 ms, matmuls ~19 ms). Tried and rejected with
+numbers: column-chunked mixing, mixing fused into each block's step, shifted adds for the
+circulant exponential graph (3-5x slower than the CSR product), feature-major inputs, larger
+or smaller blocks (+-5 %, noise), keeping freed memory (no page faults; noise-level gain).
+
     python scripts/bench_sim.py               # N = 16, 256, 4096, 16384; naive at 16, 256; 1 and 2 threads
     python scripts/bench_sim.py --quick       # shorter timing blocks
 """

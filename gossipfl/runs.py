@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gossipfl.config import RunConfig, config_to_toml
-from gossipfl.errors import ConfigError
+from gossipfl.errors import ConfigError, DataError
 
 __all__ = ["default_run_folder", "execute", "make_run_folder", "preflight", "write_json"]
 
@@ -32,11 +32,14 @@ def preflight(cfg: RunConfig) -> None:
     )
     from gossipfl.topology import build_schedule
 
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
     algorithm = build_algorithm(cfg)
-    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
-    data = build_data(cfg)
+    data = build_data(cfg)  # data before the graph: a graph of 100 000 nodes takes seconds to build
+    if cfg.shards is None and len(data.y_train) < cfg.nodes:
+        raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
+                        "nodes; give shards = K (--shards K) and node i trains on shard i % K")
     trainer = build_trainer(cfg, data, 0, cfg.shards or cfg.nodes)  # the partition the engines will cut
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
+    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
     check_model_fits(cfg, data, trainer)
     check_algorithm_fits(algorithm, trainer.params)
     if cfg.engine == "vectorized":

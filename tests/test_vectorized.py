@@ -504,6 +504,19 @@ def test_round_algorithms_in_the_real_async_cluster_give_the_engines_numbers(
     sim.run(None)
     assert float((sim.params - ref["params"]).abs().max()) <= 1e-5
 
+@pytest.mark.parametrize("algorithm", ["diging", "choco"])
+def test_round_algorithms_in_the_async_cluster_are_reproducible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str,
+) -> None:
+    """Same seed, same numbers, bit for bit, whatever order the round messages arrive in: a node
+    merges a round's messages in sender order (arrival order once made 8-node DIGing end at
+    0.913-0.933 accuracy from run to run)."""
+    cfg = RunConfig(nodes=8, topology="ring", algorithm=algorithm, steps=40, eval_every=20, transport="memory",
+                    seed=2, schedule="async", emulation={"speed": "lognormal:0.5", "jitter": 0.002})
+    runs = [cluster_state(cfg, tmp_path / f"run{k}", monkeypatch)["params"] for k in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 def test_diging_trackers_sum_to_the_gradients_every_round() -> None:
     """Gradient tracking's invariant: sum_i y_i = sum_i g_i (W doubly stochastic), at scale, async."""
     cfg = RunConfig(nodes=256, topology="exponential", algorithm="diging", algorithm_params={"lr": 0.1}, steps=150,

@@ -608,7 +608,11 @@ class Node:
             if max_round is None:
                 inbox, self._inbox = self._inbox, []
             else:
-                inbox = [item for item in self._inbox if item[0].round <= max_round]
+                # a round's messages in (round, sender) order, not arrival order: the sum they
+                # enter is then rounded the same way whatever the timing, so a run is reproducible
+                # and equals the lock-step schedule's (which delivers in sender order)
+                inbox = sorted((item for item in self._inbox if item[0].round <= max_round),
+                               key=lambda item: (item[0].round, item[0].sender))
                 self._inbox = [item for item in self._inbox if item[0].round > max_round]
         if inbox:
             messages = [m for m, _ in inbox]

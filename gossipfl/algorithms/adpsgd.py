@@ -63,7 +63,7 @@ class ADPSGD(AlgorithmBase):
 
     @torch.no_grad()
     def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        # One exchange in flight per initiator (the node holds its lock for the round trip):
+        # One exchange in flight per initiator (the node takes no step until its reply is in):
         # older snapshots belong to exchanges that failed.
         for key in [k for k in state.extra if k.startswith("sent:")]:
             del state.extra[key]

@@ -150,7 +150,6 @@ class Node:
             for name, (shape, dtype) in algorithm.tensor_specs(trainer.layout.numel, trainer.params.dtype).items()
         }
         self._arrived = asyncio.Event()  # set on every accepted message (neighbour-local rounds wait on it)
-        self._exchanging = False  # pairwise: this node is the initiator of an exchange in flight
         self.busy_replies = 0  # pairwise: exchanges a peer refused because it was busy
         self.round_timeouts = 0  # rounds: waits for neighbours that ran out
         # counters reported by /status and metrics
@@ -512,8 +511,8 @@ class Node:
                 # only a gossip step sends a round message (with gossip_every > 1 the others do not)
                 await self._wait_for_round(self.state.step)
             gossip_now = (self.state.step + 1) % cfg.gossip_every == 0
-            if gossip_now and pairwise:
-                await self._send_idle.wait()  # an exchange waits for its reply before the next one
+            if pairwise:  # an initiator takes no step until its exchange's reply is in
+                await self._send_idle.wait()
             started = self._clock()
             out = await asyncio.to_thread(self._work, trains, gossip_now and pairwise)
             done += 1
@@ -760,46 +759,59 @@ class Node:
         return True
 
     async def _exchange(self, peer_id: str) -> None:
-        """Pairwise (AD-PSGD): freeze our state, send it, apply the reply; both sides end equal.
+        """Pairwise (AD-PSGD): snapshot our model, send it, add the reply's delta.
 
-        Our lock is held for the whole round trip so no step or merge interleaves; an incoming
-        exchange meanwhile is answered 423 (busy) at once, so two nodes exchanging with each
-        other at the same moment both back off instead of deadlocking.
+        The lock is held only to take the snapshot and to apply the reply, not for the round
+        trip: meanwhile this node answers other nodes' exchanges (nobody is refused because it is
+        exchanging itself, so simultaneous initiators do not all collide). Both sides move by
+        deltas against what was sent (`ADPSGD.respond` / `apply_reply`), so the sum of the
+        models is conserved however exchanges interleave. The training loop takes no step until
+        this returns.
         """
         address = self.membership.address(peer_id)
         if address is None or not await self._acquire(self.cfg.timeout):
             return
-        self._exchanging = True
         try:
-            body = self._encode_locked(self.algorithm.message(self.state, targets=[peer_id]), kind="exchange")
-            reply = await self._post(peer_id, address, "/exchange", body)
-            if reply is None:
-                return
-            if reply.status == 423:
-                self.busy_replies += 1
-                return
-            if reply.status == 503:  # the peer finished training; not an error
-                return
-            if reply.status != 200:
-                self._warn_once(f"xrefused-{peer_id}-{reply.status}", "peer %s refused the exchange (%d): %s",
-                                peer_id, reply.status, reply.body[:200].decode(errors="replace"))
-                return
-            try:
-                env = self._accept(reply.body)
-            except WireError as exc:
-                self._warn_once(f"xbad-{peer_id}", "bad exchange reply from %s: %s", peer_id, exc)
-                return
+            # a copy: answering an exchange meanwhile reuses the send buffer
+            body = bytes(self._encode_locked(self.algorithm.message(self.state, targets=[peer_id]),
+                                             kind="exchange"))
+        finally:
+            self._lock.release()
+        reply = await self._post(peer_id, address, "/exchange", body)
+        env = self._exchange_reply(peer_id, reply)
+        if env is None or not await self._acquire(self.cfg.timeout):
+            return  # the snapshot is dropped by the next exchange's message()
+        try:
             reply_msg = _message(env)
             self.staleness.add(self.state.step - reply_msg.step)
             self.algorithm.apply_reply(self.state, reply_msg)
-            self.bytes_out += len(body)
-            self.msgs_out += 1
-            self.bytes_in += len(reply.body)
-            self.msgs_in += 1
-            self.membership.seen(peer_id, address)
         finally:
-            self._exchanging = False
             self._lock.release()
+        self.bytes_out += len(body)
+        self.msgs_out += 1
+        assert reply is not None  # a decoded reply came in it
+        self.bytes_in += len(reply.body)
+        self.msgs_in += 1
+        self.membership.seen(peer_id, address)
+
+    def _exchange_reply(self, peer_id: str, reply: Reply | None) -> wire.Envelope | None:
+        """The decoded reply to our exchange request, or None (refused, failed, malformed)."""
+        if reply is None:
+            return None
+        if reply.status == 423:
+            self.busy_replies += 1
+            return None
+        if reply.status == 503:  # the peer finished training; not an error
+            return None
+        if reply.status != 200:
+            self._warn_once(f"xrefused-{peer_id}-{reply.status}", "peer %s refused the exchange (%d): %s",
+                            peer_id, reply.status, reply.body[:200].decode(errors="replace"))
+            return None
+        try:
+            return self._accept(reply.body)
+        except WireError as exc:
+            self._warn_once(f"xbad-{peer_id}", "bad exchange reply from %s: %s", peer_id, exc)
+            return None
 
     async def rpc_exchange(self, body: bytes | bytearray) -> tuple[int, bytes]:
         """The responder's side of a pairwise exchange: average atomically, return our part."""
@@ -813,7 +825,7 @@ class Node:
             return exc.http_status, _json({"error": str(exc), "reason": reason})
         if self._closed_for_merges():
             return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
-        if self._exchanging or not await self._acquire(self.cfg.timeout / 2):
+        if not await self._acquire(self.cfg.timeout / 2):  # a step outlasting timeout / 2
             return 423, _json({"error": f"node {self.id} is busy exchanging", "reason": "busy"})
         try:
             incoming = _message(env)

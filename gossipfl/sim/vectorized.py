@@ -49,8 +49,10 @@ Two schedules, chosen by ``cfg.schedule``:
     Round algorithms (DIGing, CHOCO) keep neighbour-local rounds instead: a node waits for every
     in-neighbour's message of the round, so their numbers are the sync schedule's and only the
     clock follows the emulation (`VectorizedSim._run_rounds_async`). AD-PSGD follows the node's
-    exchange protocol: an initiator waits for its reply, a responder answers at its next step
-    start, one that is exchanging itself answers busy (`VectorizedSim._pair_deliver`).
+    exchange protocol: an initiator takes no step until its reply is in, and meanwhile answers
+    requests at once; a computing responder answers when its step ends (busy if that is more than
+    ``timeout / 2`` away); the initiator adds its delta when the reply arrives
+    (`VectorizedSim._pair_deliver`).
 
 Randomness, chosen by ``sampling``:
 
@@ -491,8 +493,16 @@ class VectorizedSim:
             self._requests = Messages.empty(self.device)
             self.waiting = torch.zeros(n, dtype=torch.bool, device=self.device)
             self._hold = torch.zeros(n, dtype=torch.float64, device=self.device)  # earliest next step
-            # a lost request's initiator waits out its timeout, still exchanging (it refuses others)
-            self._busy_until = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
+            # An initiator does not compute from its request until its reply (or refusal, or
+            # timeout) is in: over [_idle_from, _idle_to) its lock is free and it answers requests
+            # at once. It sends a snapshot of its model (`_sent`) and, once answered, adds the
+            # reply's delta (`_reply_delta`) when the reply arrives, i.e. at its next step start.
+            self._idle_from = torch.full((n,), math.inf, dtype=torch.float64, device=self.device)
+            self._idle_to = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
+            if self.cfg.schedule == "async":
+                self._sent = torch.zeros_like(self.params)
+                self._reply_delta = torch.zeros_like(self.params)
+            self._reply_due = torch.zeros(n, dtype=torch.bool, device=self.device)
             self.exchanges_tried = 0
             self._seen_until = 0.0  # requests arriving before this were looked at in a time slice
         if self.rule == "choco":  # public copy x_hat, s = sum_j w_ij x_hat_j, last decoded q
@@ -1043,19 +1053,29 @@ class VectorizedSim:
                   reply_ok: torch.Tensor | None = None) -> None:
         """AD-PSGD exchanges (`ADPSGD.respond` / `apply_reply`), wave by wave (a node appears at most
         once per wave): the responder moves towards the initiator's model, the initiator towards
-        the responder's model before it moved. ``reply_ok``: False where the reply was lost (the
-        responder moved, the initiator did not)."""
+        the responder's model before it moved.
+
+        Sync (``reply_ok`` None): both at once, the initiator's model as it is now. Async: the
+        responder moves towards the snapshot the initiator sent (`_sent`); the initiator's delta
+        against that snapshot waits in `_reply_delta` for the reply's arrival (`_apply_replies`),
+        and is dropped where ``reply_ok`` is False (the reply was lost: the responder moved, the
+        initiator does not)."""
         alg = self.algorithm
         assert isinstance(alg, ADPSGD)
         p = self.params
         for wave in waves:
             i, j = init[wave], resp[wave]
-            xi, xj = p[i], p[j]
+            xj = p[j]
+            if reply_ok is None:
+                xi = p[i]
+                p[j] = xj + exchange_delta(xj, xi, alg.mix)
+                p[i] = xi + exchange_delta(xi, xj, alg.mix)
+                continue
+            xi = self._sent[i]
             p[j] = xj + exchange_delta(xj, xi, alg.mix)
-            moved = xi + exchange_delta(xi, xj, alg.mix)
-            if reply_ok is not None:
-                moved = torch.where(reply_ok[wave].unsqueeze(1), moved, xi)
-            p[i] = moved
+            ok = reply_ok[wave]
+            self._reply_delta[i[ok]] = exchange_delta(xi[ok], xj[ok], alg.mix)
+            self._reply_due[i[ok]] = True
         ok = torch.ones_like(init) if reply_ok is None else reply_ok.long()
         gap = self.step.index_select(0, resp) - self.step.index_select(0, init)
         self._tally(resp, gap)  # the responder merges the request ...
@@ -1086,7 +1106,9 @@ class VectorizedSim:
             ok = torch.rand(init.shape[0], generator=self.gen, device=dev) >= emu.loss
             self.lost += (~ok).sum()
         self._hold[init[~ok]] = at[~ok] + self.cfg.timeout
-        self._busy_until[init[~ok]] = at[~ok] + self.cfg.timeout  # still exchanging: it answers busy
+        self._sent[init] = self.params[init]  # the snapshot the request carries
+        self._idle_from[init] = at  # from now its lock is free: it answers others' requests at once
+        self._idle_to[init] = torch.where(ok, math.inf, at + self.cfg.timeout)  # a lost one: the timeout
         self.waiting[init[ok]] = True
         zero = torch.zeros_like(init)
         new = Messages(resp, init, zero, zero, arrive, torch.zeros(init.shape[0], device=dev),
@@ -1104,15 +1126,15 @@ class VectorizedSim:
 
     def _pair_deliver(self, t_next: torch.Tensor, t_end: float, up: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
         """AD-PSGD requests that reached their responder by this time slice (the node's
-        ``rpc_exchange``): a responder that is itself waiting for a reply when the request arrives
-        answers busy (423), an offline one loses the request (the initiator waits out
-        ``timeout``), a finished one answers 503; otherwise the request waits for the responder's
-        lock, i.e. its next step start (even if the responder starts an exchange of its own
-        meanwhile), where the requests that arrived by then exchange in arrival order; the reply,
-        which may be lost, frees the initiator. A queued request whose responder is still
-        exchanging ``timeout / 2`` after it arrived is answered busy, which ends any cycle of
-        nodes waiting for each other. (A request's ``weight`` marks it as queued. Timeouts of lost
-        requests' replies count from the request's arrival: a latency late.)
+        ``rpc_exchange``). A responder whose lock is free when the request arrives (it waits for
+        its own exchange's reply, `_idle_from` to `_idle_to`) answers at once. One that is
+        computing answers when its step ends: its next step start, or the moment it sent its own
+        request if it did; if that is more than ``timeout / 2`` after the arrival, it answers
+        busy (423). An offline responder loses the request (the initiator waits out
+        ``timeout``); a finished one answers 503. Requests answered in one slice exchange in the
+        order they are answered; the reply, which may be lost, frees the initiator. (A request's
+        ``weight`` marks it as already looked at: it arrived while its responder computed.
+        Timeouts of lost requests' replies count from the request's arrival: a latency late.)
         Returns ``t_next`` with the freed initiators' next step times."""
         req = self._requests
         self._seen_until = t_end
@@ -1120,15 +1142,20 @@ class VectorizedSim:
             return t_next
         j, i, arrive = req.recv, req.send, req.arrive
         here = arrive < t_end
-        queued = req.weight > 0.5  # reached a free responder earlier: it waits for the lock, it is not refused
-        # ... for timeout / 2 (the node's rpc_exchange), then busy after all: ends a cycle of waits
-        waited = arrive + self.cfg.timeout / 2
-        exchanging = self.waiting[j] | (self._busy_until[j] > arrive)
-        busy = (here & ~queued & exchanging) | (queued & self.waiting[j] & (waited < t_end))
-        gone = here & ~busy & ~up[j]
-        done = here & ~busy & ~gone & closed[j]
-        answer = up[j] & ~self.waiting[j] & ~closed[j] & (t_next[j] < t_end) & (arrive <= t_next[j])
-        back = torch.where(queued, waited, arrive) + self._delay(j, i)  # a refusal's way back
+        queued = req.weight > 0.5
+        idle = here & ~queued & (arrive >= self._idle_from[j]) & (arrive < self._idle_to[j])
+        # when a computing responder's lock frees: the end of its step
+        release = torch.where(self.waiting[j], self._idle_from[j], t_next[j])
+        waited = arrive + self.cfg.timeout / 2  # rpc_exchange's wait for the lock
+        computing = here & ~idle
+        gone = here & ~up[j]
+        done = here & ~gone & closed[j]
+        live = ~gone & ~done
+        late = computing & live & (release < t_end) & (release >= arrive) & (release <= waited)
+        answer = (idle & live) | late
+        busy = computing & live & ~late & (waited < t_end) & (release > waited)
+        at = torch.where(idle, arrive, release)  # when the responder answers
+        back = torch.where(busy, waited, arrive) + self._delay(j, i)  # a refusal's way back
         free = torch.full_like(arrive, math.inf)
         free = torch.where(busy | done, back, free)
         free = torch.where(gone, arrive + self.cfg.timeout, free)
@@ -1140,16 +1167,28 @@ class VectorizedSim:
                 ok = torch.rand(ex.shape[0], generator=self.gen, device=self.device) >= self.emulation.loss
                 self.lost += (~ok).sum()
             ii, jj = i[ex], j[ex]
-            self._exchange(ii, jj, merge_waves(jj, arrive[ex], ii), ok)
-            reply = t_next[jj] + self._delay(jj, ii)  # the responder answers at its step start
+            order = torch.argsort(at[ex], stable=True)  # answered in time order
+            ex, ii, jj, ok = ex[order], ii[order], jj[order], ok[order]
+            self._exchange(ii, jj, merge_waves(jj, at[ex], ii), ok)
+            reply = at[ex] + self._delay(jj, ii)
             free[ex] = torch.where(ok, reply, arrive[ex] + self.cfg.timeout)
         settled = busy | gone | done | answer
         t_next = t_next.clone()
         t_next[i[settled]] = free[settled]
         self.waiting[i[settled]] = False
-        req.weight = torch.where(here, 1.0, req.weight)  # the rest wait for their responder's next step
+        self._idle_to[i[settled]] = free[settled]  # idle (answering at once) until its reply is in
+        req.weight = torch.where(here, 1.0, req.weight)  # the rest wait for their responder's lock
         self._requests = req.select(~settled)
         return t_next
+
+    def _apply_replies(self, rows: torch.Tensor | None = None) -> None:
+        """AD-PSGD async: add the deltas of replies that are in (rows: those nodes; None: all)."""
+        due = self._reply_due if rows is None else torch.zeros_like(self._reply_due).index_fill_(0, rows, True)
+        due &= self._reply_due
+        if bool(due.any()):
+            idx = due.nonzero().squeeze(1)
+            self.params.index_add_(0, idx, self._reply_delta.index_select(0, idx))
+            self._reply_due[idx] = False
 
     def _sync_age_merge(self, send: torch.Tensor, recv: torch.Tensor, parts: torch.Tensor | None = None,
                         part_age: torch.Tensor | None = None) -> None:
@@ -1165,10 +1204,6 @@ class VectorizedSim:
             self._run_rounds_async(writer)
             return
         cfg, emu, n, dev = self.cfg, self.emulation, self.n, self.device
-        if self.rule == "pair" and emu.ideal:
-            log.warning("adpsgd on identical nodes: every node starts its exchange at the same instant, so "
-                        "each finds its partner busy (423) and no exchange completes; give the [emulation] "
-                        "table a speed spread or jitter, or use schedule = \"sync\"")
         dur_h = emu.step_seconds(n, seed=cfg.seed)
         dur = dur_h.to(dev)
         width = emu.slice_width(dur_h)
@@ -1214,12 +1249,13 @@ class VectorizedSim:
             if self.rule == "pair" and len(self._requests):  # requests still to look at, and replies to wait for
                 req = self._requests
                 # a request is looked at when it arrives (or at once, if it arrived within a slice
-                # already done) and, if queued at a responder that is exchanging, when its wait runs out
+                # already done) and, if it waits for a computing responder's lock, when that lock
+                # frees (the responder's step end: its next step start, an event anyway, or the
+                # moment it sent a request of its own) or when its wait runs out (busy)
                 queued = req.weight > 0.5
-                wait_end = req.arrive + cfg.timeout / 2
-                wait_end = torch.where(wait_end >= self._seen_until, wait_end,
-                                       torch.where(self.waiting[req.recv], self._seen_until, inf))
-                due = torch.where(queued, wait_end, req.arrive.clamp_min(self._seen_until))
+                release = torch.where(self.waiting[req.recv], self._idle_from[req.recv], inf)
+                wait_end = torch.minimum(req.arrive + cfg.timeout / 2, release)
+                due = torch.where(queued, wait_end, req.arrive).clamp_min(self._seen_until)
                 nxt = torch.minimum(nxt, torch.stack([due.min(), req.arrive.min()]))
             t0, t_train = nxt.tolist()  # the next event times: one read per time slice
             if math.isinf(t_train):  # nobody trains any more: the run is over
@@ -1252,10 +1288,12 @@ class VectorizedSim:
                 self._hold.zero_()
             self._tick()
         self.sim_time = float(t_next.max()) if cfg.duration is None else cfg.duration
-        if self.rule == "pair" and self.exchanges_tried and not int(self.msgs_out.sum()):
-            log.warning("adpsgd: none of %d exchanges completed (partners busy with their own, or lost); the "
-                        "models never mixed. Spread the node speeds or add jitter in [emulation]",
-                        self.exchanges_tried)
+        if self.rule == "pair":
+            self._apply_replies()  # the last replies (the node waits for them before it stops)
+            if self.exchanges_tried and not int(self.msgs_out.sum()):
+                log.warning("adpsgd: none of %d exchanges completed (partners computing for more than "
+                            "timeout / 2, offline, or links lost them); the models never mixed",
+                            self.exchanges_tried)
         while next_eval < self.sim_time:
             self._after_metric(self._record(writer, next_eval, node_rows=True))
             next_eval += eval_dt
@@ -1347,6 +1385,8 @@ class VectorizedSim:
         count = rows.shape[0]
         if not count:
             return inflight
+        if self.rule == "pair":  # replies that came in: their delta, before the step (as the node)
+            self._apply_replies(rows)
         tr = training.index_select(0, rows)
         everyone_trains = bool(tr.all())  # host sync; False only near the end of a run
         self.node_steps += int(tr.sum()) if not everyone_trains else count

@@ -302,14 +302,17 @@ def test_adpsgd_pure_averaging_reaches_the_average() -> None:
 
 
 def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
-    """Threads exchange at random with the node's lock discipline: the initiator holds its own
-    lock for the round trip, a responder that cannot get its lock at once answers "busy"."""
+    """Threads exchange at random with the node's lock discipline: one exchange in flight per
+    initiator; a node's lock is held only to snapshot, to respond and to apply a reply (never two
+    locks at once), so an initiator answers others while its own request is out."""
     n, d, workers = 6, 16, 4
     algo = ADPSGD()
     states = [LocalState(params=v) for v in _vectors(n, d, seed=5)]
     locks = [threading.Lock() for _ in range(n)]
+    initiating = [threading.Lock() for _ in range(n)]  # the node waits for its reply before the next
     total = sum(s.params for s in states)
     done = [0] * workers
+    answered_while_initiating = [0]
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
@@ -318,22 +321,25 @@ def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
             for _ in range(300):
                 i = rng.randrange(n)
                 j = (i + rng.choice((-1, 1))) % n
-                if not locks[i].acquire(timeout=1.0):
+                if not initiating[i].acquire(blocking=False):
                     continue
                 try:
-                    msg = algo.message(states[i], targets=[f"n{j}"])
-                    if not locks[j].acquire(blocking=False):  # busy: the exchange is refused
+                    with locks[i]:
+                        msg = algo.message(states[i], targets=[f"n{j}"])
+                    request = Message(sender=f"n{i}", tensors={"params": msg.tensors["params"].clone()})
+                    if not locks[j].acquire(timeout=0.5):  # busy: the responder's lock stays held
                         continue
                     try:
-                        request = Message(sender=f"n{i}", tensors={"params": msg.tensors["params"].clone()})
+                        answered_while_initiating[0] += initiating[j].locked()
                         reply = algo.respond(states[j], request)
                         reply = Message(sender=f"n{j}", tensors={"params": reply.tensors["params"].clone()})
                     finally:
                         locks[j].release()
-                    algo.apply_reply(states[i], reply)
+                    with locks[i]:
+                        algo.apply_reply(states[i], reply)
                     done[k] += 1
                 finally:
-                    locks[i].release()
+                    initiating[i].release()
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
@@ -346,6 +352,8 @@ def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
     assert not errors
     assert sum(done) > 100
     torch.testing.assert_close(sum(s.params for s in states), total, atol=1e-9, rtol=0)
+    print("answered while initiating:", answered_while_initiating[0])
+    assert answered_while_initiating[0] > 0  # the case the lock discipline exists for happened
 
 
 # --------------------------------------------------------------------------- 3. push-sum / SGP

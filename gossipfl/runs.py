@@ -38,14 +38,15 @@ def preflight(cfg: RunConfig) -> None:
         raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
                         "nodes; give shards = K (--shards K) and node i trains on shard i % K")
     trainer = build_trainer(cfg, data, 0, cfg.shards or cfg.nodes)  # the partition the engines will cut
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
-    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
     check_model_fits(cfg, data, trainer)
     check_algorithm_fits(algorithm, trainer.params)
     if cfg.engine == "vectorized":
         from gossipfl.sim.vectorized import check_config
 
-        check_config(cfg)  # emulation table, device, algorithm
+        check_config(cfg)  # emulation table, device, algorithm, and the graph (built once here)
+        return
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
+    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
 
 
 def default_run_folder(cfg: RunConfig) -> Path:

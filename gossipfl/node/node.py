@@ -826,7 +826,8 @@ class Node:
         if self._closed_for_merges():
             return 503, _json({"error": f"node {self.id} has finished training", "reason": "finished"})
         if not await self._acquire(self.cfg.timeout / 2):  # a step outlasting timeout / 2
-            return 423, _json({"error": f"node {self.id} is busy exchanging", "reason": "busy"})
+            return 423, _json({"error": f"node {self.id} is busy (a local step held its state for "
+                                        f"{self.cfg.timeout / 2:g} s)", "reason": "busy"})
         try:
             incoming = _message(env)
             self.staleness.add(self.state.step - incoming.step)

@@ -1183,10 +1183,8 @@ class VectorizedSim:
 
     def _apply_replies(self, rows: torch.Tensor | None = None) -> None:
         """AD-PSGD async: add the deltas of replies that are in (rows: those nodes; None: all)."""
-        due = self._reply_due if rows is None else torch.zeros_like(self._reply_due).index_fill_(0, rows, True)
-        due &= self._reply_due
-        if bool(due.any()):
-            idx = due.nonzero().squeeze(1)
+        idx = self._reply_due.nonzero().squeeze(1) if rows is None else rows[self._reply_due[rows]]
+        if idx.numel():
             self.params.index_add_(0, idx, self._reply_delta.index_select(0, idx))
             self._reply_due[idx] = False
 
@@ -1509,7 +1507,7 @@ class VectorizedSim:
         sent_at = t_next + torch.where(training, dur, 0.0)
         out_at = torch.maximum(sent_at.index_select(0, senders), self._send_done.index_select(0, senders))
         sent_at = sent_at.index_copy(0, senders, out_at)
-        linger_tick = torch.where(training, 0.0, dur * self.cfg.gossip_every).index_select(0, senders)
+        linger_tick = torch.where(training[senders], 0.0, dur[senders] * self.cfg.gossip_every)
         self._next_start.index_copy_(0, senders, out_at + linger_tick)
         arrive = sent_at[send] + self._delay(send, recv)
         self._send_done.scatter_reduce_(0, send, arrive, reduce="amax")  # all targets at once, lost ones too

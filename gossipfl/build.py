@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from gossipfl.algorithms import Algorithm, LocalState, get_algorithm
+from gossipfl.algorithms import Algorithm, get_algorithm
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
@@ -67,7 +67,7 @@ def check_algorithm_fits(algorithm: Algorithm, params: torch.Tensor) -> None:
     hyperparameter that does not fit the model (more gossip partitions than parameters) is a
     ConfigError naming it before any node starts, not a traceback in every node."""
     try:
-        algorithm.init_state(LocalState(params=params.detach().clone(), seed=0))
+        algorithm.init_state({"params": params.detach().reshape(1, -1).clone()})
     except ValueError as exc:
         raise ConfigError(f"algorithm_params: {exc}") from None
 

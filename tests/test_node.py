@@ -194,11 +194,17 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def algorithm_state(node) -> dict[str, torch.Tensor]:
+    """The node's algorithm tensors beyond the model (``[1, ...]`` each: a node is a batch of one)."""
+    return {k: t for k, t in node.state.state.items() if k != "params"}
+
+
 @pytest.mark.parametrize("algorithm", ["choco", "diging", "gossip_partitioned"])
 def test_checkpoint_keeps_momentum_and_algorithm_state(tmp_path: Path, algorithm: str) -> None:
-    """A restarted node gets back its optimizer momentum and its algorithm's own state (CHOCO's
-    public copies, DIGing's tracker, partition ages), not fresh zeros; a checkpoint whose state
-    does not fit is refused whole; an older one without that state still gives the model."""
+    """A restarted node gets back its optimizer momentum, its algorithm's own state (CHOCO's
+    public copies, DIGing's tracker, partition ages) and its algorithm generator, not fresh zeros
+    and a fresh seed; a checkpoint whose state does not fit is refused whole; an older one without
+    that state still gives the model."""
     cfg = BASE.replace(steps=60, algorithm=algorithm, momentum=0.9)
 
     async def scenario() -> None:
@@ -206,29 +212,35 @@ def test_checkpoint_keeps_momentum_and_algorithm_state(tmp_path: Path, algorithm
             await node.finished.wait()
         # alone, a round algorithm's state stays at its start: give it values no fresh node has
         gen = torch.Generator().manual_seed(0)
-        for t in node.state.extra.values():
+        for t in algorithm_state(node).values():
             t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) > 0.5 if t.dtype == torch.bool
                     else torch.randn(t.shape, generator=gen, dtype=t.dtype))
         if algorithm == "diging":  # DIGing takes plain gradient steps: its momentum buffer stays 0
             node.trainer.velocity.copy_(torch.randn(node.trainer.velocity.shape, generator=gen))
+        torch.rand(7, generator=node.state.generator)  # alone it drew nothing: move its generator on
         node._save_checkpoint()
-        saved = {k: t.clone() for k, t in node.state.extra.items()}
+        saved = {k: t.clone() for k, t in algorithm_state(node).items()}
+        assert saved
+        rng = node.state.generator.get_state()
         velocity = node.trainer.velocity.clone()
         assert velocity.abs().sum() > 0
         again = make_node(cfg, "ck", state_dir=tmp_path)
+        fresh_rng = again.state.generator.get_state()
+        assert not torch.equal(fresh_rng, rng)
         again._restore_checkpoint()
         assert again.state.step == node.state.step
         assert torch.equal(again.state.params, node.state.params)
         assert torch.equal(again.trainer.velocity, velocity)
-        assert saved.keys() == again.state.extra.keys()
+        assert saved.keys() == algorithm_state(again).keys()
         for k, t in saved.items():
-            assert torch.equal(again.state.extra[k], t), k
+            assert torch.equal(algorithm_state(again)[k], t), k
+        assert torch.equal(again.state.generator.get_state(), rng)
 
         # tamper: one state tensor of the wrong shape -> the whole checkpoint is ignored
         path = tmp_path / "checkpoint.gfl"
         env = wire.decode(path.read_bytes(), fingerprint=node.fingerprint)
         name = next(iter(saved))
-        bad = dict(env.tensors, **{f"extra/{name}": torch.zeros(3)})
+        bad = dict(env.tensors, **{f"state/{name}": torch.zeros(3)})
         path.write_bytes(wire.encode(dataclasses.replace(env, tensors=bad)))
         fresh = make_node(cfg, "ck", state_dir=tmp_path)
         before = fresh.state.params.clone()
@@ -236,6 +248,7 @@ def test_checkpoint_keeps_momentum_and_algorithm_state(tmp_path: Path, algorithm
         assert fresh.state.step == 0
         assert torch.equal(fresh.state.params, before)
         assert fresh.trainer.velocity.abs().sum() == 0
+        assert torch.equal(fresh.state.generator.get_state(), fresh_rng)
 
         # an older checkpoint (the model alone): the model comes back, the rest starts afresh
         path.write_bytes(wire.encode(dataclasses.replace(env, tensors={"params": env.tensors["params"]})))
@@ -244,6 +257,7 @@ def test_checkpoint_keeps_momentum_and_algorithm_state(tmp_path: Path, algorithm
         assert old.state.step == node.state.step
         assert torch.equal(old.state.params, node.state.params)
         assert old.trainer.velocity.abs().sum() == 0
+        assert torch.equal(old.state.generator.get_state(), fresh_rng)
 
     asyncio.run(scenario())
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from gossipfl.algorithms.inbox import mix
 from gossipfl.build import build_data, build_trainer
 from gossipfl.cli import main
 from gossipfl.config import RunConfig
@@ -23,7 +24,24 @@ from gossipfl.metrics import read_metrics
 from gossipfl.sim import cluster
 from gossipfl.sim._batched_models import BatchedMLP, FuncModel
 from gossipfl.sim.events import Messages, SnapshotRing, latest_per_pair, merge_waves
-from gossipfl.sim.vectorized import VectorizedSim, check_config, mix_self_weight, run_vectorized
+from gossipfl.sim.vectorized import VectorizedSim, check_config, run_vectorized
+
+
+def assert_states_agree(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], atol: float) -> float:
+    """Every tensor of the algorithm's state matches (floats within ``atol``, the rest exactly);
+    returns the largest float difference."""
+    assert set(state) == set(ref)
+    worst = 0.0
+    for key, want in ref.items():
+        got = state[key].cpu()
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        if want.dtype.is_floating_point:
+            diff = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
+            assert diff <= atol, f"{key}: {diff:.2e}"
+            worst = max(worst, diff)
+        else:
+            assert torch.equal(got, want), key
+    return worst
 
 
 def cluster_state(cfg: RunConfig, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -33,10 +51,10 @@ def cluster_state(cfg: RunConfig, out: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     def capture(cfg_: RunConfig, nodes: list, *rest: Any) -> dict[str, Any]:
         captured["params"] = torch.stack([n.state.params.clone() for n in nodes])
-        captured["age"] = [n.state.age for n in nodes]
-        captured["weight"] = [n.state.weight for n in nodes]
-        captured["msgs_out"] = [n.msgs_out for n in nodes]
-        captured["msgs_in"] = [n.msgs_in for n in nodes]
+        # every node's whole algorithm state (a batch of one each), stacked like the engine's
+        captured["state"] = {k: torch.cat([n.state.state[k].clone() for n in nodes]) for k in nodes[0].state.state}
+        for key in ("msgs_out", "msgs_in", "bytes_out", "bytes_in"):
+            captured[key] = [getattr(n, key) for n in nodes]
         return summary(cfg_, nodes, *rest)
 
     monkeypatch.setattr(cluster, "_summary", capture)
@@ -105,13 +123,11 @@ def test_sync_schedule_agrees_with_the_local_cluster(
     for kernel in ("batched", "func"):
         sim = VectorizedSim(cfg, sampling="exact", kernel=kernel)
         sim.run(tmp_path / kernel)
-        diff = float((sim.params - ref["params"]).abs().max())
-        print(f"{algorithm} {topology} {part} {kernel}: max |vectorised - cluster| = {diff:.2e}")
-        assert diff <= (1e-3 if qsgd and kernel == "batched" else 1e-5)
-        assert sim.age.tolist() == ref["age"]
-        assert sim.msgs_out.tolist() == ref["msgs_out"]
-        assert sim.msgs_in.tolist() == ref["msgs_in"]
-        assert torch.allclose(sim.weight, torch.tensor(ref["weight"], dtype=torch.float64), rtol=0, atol=1e-6)
+        diff = assert_states_agree(sim.state, ref["state"], 1e-3 if qsgd and kernel == "batched" else 1e-5)
+        print(f"{algorithm} {topology} {part} {kernel}: max |vectorised - cluster| = {diff:.2e} "
+              f"over {sorted(sim.state)}")
+        for key in ("msgs_out", "msgs_in", "bytes_out", "bytes_in"):  # bytes: as the wire frames each message
+            assert getattr(sim, key).tolist() == ref[key], key
 
 
 def test_shared_shards_agree_with_the_local_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,9 +166,8 @@ def test_async_schedule_with_ideal_emulation_is_the_sync_schedule(algorithm: str
                      partition="dirichlet:0.5", batch_size=16)
     sims = {s: VectorizedSim(base.replace(schedule=s), sampling="exact") for s in ("sync", "async")}
     summaries = {s: sim.run(None) for s, sim in sims.items()}
-    assert torch.allclose(sims["sync"].params, sims["async"].params, atol=1e-6, rtol=0)
-    assert torch.allclose(sims["sync"].weight, sims["async"].weight, atol=1e-6, rtol=0)
-    for key in ("messages", "node_steps", "mean_accuracy"):
+    assert_states_agree(sims["async"].state, {k: v.cpu() for k, v in sims["sync"].state.items()}, 1e-6)
+    for key in ("messages", "bytes", "node_steps", "mean_accuracy"):
         assert summaries["sync"][key] == pytest.approx(summaries["async"][key], abs=1e-6)
     assert summaries["async"]["simulated_seconds"] == pytest.approx(15 * 0.01)
 
@@ -195,13 +210,18 @@ def test_batched_kernels_match_per_node_autograd() -> None:
 
 
 def test_mixing_matrix_is_mix() -> None:
-    """The sparse product applies dpsgd.mix: off the diagonal the weights, on it mix's self weight."""
+    """The fused sparse product applies the ``mix`` combine rule: off the diagonal the weights, on it
+    what mix keeps of the node's own model; each row equals `inbox.mix` of its neighbours."""
     sim = VectorizedSim(RunConfig(nodes=9, topology="star", weights="metropolis"))
-    dense = sim.mixing.to_dense()
+    dense = sim.links.mixing().to_dense()
     assert torch.allclose(dense.sum(1), torch.ones(9))
     assert torch.allclose(dense, dense.T)
     assert dense[0, 0] == pytest.approx(1 - 8 / 9)
-    assert torch.allclose(mix_self_weight(torch.tensor([0.0, 0.25, 1.0])), torch.tensor([1.0, 0.75, 0.0]))
+    x = torch.randn(9, 5)
+    for i in range(9):
+        nbrs = [j for j in range(9) if j != i and dense[i, j] > 0]
+        row = mix(x[i], x[nbrs], dense[i, nbrs])
+        assert torch.allclose(dense[i] @ x, row, atol=1e-6)
 
 
 def test_1024_nodes_on_an_exponential_graph_learn_digits() -> None:
@@ -234,7 +254,7 @@ def test_stragglers_lose_steps_and_lossy_links_lose_messages() -> None:
     assert ((slow >= 29) & (slow <= 31)).all()
     assert fast.float().mean() > 1.5 * slow.float().mean()
     assert summary["lost"] > 0
-    assert summary["messages"] < int((sim.send_deg.cpu() * steps).sum())  # lost ones are not counted
+    assert summary["messages"] < int((sim.links.send_deg.cpu() * steps).sum())  # lost ones are not counted
     assert summary["mean_accuracy"] > 0.5
 
 
@@ -272,17 +292,20 @@ def test_gossip_learning_merges_every_message_in_order() -> None:
 
 
 def test_latest_message_per_pair_and_expired_snapshots() -> None:
-    ring = SnapshotRing(2, 3, 4, dtype=torch.float32, device=torch.device("cpu"))
+    ring = SnapshotRing(2, 3, {"params": ((4,), torch.float32), "age": ((), torch.float64)},
+                        device=torch.device("cpu"))
     nodes = torch.tensor([1])
-    slots = [ring.record(nodes, torch.full((1, 4), float(k)), torch.tensor([float(k)])) for k in range(3)]
+    slots = [ring.record(nodes, {"params": torch.full((1, 4), float(k)), "age": torch.tensor([float(k)], dtype=torch.float64)})
+             for k in range(3)]
     m = Messages(recv=torch.tensor([0, 0, 0]), send=torch.tensor([1, 1, 1]),
                  slot=torch.cat([s for s, _ in slots]), seq=torch.cat([q for _, q in slots]),
-                 arrive=torch.zeros(3, dtype=torch.float64), weight=torch.ones(3),
-                 step=torch.zeros(3, dtype=torch.int64))
+                 arrive=torch.zeros(3, dtype=torch.float64), weight=torch.ones(3, dtype=torch.float64),
+                 step=torch.zeros(3, dtype=torch.int64), nbytes=torch.zeros(3, dtype=torch.int64))
     assert ring.valid(m).tolist() == [False, True, True]  # the first snapshot was overwritten
     newest = latest_per_pair(m, 3)
     assert newest.seq.tolist() == [2]
-    assert ring.flat[ring.rows(newest)].tolist() == [[2.0] * 4]
+    assert ring.flat("params")[ring.rows(newest)].tolist() == [[2.0] * 4]
+    assert ring.flat("age")[ring.rows(newest)].tolist() == [2.0]
 
 
 def test_cli_vectorized_writes_the_cluster_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -394,7 +417,9 @@ def test_sgp_learns_digits_on_a_directed_graph_asynchronously() -> None:
 def test_epidemic_fast_targets_are_distinct_out_neighbours() -> None:
     cfg = RunConfig(nodes=40, topology="erdos_renyi", algorithm="epidemic", steps=1, seed=1)
     sim = VectorizedSim(cfg)
-    send, recv = sim._fanout_targets(torch.arange(cfg.nodes))
+    senders = torch.arange(cfg.nodes)
+    which, link = sim.targets(senders, sim.links)
+    send, recv = senders[which], sim.links.send_col[link]
     hits = torch.zeros(cfg.nodes, dtype=torch.int64)
     for i in range(cfg.nodes):
         mine = recv[send == i].tolist()
@@ -441,7 +466,8 @@ def test_gradient_exchange_with_sparse_model_averaging_agrees(tmp_path: Path, mo
     ref = cluster_state(cfg, tmp_path / "cluster", monkeypatch)
     sim = VectorizedSim(cfg, sampling="exact")
     sim.run(None)
-    assert float((sim.params - ref["params"]).abs().max()) <= 1e-5
+    assert_states_agree(sim.state, ref["state"], 1e-5)
+    assert sim.bytes_out.tolist() == ref["bytes_out"]  # a message with the model is bigger
 
 
 def _round_clock(sim: VectorizedSim, steps: int, gossip_every: int) -> float:
@@ -524,8 +550,9 @@ def test_diging_trackers_sum_to_the_gradients_every_round() -> None:
                     emulation={"speed": "lognormal:0.3", "latency": "uniform:0.001:0.02"})
     sim = VectorizedSim(cfg)
     summary = sim.run(None)
-    gap = (sim.y.double().sum(0) - sim.g.double().sum(0)).abs().max()
-    assert float(gap) <= 1e-5 * float(sim.g.double().sum(0).abs().max())
+    y, g = sim.state["y"].double(), sim.state["g"].double()
+    gap = (y.sum(0) - g.sum(0)).abs().max()
+    assert float(gap) <= 1e-5 * float(g.sum(0).abs().max())
     # it learns, slowly: plain SGD steps without momentum (measured 0.44 after 150 steps; chance is 0.1)
     assert summary["mean_accuracy"] >= 0.35
 
@@ -569,7 +596,8 @@ def test_adpsgd_exchanges_conserve_the_sum_and_reach_consensus_asynchronously() 
     summary = sim.run(None)
     # steps (4 ms at speed 1) never hold a responder for timeout / 2: every exchange completes,
     # a request and a reply each
-    assert summary["messages"] == 2 * sim.exchanges_tried == 2 * 64 * 200
+    assert sim.pairwise is not None
+    assert summary["messages"] == 2 * sim.pairwise.tried == 2 * 64 * 200
     assert torch.allclose(sim.params.double().sum(0), total, rtol=0, atol=1e-3)
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 1000
     lossy = VectorizedSim(base.replace(emulation={**base.emulation, "loss": 0.05}))

@@ -1,8 +1,9 @@
 """Learning algorithms, each written once as pure tensor math and run by every engine.
 
-To add one: write a module with pure functions and a small class deriving from
-`gossipfl.algorithms.base.AlgorithmBase` (see `Algorithm` there for what an engine calls and in
-which order), then list it in ``ALGORITHMS`` below.
+To add one: write a module with pure batched functions (a leading node axis on every tensor) and a
+small class deriving from `gossipfl.algorithms.base.AlgorithmBase` that declares its message
+channels and targets (see `Algorithm` there for what an engine calls and in which order), then
+list it in ``ALGORITHMS`` below. Every engine runs it unchanged; none needs an edit.
 
 =====================  ====================================  ====================================
 name                   algorithm                             hyperparameters ([algorithm_params])
@@ -28,7 +29,9 @@ import inspect
 from typing import Any
 
 from gossipfl.algorithms.adpsgd import ADPSGD
-from gossipfl.algorithms.base import Algorithm, AlgorithmBase, LocalState, Message, Requirements
+from gossipfl.algorithms.base import (
+    Algorithm, AlgorithmBase, Channel, Draws, Inbox, Learner, Message, Requirements, Send, State, Targets,
+)
 from gossipfl.algorithms.choco import CHOCO
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging
 from gossipfl.algorithms.epidemic import EpidemicLearning
@@ -38,7 +41,10 @@ from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging
 from gossipfl.algorithms.tracking import DIGing
 from gossipfl.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmBase", "LocalState", "Message", "Requirements", "get_algorithm"]
+__all__ = [
+    "ALGORITHMS", "Algorithm", "AlgorithmBase", "Channel", "Draws", "Inbox", "Learner", "Message", "Requirements",
+    "Send", "State", "Targets", "get_algorithm",
+]
 
 ALGORITHMS: dict[str, type] = {
     cls.name: cls

@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-from gossipfl.algorithms.base import LocalState
-
-__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_real", "generator", "keep_generator"]
+__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_real", "generator_seed", "node_generator"]
 
 
 def check_int(key: str, value: Any, *, minimum: int | None = None) -> int:
@@ -56,21 +54,13 @@ def check_bool(key: str, value: Any) -> bool:
     return value
 
 
-def generator(state: LocalState, seed: int) -> torch.Generator:
-    """The node's algorithm generator, resumed from ``state.extra["rng"]`` (first use: seeded).
-
-    The generator's state lives in the local state, as a tensor, so draws continue across
-    calls and two nodes (different ``state.seed``) draw differently. Call `keep_generator` after
-    drawing.
-    """
-    g = torch.Generator()
-    saved = state.extra.get("rng")
-    if saved is None:
-        g.manual_seed((seed * 1_000_003 + state.seed * 7_919 + 12_345) % 2**63)
-    else:
-        g.set_state(saved)
-    return g
+def generator_seed(algorithm_seed: int, node_seed: int) -> int:
+    """Seed of a node's algorithm generator (compression draws, partition choice): engines seed one
+    ``torch.Generator`` per node with it, from the algorithm's ``seed`` hyperparameter and the
+    node's own seed, so two nodes draw differently and every engine draws alike."""
+    return (algorithm_seed * 1_000_003 + node_seed * 7_919 + 12_345) % 2**63
 
 
-def keep_generator(state: LocalState, g: torch.Generator) -> None:
-    state.extra["rng"] = g.get_state()
+def node_generator(algorithm_seed: int, node_seed: int) -> torch.Generator:
+    """A node's algorithm generator on the host (see `generator_seed`)."""
+    return torch.Generator().manual_seed(generator_seed(algorithm_seed, node_seed))

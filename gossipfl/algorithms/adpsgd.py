@@ -11,7 +11,7 @@ averaging and applies it after; the difference is one step of staleness either w
 
 The exchange (``POST /exchange``) in three atomic pieces, each under its own node's lock:
 
-1. initiator ``message``: sends ``x_i`` and remembers that snapshot ``x_i^s``;
+1. initiator ``message``: sends ``x_i`` and remembers that snapshot ``x_i^s`` (``state["sent"]``);
 2. responder ``respond``: ``x_j <- x_j + mix (x_i^s - x_j)`` and replies with its PRE-exchange
    parameters ``x_j^old`` (what ``/exchange`` returns);
 3. initiator ``apply_reply``: ``x_i <- x_i + mix (x_j^old - x_i^s)``.
@@ -22,18 +22,18 @@ exchange answered by the initiator while its request is in flight is kept, not o
 lost update), and no step needs two locks at once (no deadlock). An exchange whose reply is lost
 after the responder updated moves mass once; nothing else breaks. Pushed messages, which a
 pairwise engine does not send, are merged one-sidedly (``x_i <- x_i + mix (x_j - x_i)``).
+Rows of ``respond``'s and ``apply_reply``'s arguments pair up: row k of the state is the node
+that answers (or receives the reply to) row k of the message.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_real
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, Send, State, Targets
 
 __all__ = ["ADPSGD", "exchange_delta"]
 
@@ -54,41 +54,31 @@ class ADPSGD(AlgorithmBase):
 
     name: ClassVar[str] = "adpsgd"
     requirements: ClassVar[Requirements] = Requirements(pairwise=True, weights="none", undirected=True)
+    channels = (Channel("params", "each"),)
+    targets = Targets("one")
 
     def __init__(self, *, mix: float = 0.5) -> None:
         self.mix = check_real("mix", mix, low=0.0, high=1.0, low_open=True)
 
-    def targets(self, neighbours: Sequence[str], rng: random.Random, *, round: int = 0) -> list[str]:
-        return [rng.choice(list(neighbours))] if neighbours else []
+    def init_state(self, state: State) -> None:
+        state["sent"] = torch.zeros_like(state["params"])  # the snapshot of the exchange in flight
 
     @torch.no_grad()
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        # One exchange in flight per initiator (the node takes no step until its reply is in):
-        # older snapshots belong to exchanges that failed.
-        for key in [k for k in state.extra if k.startswith("sent:")]:
-            del state.extra[key]
-        snapshot = state.params.clone()
-        for t in targets or ("",):
-            state.extra[f"sent:{t}"] = snapshot
-        return Message(tensors={"params": snapshot}, step=state.step, round=state.step, age=state.age)
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        # one exchange in flight per initiator (it takes no step until its reply is in)
+        state["sent"] = state["params"].clone()
+        return {"params": state["sent"]}
 
     @torch.no_grad()
-    def respond(self, state: LocalState, incoming: Message) -> Message:
-        old = state.params.clone()
-        state.params.add_(exchange_delta(old, incoming.tensors["params"], self.mix))
-        return Message(tensors={"params": old}, step=state.step, round=state.step, age=state.age)
+    def respond(self, state: State, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        old = state["params"].clone()
+        state["params"].add_(exchange_delta(old, incoming["params"], self.mix))
+        return {"params": old}
 
     @torch.no_grad()
-    def apply_reply(self, state: LocalState, reply: Message) -> None:
-        sent = state.extra.pop(f"sent:{reply.sender}", None)
-        if sent is None:
-            sent = state.extra.pop("sent:", None)
-        for key in [k for k in state.extra if k.startswith("sent:")]:
-            del state.extra[key]
-        base = state.params if sent is None else sent
-        state.params.add_(exchange_delta(base, reply.tensors["params"], self.mix))
+    def apply_reply(self, state: State, reply: dict[str, torch.Tensor]) -> None:
+        state["params"].add_(exchange_delta(state["sent"], reply["params"], self.mix))
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        for m in messages:
-            state.params.add_(exchange_delta(state.params, m.tensors["params"], self.mix))
+    def merge(self, state: State, inbox: Inbox) -> None:
+        state["params"].add_(exchange_delta(state["params"], inbox["params"], self.mix))

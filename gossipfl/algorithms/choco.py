@@ -27,13 +27,12 @@ neighbours with fixed weights). ``x̂`` and ``s`` start at zero, so the first me
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
-from gossipfl.algorithms._util import check_bool, check_choice, check_int, check_real, generator, keep_generator
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements, TensorSpecs
+from gossipfl.algorithms._util import check_bool, check_choice, check_int, check_real
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, Send, State, TensorSpecs
 from gossipfl.algorithms.compression import COMPRESSORS, QSGD, Compressor, RandomK, TopK, _Sparse, make_compressor
 
 __all__ = ["CHOCO", "choco_consensus", "default_gamma"]
@@ -76,6 +75,7 @@ class CHOCO(AlgorithmBase):
     requirements: ClassVar[Requirements] = Requirements(
         rounds=True, lossless=True, weights="symmetric", undirected=True, static_topology=True
     )
+    channels = (Channel("q", "weighted", latest=False),)
 
     def __init__(
         self,
@@ -100,33 +100,32 @@ class CHOCO(AlgorithmBase):
     def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return self.compressor.specs(numel, dtype)
 
-    def init_state(self, state: LocalState) -> None:
-        state.extra["x_hat"] = torch.zeros_like(state.params)
-        state.extra["s"] = torch.zeros_like(state.params)
+    def init_state(self, state: State) -> None:
+        state["x_hat"] = torch.zeros_like(state["params"])
+        state["s"] = torch.zeros_like(state["params"])
 
-    def _decoded(self, tensors: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        return self.compressor.decompress(tensors, like.shape[-1], like.dtype, contract=self.rescale)
-
-    @torch.no_grad()
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        x_hat = state.extra["x_hat"]
-        g = generator(state, self.seed)
-        wire_tensors = self.compressor.compress(state.params - x_hat, g, contract=self.rescale)
-        keep_generator(state, g)
-        x_hat.add_(self._decoded(wire_tensors, state.params))
-        return Message(tensors=wire_tensors, step=state.step, round=state.step, age=state.age)
+    def decode(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"q": self.compressor.decompress(tensors, numel, dtype, contract=self.rescale)}
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        s = state.extra["s"]
-        merged = False
-        for m in messages:  # every q_j counts once: x̂_j is the sum of all q_j ever sent
-            w = weights.get(m.sender)
-            if w is None:
-                continue
-            s.add_(self._decoded(m.tensors, state.params), alpha=w)
-            merged = True
-        if merged:
-            state.params.copy_(
-                choco_consensus(state.params, state.extra["x_hat"], s, sum(weights.values()), self.gamma)
-            )
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        p, x_hat = state["params"], state["x_hat"]
+        diff = p - x_hat
+        if send.rng.per_node:  # each node compresses with its own generator (on the host, as a node)
+            parts = [self.compressor.compress(diff[i].cpu(), g, contract=self.rescale)
+                     for i, g in enumerate(send.rng.each(p.shape[0]))]
+            wire_tensors = {k: torch.stack([t[k] for t in parts]).to(p.device) for k in parts[0]} if parts else {}
+        else:
+            g = send.rng.generators
+            assert isinstance(g, torch.Generator)
+            wire_tensors = self.compressor.compress(diff, g, contract=self.rescale)
+        x_hat.add_(self.decode(wire_tensors, p.shape[-1], p.dtype)["q"])
+        return wire_tensors
+
+    @torch.no_grad()
+    def merge(self, state: State, inbox: Inbox) -> None:
+        # every q_j counts once (x̂_j is the sum of all q_j ever sent); the consensus step uses the
+        # whole row of W (sum over ALL in-neighbours), as x̂ of a silent neighbour still counts
+        state["s"].add_(inbox["q"])
+        nw = inbox.neighbour_weight.to(state["params"].dtype).unsqueeze(1)
+        state["params"] = choco_consensus(state["params"], state["x_hat"], state["s"], nw, self.gamma)

@@ -3,7 +3,8 @@
 Update rule (Lian et al., "Can Decentralized Algorithms Outperform Centralized Algorithms?",
 NeurIPS 2017): x_i <- sum_j W_ij x_j - lr * g_i(x_i), with W doubly stochastic (Metropolis-Hastings
 weights over the graph). Here each node keeps training at its own pace; between two local steps
-it mixes in the newest model received from each neighbour since the last merge:
+it mixes in the newest model received from each neighbour since the last merge (the ``mix``
+channel: the engine hands over ``sum_{j fresh} W_ij x_j + (1 - sum_{j fresh} W_ij) x_i``):
 
     x_i <- x_i + sum_{j in fresh} W_ij (x_j - x_i)
 
@@ -14,33 +15,14 @@ in every round it is exactly synchronous D-PSGD.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State
+from gossipfl.algorithms.inbox import latest_per_sender, mix
 
-__all__ = ["DPSGD", "mix"]
-
-
-def mix(x: torch.Tensor, others: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x + sum_k w_k (others_k - x); shapes x [..., D], others [..., K, D], weights [..., K].
-
-    Written as (1 - sum w) x + sum w_k others_k so it is one fused matmul on the node axis.
-    """
-    self_w = 1.0 - weights.sum(-1, keepdim=True)
-    return self_w * x + (weights.unsqueeze(-2) @ others).squeeze(-2)
-
-
-def latest_per_sender(messages: Sequence[Message]) -> dict[str, Message]:
-    """Keep the newest message of each sender (by step; later arrival wins ties)."""
-    latest: dict[str, Message] = {}
-    for m in messages:
-        old = latest.get(m.sender)
-        if old is None or m.step >= old.step:
-            latest[m.sender] = m
-    return latest
+__all__ = ["DPSGD", "Averaging", "latest_per_sender", "mix"]
 
 
 class DPSGD(AlgorithmBase):
@@ -48,18 +30,11 @@ class DPSGD(AlgorithmBase):
 
     name: ClassVar[str] = "dpsgd"
     requirements: ClassVar[Requirements] = Requirements(weights="symmetric", undirected=True)
+    channels = (Channel("params", "mix"),)
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        fresh = latest_per_sender(messages)
-        if not fresh:
-            return
-        senders = [s for s in fresh if s in weights]
-        if not senders:
-            return
-        others = torch.stack([fresh[s].tensors["params"] for s in senders])
-        w = torch.tensor([weights[s] for s in senders], dtype=state.params.dtype)
-        state.params.copy_(mix(state.params, others, w))
+    def merge(self, state: State, inbox: Inbox) -> None:
+        state["params"] = inbox["params"]
 
 
 class Averaging(DPSGD):

@@ -4,7 +4,8 @@ de Vos, Farhadkhani, Guerraoui, Kermarrec, Pires, Sharma, "Epidemic Learning: Bo
 Decentralized Learning with Randomized Communication", NeurIPS 2023 (EL-Local). After its local
 step(s) a node sends its model to ``s`` peers drawn uniformly from those it knows (all members
 when the topology is complete, as the paper's randomised communication assumes), and replaces
-its model by the plain average of its own and every model that arrived since its last merge:
+its model by the plain average of its own and every model that arrived since its last merge
+(the ``mean`` channel, newest model per sender):
 
     x_i <- (x_i + sum_{j in arrived} x_j) / (1 + |arrived|)
 
@@ -16,15 +17,12 @@ node count seen (the value the paper recommends).
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_int
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements
-from gossipfl.algorithms.dpsgd import latest_per_sender
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State, Targets
 
 __all__ = ["EpidemicLearning", "plain_average"]
 
@@ -39,21 +37,16 @@ class EpidemicLearning(AlgorithmBase):
 
     name: ClassVar[str] = "epidemic"
     requirements: ClassVar[Requirements] = Requirements(weights="none", undirected=False)
+    channels = (Channel("params", "mean"),)
 
     def __init__(self, *, fanout: int = 0) -> None:
         self.fanout = check_int("fanout", fanout, minimum=0)
+        self.targets = Targets("sample", self.fanout)
 
     def fanout_for(self, n_peers: int) -> int:
         s = self.fanout or max(1, math.ceil(math.log2(n_peers + 1)))
         return min(s, n_peers)
 
-    def targets(self, neighbours: Sequence[str], rng: random.Random, *, round: int = 0) -> list[str]:
-        peers = list(neighbours)
-        return sorted(rng.sample(peers, self.fanout_for(len(peers))))
-
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        fresh = latest_per_sender(messages)
-        if fresh:
-            others = torch.stack([m.tensors["params"] for m in fresh.values()])
-            state.params.copy_(plain_average(state.params, others))
+    def merge(self, state: State, inbox: Inbox) -> None:
+        state["params"] = inbox["params"]

@@ -12,9 +12,9 @@ Two orders (Ormándi et al. 2013, "MU" and "UM"; ``order`` hyperparameter):
 
 - ``merge_update`` (default): merge what arrived, then take the local step: ``x <- update(merge(x, x_j))``.
 - ``update_merge``: each arrived model is first updated on the receiver's data (one plain SGD
-  step with the Trainer's lr), as is the receiver's own model, then they are merged:
-  ``x <- merge(update(x), update(x_j))``. Arrivals wait in ``state.extra`` for the next step;
-  each costs one extra gradient there.
+  step with the learner's lr, its age counting that update), then merged into the receiver's
+  model, which its own step updates: ``x <- update(merge(x, update(x_j)))``. The engine takes the
+  arrival's step (``Channel.local_update``): each costs one extra gradient.
 
 Partitioned (``gossip_partitioned``; Hegedűs, Danner, Jelasity, "Decentralized learning works: an
 empirical comparison of gossip learning and federated learning", J. Parallel Distrib. Comput.
@@ -23,24 +23,31 @@ c mod P), each with its own age; a message carries ONE part chosen at random (it
 padded to ceil(D / P), its index in ``meta["partition"]`` and its age), and the receiver merges
 only that part, age-weighted by the part's ages. Messages are P times smaller.
 
-Asynchronous by nature: no rounds, loss-tolerant. Engines increment ``state.age`` after each
-local step; the partitioned variant keeps its per-part ages in ``state.extra["ages"]``.
+Asynchronous by nature: no rounds, loss-tolerant. A message carries the model and its age; the
+receiver merges messages one at a time (``each`` channels). Ages live in ``state["age"]`` ``[N]``
+(float64) and count local steps; the partitioned variant keeps per-part ages ``state["ages"]``
+``[N, P]``.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from gossipfl.algorithms._util import check_choice, check_int, generator, keep_generator
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements, TensorSpecs
-
-if TYPE_CHECKING:
-    from gossipfl.learning.trainer import Trainer
+from gossipfl.algorithms._util import check_choice, check_int
+from gossipfl.algorithms.base import (
+    AlgorithmBase,
+    Channel,
+    Inbox,
+    Learner,
+    Requirements,
+    Send,
+    State,
+    Targets,
+    TensorSpecs,
+)
 
 __all__ = ["GossipLearning", "PartitionedGossip", "age_weighted_merge", "merge_partition", "partition_size"]
 
@@ -71,67 +78,69 @@ def partition_size(numel: int, partitions: int, part: int) -> int:
     return len(range(part, numel, partitions))
 
 
+def part_index(numel: int, partitions: int, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry indices ``[n, ceil(D / P)]`` of strided part ``part[i]`` of each row, and a mask of
+    the real ones (a short part is zero-padded to the common length)."""
+    width = math.ceil(numel / partitions)
+    idx = part.unsqueeze(1) + partitions * torch.arange(width, device=part.device)
+    valid = idx < numel
+    return idx.clamp_max(numel - 1), valid
+
+
 def merge_partition(
-    x: torch.Tensor, ages: torch.Tensor, part: int, values: torch.Tensor, age: float, partitions: int
+    x: torch.Tensor, ages: torch.Tensor, part: torch.Tensor, values: torch.Tensor, age: torch.Tensor,
+    partitions: int,
 ) -> None:
-    """Age-weighted merge of ``values`` into part ``part`` of ``x`` (in place, last axis), ages too."""
-    view = x[..., part::partitions]
-    merged, new_age = age_weighted_merge(view, ages[..., part], values[..., : view.shape[-1]], age)
-    view.copy_(merged)
-    ages[..., part] = new_age
+    """Age-weighted merge of ``values [n, ceil(D / P)]`` into part ``part[i]`` of each row of
+    ``x [n, D]`` (in place), with the part's ages ``ages [n, P]`` updated to the maximum."""
+    numel = x.shape[-1]
+    own_age = ages.gather(1, part.unsqueeze(1)).squeeze(1)
+    merged_ages = torch.maximum(own_age, age.to(ages.dtype))
+    # each entry c of part k sits at position c // P of the part's values
+    pos = torch.arange(numel, device=x.device) // partitions
+    full = values.gather(1, pos.unsqueeze(0).expand(x.shape[0], -1).clamp_max(values.shape[1] - 1))
+    merged, _ = age_weighted_merge(x, own_age, full, age)
+    mask = (torch.arange(numel, device=x.device) % partitions) == part.unsqueeze(1)
+    x.copy_(torch.where(mask, merged, x))
+    ages.scatter_(1, part.unsqueeze(1), merged_ages.unsqueeze(1))
 
 
 class GossipLearning(AlgorithmBase):
-    """Send to one random neighbour per gossip point; age-weighted merge on arrival.
+    """Send (model, age) to one random neighbour per gossip point; age-weighted merge on arrival.
 
     Hyperparameter: ``order``, ``"merge_update"`` (default) or ``"update_merge"``.
     """
 
     name: ClassVar[str] = "gossip"
     requirements: ClassVar[Requirements] = Requirements(weights="none", undirected=False)
+    targets = Targets("one")
 
     def __init__(self, *, order: str = "merge_update") -> None:
         self.order = check_choice("order", order, ORDERS)
+        update = self.order == "update_merge"
+        self.channels = (Channel("params", "each", local_update=update), Channel("age", "each"))
 
-    def targets(self, neighbours: Sequence[str], rng: random.Random, *, round: int = 0) -> list[str]:
-        return [rng.choice(list(neighbours))] if neighbours else []
+    def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
+        return {"params": ((numel,), dtype), "age": ((), torch.float64)}
 
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        return Message(tensors={"params": state.params}, step=state.step, round=state.step, age=state.age)
+    def init_state(self, state: State) -> None:
+        state["age"] = torch.zeros(state["params"].shape[0], dtype=torch.float64, device=state["params"].device)
+
+    def local_step(self, state: State, learner: Learner) -> torch.Tensor:
+        loss = learner.sgd_step(state["params"])
+        state["age"] += 1
+        return loss
+
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        return {"params": state["params"], "age": state["age"]}
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        if not messages:
-            return
-        if self.order == "update_merge":  # keep copies (the buffers are reused) until the next step
-            xs = torch.stack([m.tensors["params"] for m in messages])
-            ages = torch.tensor([float(m.age) for m in messages], dtype=torch.float64)
-            if "arrived" in state.extra:
-                xs = torch.cat([state.extra["arrived"], xs])
-                ages = torch.cat([state.extra["arrived_ages"], ages])
-            state.extra["arrived"], state.extra["arrived_ages"] = xs, ages
-            return
-        for m in messages:
-            merged, age = age_weighted_merge(state.params, state.age, m.tensors["params"], m.age)
-            state.params.copy_(merged)
-            state.age = float(age)
-
-    def local_step(self, state: LocalState, trainer: Trainer) -> float:
-        loss = trainer.step()
-        arrived = state.extra.pop("arrived", None)
-        ages = state.extra.pop("arrived_ages", None)
-        if arrived is None or ages is None:
-            return loss
-        # update(x_j) on our data, then merge with update(x) (already taken); ages count the update.
-        age: torch.Tensor | float = state.age + 1
-        for x_j, a_j in zip(arrived, ages.tolist(), strict=True):
-            _, grad = trainer.loss_and_grad(params=x_j)
-            with torch.no_grad():
-                x_j = x_j - trainer.lr * grad
-                merged, age = age_weighted_merge(state.params, age, x_j, a_j + 1)
-                state.params.copy_(merged)
-        state.age = float(age) - 1  # the engine adds this step's 1
-        return loss
+    def merge(self, state: State, inbox: Inbox) -> None:
+        # update-merge: the arrival took one step on our data (the engine's local_update), which its age counts
+        age_y = inbox["age"] + 1 if self.order == "update_merge" else inbox["age"]
+        merged, _ = age_weighted_merge(state["params"], state["age"], inbox["params"], age_y)
+        state["params"].copy_(merged)
+        state["age"] = torch.maximum(state["age"], age_y.to(torch.float64))
 
 
 class PartitionedGossip(AlgorithmBase):
@@ -143,43 +152,47 @@ class PartitionedGossip(AlgorithmBase):
 
     name: ClassVar[str] = "gossip_partitioned"
     requirements: ClassVar[Requirements] = Requirements(weights="none", undirected=False)
+    targets = Targets("one")
+    channels = (Channel("part", "each"), Channel("partition", "each"), Channel("age", "each"))
 
     def __init__(self, *, partitions: int = 4, seed: int = 0) -> None:
         self.partitions = check_int("partitions", partitions, minimum=1)
         self.seed = check_int("seed", seed)
 
     def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
-        return {"part": ((math.ceil(numel / self.partitions),), dtype)}
+        return {"part": ((math.ceil(numel / self.partitions),), dtype), "partition": ((), torch.int64),
+                "age": ((), torch.float64)}
 
-    def init_state(self, state: LocalState) -> None:
-        if self.partitions > state.params.numel():
-            raise ValueError(f"partitions={self.partitions} exceeds the {state.params.numel()} parameters")
-        state.extra["ages"] = torch.zeros(self.partitions, dtype=torch.float64)
+    def init_state(self, state: State) -> None:
+        p = state["params"]
+        if self.partitions > p.shape[-1]:
+            raise ValueError(f"partitions={self.partitions} exceeds the {p.shape[-1]} parameters")
+        state["ages"] = torch.zeros(p.shape[0], self.partitions, dtype=torch.float64, device=p.device)
 
-    def targets(self, neighbours: Sequence[str], rng: random.Random, *, round: int = 0) -> list[str]:
-        return [rng.choice(list(neighbours))] if neighbours else []
-
-    def local_step(self, state: LocalState, trainer: Trainer) -> float:
-        loss = trainer.step()
-        state.extra["ages"].add_(1)
+    def local_step(self, state: State, learner: Learner) -> torch.Tensor:
+        loss = learner.sgd_step(state["params"])
+        state["ages"] += 1
         return loss
 
     @torch.no_grad()
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        g = generator(state, self.seed)
-        part = int(torch.randint(self.partitions, (), generator=g))
-        keep_generator(state, g)
-        numel = state.params.shape[-1]
-        out = torch.zeros(math.ceil(numel / self.partitions), dtype=state.params.dtype)
-        values = state.params[part :: self.partitions]
-        out[: values.shape[-1]] = values
-        return Message(tensors={"part": out}, step=state.step, round=state.step,
-                       age=float(state.extra["ages"][part]), meta={"partition": part})
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        p = state["params"]
+        part = send.rng.randint(self.partitions, p.shape[0], device=p.device)
+        idx, valid = part_index(p.shape[-1], self.partitions, part)
+        values = p.gather(1, idx) * valid.to(p.dtype)
+        return {"part": values, "partition": part, "age": state["ages"].gather(1, part.unsqueeze(1)).squeeze(1)}
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        for m in messages:
-            part = m.meta.get("partition")
-            if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < self.partitions:
-                continue  # malformed: the shape was checked by the engine, the index is ours to check
-            merge_partition(state.params, state.extra["ages"], part, m.tensors["part"], m.age, self.partitions)
+    def merge(self, state: State, inbox: Inbox) -> None:
+        part = inbox["partition"]
+        ok = (part >= 0) & (part < self.partitions)  # the shape was checked by the engine, the index is ours
+        if not bool(ok.all()):
+            if not bool(ok.any()):
+                return
+            rows = ok.nonzero().squeeze(1)
+            sub_p, sub_a = state["params"][rows], state["ages"][rows]
+            merge_partition(sub_p, sub_a, part[rows], inbox["part"][rows], inbox["age"][rows], self.partitions)
+            state["params"][rows] = sub_p
+            state["ages"][rows] = sub_a
+            return
+        merge_partition(state["params"], state["ages"], part, inbox["part"], inbox["age"], self.partitions)

@@ -18,11 +18,12 @@ neighbours' gradients of round r arrived. The descent goes through ``Trainer.app
 so the Trainer's momentum and weight decay apply to the averaged gradient as they would
 centrally.
 
-How the contract is used: ``local_step`` first applies the gradient accumulated for the previous
+How the seam is used: ``local_step`` first applies the gradient accumulated for the previous
 step, then computes a new gradient at the updated model and stores it WITHOUT applying it;
-``message`` sends it (plus the model every ``average_every`` steps); ``merge`` adds each received
-gradient with its sender's weight to the accumulator, and the node's own gradient with the
-self weight ``1 - sum of the present senders' weights``, then mixes received models like D-PSGD.
+``message`` sends it (plus the model every ``average_every`` steps: ``Channel.every``); the
+``grad`` channel (``weighted``, every message) hands ``merge`` the weighted sum of the received
+gradients, which it adds to the accumulator, with the node's own gradient at the self weight
+``1 - sum of the present senders' weights``; the ``params`` channel mixes models like D-PSGD.
 A gradient that arrives after its round's accumulator was applied is applied with its weight at
 the next step (an asynchronous, stale contribution): every received gradient counts exactly
 once. A node that merged nothing applies its own gradient alone.
@@ -30,17 +31,12 @@ once. A node that merged nothing applies its own gradient alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_int
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements, TensorSpecs
-from gossipfl.algorithms.dpsgd import latest_per_sender, mix
-
-if TYPE_CHECKING:
-    from gossipfl.learning.trainer import Trainer
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Learner, Requirements, Send, State, TensorSpecs
 
 __all__ = ["GradientExchange", "accumulate_gradients"]
 
@@ -66,57 +62,43 @@ class GradientExchange(AlgorithmBase):
 
     def __init__(self, *, average_every: int = 1) -> None:
         self.average_every = check_int("average_every", average_every, minimum=1)
+        self.channels = (Channel("grad", "weighted", latest=False),
+                         Channel("params", "mix", every=self.average_every))
 
     def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return {"grad": ((numel,), dtype), "params": ((numel,), dtype)}
 
-    def init_state(self, state: LocalState) -> None:
-        state.extra["grad"] = torch.zeros_like(state.params)  # own latest gradient (sent)
-        state.extra["acc"] = torch.zeros_like(state.params)  # weighted gradient sum to apply next
-        state.extra["own_pending"] = torch.zeros((), dtype=torch.bool)  # own gradient not yet in acc
-        state.extra["have_acc"] = torch.zeros((), dtype=torch.bool)  # acc holds something to apply
+    def init_state(self, state: State) -> None:
+        p = state["params"]
+        n = p.shape[0]
+        state["grad"] = torch.zeros_like(p)  # own latest gradient (sent)
+        state["acc"] = torch.zeros_like(p)  # weighted gradient sum to apply next
+        state["own_pending"] = torch.zeros(n, dtype=torch.bool, device=p.device)  # own gradient not yet in acc
+        state["have_acc"] = torch.zeros(n, dtype=torch.bool, device=p.device)  # acc holds something to apply
 
-    def local_step(self, state: LocalState, trainer: Trainer) -> float:
-        ex = state.extra
+    def local_step(self, state: State, learner: Learner) -> torch.Tensor:
+        pending = state["own_pending"]
         with torch.no_grad():
-            if bool(ex["own_pending"]):  # nothing merged since the last step: own gradient alone
-                ex["acc"].add_(ex["grad"])
-                ex["own_pending"].fill_(False)
-                ex["have_acc"].fill_(True)
-            if bool(ex["have_acc"]):
-                trainer.apply_gradient(ex["acc"])
-                ex["acc"].zero_()
-                ex["have_acc"].fill_(False)
-        loss, grad = trainer.loss_and_grad()
-        ex["grad"].copy_(grad)
-        ex["own_pending"].fill_(True)
-        trainer.steps += 1
-        trainer.last_loss = loss
+            acc = torch.where(pending.unsqueeze(1), state["acc"] + state["grad"], state["acc"])
+            have = state["have_acc"] | pending  # nothing merged since the last step: own gradient alone
+            if bool(have.any()):
+                learner.apply(state["params"], acc, None if bool(have.all()) else have)
+        loss, grad = learner.grad(state["params"])
+        state["grad"] = grad
+        state["acc"] = torch.zeros_like(grad)
+        state["own_pending"] = torch.ones_like(pending)
+        state["have_acc"] = torch.zeros_like(pending)
         return loss
 
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        tensors = {"grad": state.extra["grad"]}
-        if state.step % self.average_every == 0:
-            tensors["params"] = state.params
-        return Message(tensors=tensors, step=state.step, round=state.step, age=state.age)
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        return {"grad": state["grad"], "params": state["params"]}  # params only every k steps (its channel)
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        ex = state.extra
-        grads = [m for m in messages if m.sender in weights and "grad" in m.tensors]
-        if grads:
-            senders = {m.sender for m in grads}
-            own = ex["grad"] if bool(ex["own_pending"]) else None
-            w = torch.tensor([weights[m.sender] for m in grads], dtype=state.params.dtype)
-            acc = accumulate_gradients(ex["acc"], None, torch.stack([m.tensors["grad"] for m in grads]), w)
-            if own is not None:  # the self weight counts each present sender once
-                acc.add_(own, alpha=1.0 - sum(weights[s] for s in senders))
-                ex["own_pending"].fill_(False)
-            ex["acc"].copy_(acc)
-            ex["have_acc"].fill_(True)
-        models = latest_per_sender([m for m in messages if m.sender in weights and "params" in m.tensors])
-        if models:
-            senders_p = list(models)
-            others = torch.stack([models[s].tensors["params"] for s in senders_p])
-            w = torch.tensor([weights[s] for s in senders_p], dtype=state.params.dtype)
-            state.params.copy_(mix(state.params, others, w))
+    def merge(self, state: State, inbox: Inbox) -> None:
+        present = inbox.count["grad"] > 0
+        own = (present & state["own_pending"]).to(state["grad"].dtype)
+        self_w = (1.0 - inbox.weight["grad"]).to(state["grad"].dtype) * own  # each present sender once
+        state["acc"] = state["acc"] + inbox["grad"] + self_w.unsqueeze(1) * state["grad"]
+        state["own_pending"] = state["own_pending"] & ~present
+        state["have_acc"] = state["have_acc"] | present
+        state["params"] = inbox["params"]

@@ -2,12 +2,13 @@
 
 Push-sum: Kempe, Dobra, Gehrke, "Gossip-Based Computation of Aggregate Information", FOCS 2003.
 SGP: Assran, Loizou, Ballas, Rabbat, "Stochastic Gradient Push for Distributed Deep Learning",
-ICML 2019. Every node holds a numerator ``x_i`` (``state.params``) and a weight ``w_i``
-(``state.weight``, 1 at the start); its model is the de-biased ``z_i = x_i / w_i``. One step:
+ICML 2019. Every node holds a numerator ``x_i`` (``state["params"]``) and a weight ``w_i``
+(``state["weight"]``, float64, 1 at the start); its model is the de-biased ``z_i = x_i / w_i``.
+One step:
 
-    x_i <- x_i - lr w_i g_i(z_i)                           local_step (SGP; skipped by pure push-sum)
+    x_i <- w_i (z_i - lr u_i),  u_i the optimiser's direction at z_i   local_step (SGP; not in pure push-sum)
     keep a share p_ii of (x_i, w_i), push p_ji (x_i, w_i) to each out-neighbour j     message
-    x_i <- x_i + sum of received x;  w_i <- w_i + sum of received w                     merge
+    x_i <- x_i + sum of received x;  w_i <- w_i + sum of received w                     merge (``sum`` channels)
 
 The shares of each sender sum to one (column-stochastic weights; default ``p = 1/(d+1)`` for d
 targets, or ``self_weight`` kept and the rest split evenly), so no row balancing is needed and
@@ -18,23 +19,31 @@ connected (or jointly strongly connected) graph, also when messages arrive late,
 message only holds mass in flight for a while. A LOST message takes its mass with it: the
 de-biased models still agree, on a weighted average that is no longer the uniform one.
 
-``state.params`` holds the numerator ``x``, not the model: engines evaluate ``model(state)``.
+The local step is taken in z-space (the momentum buffer too): it moves z by exactly what SGD
+would. Asynchronously, w at step time depends on how many shares have arrived since the last
+push; an x-space step would move z by lr g / w (the local cluster diverged with it).
+``state["params"]`` holds the numerator ``x``, not the model: engines evaluate ``model(state)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_real
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements
+from gossipfl.algorithms.base import (
+    AlgorithmBase,
+    Channel,
+    Inbox,
+    Learner,
+    Requirements,
+    Send,
+    State,
+    TensorSpecs,
+)
 
-if TYPE_CHECKING:
-    from gossipfl.learning.trainer import Trainer
-
-__all__ = ["PushSum", "PushSumAveraging", "debias", "push_share"]
+__all__ = ["PushSum", "PushSumAveraging", "debias", "push_share", "push_shares"]
 
 
 def push_share(n_targets: int, self_weight: float = 0.0) -> tuple[float, float]:
@@ -45,6 +54,16 @@ def push_share(n_targets: int, self_weight: float = 0.0) -> tuple[float, float]:
         share = 1.0 / (n_targets + 1)
         return share, share
     return self_weight, (1.0 - self_weight) / n_targets
+
+
+def push_shares(n_targets: torch.Tensor, self_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`push_share` for a tensor of target counts: (kept ``[n]``, sent per target ``[n]``), float64."""
+    d = n_targets.to(torch.float64)
+    if self_weight <= 0.0:
+        share = 1.0 / (d + 1.0)
+        return share, torch.where(d > 0, share, torch.zeros_like(d))
+    keep = torch.where(d > 0, torch.full_like(d, self_weight), torch.ones_like(d))
+    return keep, torch.where(d > 0, (1.0 - self_weight) / d.clamp_min(1.0), torch.zeros_like(d))
 
 
 def debias(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
@@ -61,50 +80,47 @@ class PushSum(AlgorithmBase):
 
     name: ClassVar[str] = "pushsum"
     requirements: ClassVar[Requirements] = Requirements(weights="column", undirected=False)
+    channels = (Channel("params", "sum", latest=False), Channel("weight", "sum", latest=False))
 
     def __init__(self, *, self_weight: float = 0.0) -> None:
         self.self_weight = check_real("self_weight", self_weight, low=0.0, high=1.0)
         if self.self_weight == 1.0:
             raise ValueError("self_weight must be < 1 (a node that keeps all its mass never mixes)")
 
-    def model(self, state: LocalState) -> torch.Tensor:
-        return debias(state.params, state.weight)
+    def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
+        return {"params": ((numel,), dtype), "weight": ((), torch.float64)}
 
-    def local_step(self, state: LocalState, trainer: Trainer) -> float:
-        z = debias(state.params, state.weight)
-        loss, grad = trainer.loss_and_grad(params=z)
-        # Step in z-space: x -= lr * w * u moves z = x / w by exactly -lr * u, where u is the
-        # (momentum-averaged) gradient, kept in z-space too. Synchronous SGP on a regular graph has
-        # w near 1 at every step, where this is the published rule. Asynchronously, w at step time
-        # depends on how many shares have arrived since the last push; an x-space step (or an
-        # x-space momentum buffer) then moves z by lr * g / w: the local cluster diverged with it.
-        if trainer.weight_decay:
-            grad = grad + trainer.weight_decay * z
-        if trainer.momentum:
-            u = state.extra.setdefault("velocity", torch.zeros_like(grad))
-            u.mul_(trainer.momentum).add_(grad)
-            grad = u
-        with torch.no_grad():
-            state.params.sub_(grad, alpha=trainer.lr * state.weight)
-        trainer.steps += 1
-        trainer.last_loss = loss
+    def init_state(self, state: State) -> None:
+        p = state["params"]
+        state["weight"] = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
+
+    def _w(self, state: State) -> torch.Tensor:
+        return state["weight"].to(state["params"].dtype).unsqueeze(1)
+
+    def model(self, state: State) -> torch.Tensor:
+        return debias(state["params"], self._w(state))
+
+    def local_step(self, state: State, learner: Learner) -> torch.Tensor:
+        w = self._w(state)
+        z = debias(state["params"], w)
+        loss = learner.sgd_step(z)  # the step (and the momentum) in z-space
+        torch.mul(z, w, out=state["params"])
         return loss
 
     @torch.no_grad()
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        keep, send = push_share(len(targets), self.self_weight)
-        out = state.params * send
-        state.params.mul_(keep)
-        w_out = state.weight * send
-        state.weight *= keep
-        return Message(tensors={"params": out}, step=state.step, round=state.step, age=state.age, weight=w_out)
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        keep, share = push_shares(send.targets, self.self_weight)
+        p, dt = state["params"], state["params"].dtype
+        out = p * share.to(dt).unsqueeze(1)
+        p.mul_(keep.to(dt).unsqueeze(1))
+        w_out = state["weight"] * share
+        state["weight"] = state["weight"] * keep
+        return {"params": out, "weight": w_out}
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        # The mass shares travel with the messages; ``weights`` (row weights) do not apply.
-        for m in messages:
-            state.params.add_(m.tensors["params"])
-            state.weight += m.weight
+    def merge(self, state: State, inbox: Inbox) -> None:
+        state["params"].add_(inbox["params"])
+        state["weight"] = state["weight"] + inbox["weight"]
 
 
 class PushSumAveraging(PushSum):
@@ -112,6 +128,3 @@ class PushSumAveraging(PushSum):
 
     name: ClassVar[str] = "pushsum_averaging"
     requirements: ClassVar[Requirements] = Requirements(weights="column", undirected=False, trains=False)
-
-    def local_step(self, state: LocalState, trainer: Trainer) -> float:
-        return float("nan")

@@ -12,28 +12,24 @@ so that ``sum_i y_i = sum_i g_i`` in every round: each node descends along an es
 AVERAGE gradient, and with exact gradients a constant step size reaches the exact optimum of
 ``sum_i f_i`` (plain D-PSGD stops at a biased point on heterogeneous data).
 
-Mapping on the contract, in round r: ``merge`` mixes the received models into ``x`` and the
-received trackers into a separate ``y_mix`` (the node's own unmixed ``y`` is still needed);
-``local_step`` takes ``x <- x - lr y`` (plain SGD with the Trainer's ``lr``; weight decay, if
-set, is part of every ``g``; momentum is not used, it would break the tracking invariant), then
-computes ``g`` at the new ``x`` and sets ``y <- y_mix + g - g_prev``; ``message`` sends ``x``
-and ``y``. The very first ``local_step`` only computes ``y^0 = g(x^0)``. Needs neighbour-local
-rounds and lossless delivery (a lost tracker breaks the invariant).
+Mapping on the seam, in round r: ``merge`` gets the mixed models (``params`` channel, ``mix``)
+and the mixed trackers (``y`` channel, ``mix``), kept apart in ``y_mix`` (the node's own unmixed
+``y`` is still needed); ``local_step`` takes ``x <- x - lr y`` (plain SGD with the learner's
+``lr``; weight decay, if set, is part of every ``g``; momentum is not used, it would break the
+tracking invariant), then computes ``g`` at the new ``x`` and sets ``y <- y_mix + g - g_prev``;
+``message`` sends ``x`` and ``y``. The very first ``local_step`` only computes
+``y^0 = g(x^0)``. Needs neighbour-local rounds and lossless delivery (a lost tracker breaks the
+invariant).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_real
-from gossipfl.algorithms.base import AlgorithmBase, LocalState, Message, Requirements, TensorSpecs
-from gossipfl.algorithms.dpsgd import latest_per_sender, mix
-
-if TYPE_CHECKING:
-    from gossipfl.learning.trainer import Trainer
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Learner, Requirements, Send, State, TensorSpecs
 
 __all__ = ["DIGing", "tracker_update"]
 
@@ -44,10 +40,11 @@ def tracker_update(y_mix: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Ten
 
 
 class DIGing(AlgorithmBase):
-    """Gradient tracking. Hyperparameter: ``lr`` (0: use the Trainer's learning rate)."""
+    """Gradient tracking. Hyperparameter: ``lr`` (0: use the learner's learning rate)."""
 
     name: ClassVar[str] = "diging"
     requirements: ClassVar[Requirements] = Requirements(rounds=True, lossless=True, weights="symmetric")
+    channels = (Channel("params", "mix"), Channel("y", "mix"))
 
     def __init__(self, *, lr: float = 0.0) -> None:
         self.lr = check_real("lr", lr, low=0.0)
@@ -55,54 +52,44 @@ class DIGing(AlgorithmBase):
     def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return {"params": ((numel,), dtype), "y": ((numel,), dtype)}
 
-    def init_state(self, state: LocalState) -> None:
-        state.extra["y"] = torch.zeros_like(state.params)
-        state.extra["y_mix"] = torch.zeros_like(state.params)
-        state.extra["g"] = torch.zeros_like(state.params)
-        state.extra["started"] = torch.zeros((), dtype=torch.bool)
-        state.extra["mixed"] = torch.zeros((), dtype=torch.bool)
+    def init_state(self, state: State) -> None:
+        p = state["params"]
+        state["y"] = torch.zeros_like(p)
+        state["y_mix"] = torch.zeros_like(p)
+        state["g"] = torch.zeros_like(p)
+        state["started"] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+        state["mixed"] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
 
-    def _grad(self, trainer: Trainer) -> tuple[float, torch.Tensor]:
-        loss, grad = trainer.loss_and_grad()
-        if trainer.weight_decay:
-            grad = grad + trainer.weight_decay * trainer.params.detach()
-        trainer.steps += 1
-        trainer.last_loss = loss
+    def _grad(self, state: State, learner: Learner) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, grad = learner.grad(state["params"])
+        if learner.weight_decay:
+            grad = grad + learner.weight_decay * state["params"]
         return loss, grad
 
-    def local_step(self, state: LocalState, trainer: Trainer) -> float:
-        ex = state.extra
-        if not bool(ex["started"]):
-            loss, grad = self._grad(trainer)
-            ex["y"].copy_(grad)
-            ex["g"].copy_(grad)
-            ex["started"].fill_(True)
-            ex["mixed"].fill_(False)
-            return loss
+    def local_step(self, state: State, learner: Learner) -> torch.Tensor:
+        started = state["started"].unsqueeze(1)
         with torch.no_grad():
-            y_mix = ex["y_mix"] if bool(ex["mixed"]) else ex["y"]
-            y_mix = y_mix.clone()
-            state.params.sub_(ex["y"], alpha=self.lr or trainer.lr)
-        loss, grad = self._grad(trainer)
-        ex["y"].copy_(tracker_update(y_mix, grad, ex["g"]))
-        ex["g"].copy_(grad)
-        ex["mixed"].fill_(False)
+            y_mix = torch.where(state["mixed"].unsqueeze(1), state["y_mix"], state["y"])
+            step = torch.where(started, state["y"], torch.zeros_like(state["y"]))
+            state["params"].sub_(step, alpha=self.lr or learner.lr)
+        loss, grad = self._grad(state, learner)
+        # the very first step only sets y = g = g(x)
+        state["y"] = torch.where(started, tracker_update(y_mix, grad, state["g"]), grad)
+        state["g"] = grad
+        state["started"] = torch.ones_like(state["started"])
+        state["mixed"] = torch.zeros_like(state["mixed"])
         return loss
 
-    def message(self, state: LocalState, *, targets: Sequence[str] = ()) -> Message:
-        return Message(tensors={"params": state.params, "y": state.extra["y"]},
-                       step=state.step, round=state.step, age=state.age)
+    def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
+        return {"params": state["params"], "y": state["y"]}
 
     @torch.no_grad()
-    def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-        fresh = latest_per_sender(messages)
-        senders = [s for s in fresh if s in weights]
-        if not senders:
-            return
-        w = torch.tensor([weights[s] for s in senders], dtype=state.params.dtype)
-        xs = torch.stack([fresh[s].tensors["params"] for s in senders])
-        ys = torch.stack([fresh[s].tensors["y"] for s in senders])
-        base = state.extra["y_mix"] if bool(state.extra["mixed"]) else state.extra["y"]
-        state.extra["y_mix"].copy_(mix(base, ys, w))
-        state.extra["mixed"].fill_(True)
-        state.params.copy_(mix(state.params, xs, w))
+    def merge(self, state: State, inbox: Inbox) -> None:
+        # inbox["y"] mixed the received trackers with our own y; a second merge in one step (a late
+        # message) mixes into what the first one left instead
+        again = state["mixed"].unsqueeze(1)
+        self_w = (1.0 - inbox.weight["y"]).to(state["y"].dtype).unsqueeze(1)
+        y_mix = torch.where(again, inbox["y"] + self_w * (state["y_mix"] - state["y"]), inbox["y"])
+        state["y_mix"] = y_mix
+        state["mixed"] = torch.ones_like(state["mixed"])
+        state["params"] = inbox["params"]

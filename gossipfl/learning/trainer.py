@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from gossipfl.algorithms.optim import sgd_update
 from gossipfl.learning.data import Dataset
 from gossipfl.learning.params import ParamLayout, param_layout
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "TrainerLearner"]
 
 
 class Trainer:
@@ -79,15 +80,11 @@ class Trainer:
         (grad,) = torch.autograd.grad(loss, p)
         return float(loss.detach()), grad
 
-    @torch.no_grad()
-    def apply_gradient(self, grad: torch.Tensor) -> None:
-        """One SGD step (with optional momentum and weight decay) in place on ``params``."""
-        if self.weight_decay:
-            grad = grad + self.weight_decay * self.params
-        if self._velocity is not None:
-            self._velocity.mul_(self.momentum).add_(grad)
-            grad = self._velocity
-        self.params.sub_(grad, alpha=self.lr)
+    def apply_gradient(self, grad: torch.Tensor, params: torch.Tensor | None = None) -> None:
+        """One step of the shared optimiser (`sgd_update`: momentum, weight decay) in place on
+        ``params`` (default: the model), with this trainer's momentum buffer."""
+        sgd_update(self.params if params is None else params, self._velocity, grad, lr=self.lr,
+                   momentum=self.momentum, weight_decay=self.weight_decay)
 
     def step(self) -> float:
         """One local SGD step on the node's own data; returns the minibatch loss."""
@@ -106,3 +103,32 @@ class Trainer:
         loss = F.cross_entropy(out, self.y_test)
         acc = (out.argmax(1) == self.y_test).float().mean()
         return float(loss), float(acc)
+
+
+class TrainerLearner:
+    """The `gossipfl.algorithms.base.Learner` of one node (N = 1) around its `Trainer`.
+
+    Rows ``[1, D]`` in, rows out; gradients on the trainer's next minibatch, steps with its momentum
+    buffer (so a checkpoint of the trainer keeps the optimiser state whatever the algorithm).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.lr, self.momentum, self.weight_decay = trainer.lr, trainer.momentum, trainer.weight_decay
+
+    def grad(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.trainer
+        loss, grad = t.loss_and_grad(params=params[0])
+        t.steps += 1
+        t.last_loss = loss
+        return torch.tensor([loss]), grad.unsqueeze(0)
+
+    def sgd_step(self, params: torch.Tensor) -> torch.Tensor:
+        loss, grad = self.grad(params)
+        self.trainer.apply_gradient(grad[0], params[0])
+        return loss
+
+    def apply(self, params: torch.Tensor, grad: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        if where is not None and not bool(where[0]):
+            return
+        self.trainer.apply_gradient(grad[0], params[0])

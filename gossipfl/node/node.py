@@ -32,7 +32,8 @@ import torch
 from aiohttp import web
 
 from gossipfl import wire
-from gossipfl.algorithms import Algorithm, LocalState, Message
+from gossipfl.algorithms import Algorithm, Message
+from gossipfl.algorithms.base import draw_targets
 from gossipfl.config import RunConfig, parse_address
 from gossipfl.errors import (
     BadSignature,
@@ -48,6 +49,7 @@ from gossipfl.learning.trainer import Trainer
 from gossipfl.metrics import StalenessTally
 from gossipfl.node.buffers import BufferPool
 from gossipfl.node.discovery import Discovery, PeerInfo, _default_addresses
+from gossipfl.node.learner import NodeLearning
 from gossipfl.node.membership import Membership
 from gossipfl.node.transport import HttpTransport, MemoryNetwork, Reply, Transport
 from gossipfl.topology import Schedule, build_schedule, graph_for_members, local_weights, neighbours
@@ -59,7 +61,7 @@ PEER_EXCHANGE_EVERY = 3  # membership passes between two view exchanges with a r
 RECENT_CONTACT = 3.0  # a peer heard from this recently is not probed
 INBOX_PER_NEIGHBOUR = 4  # queued messages per neighbour before the oldest is dropped (bounds memory)
 CHECKPOINT_EVERY = 50  # local steps between checkpoints when a state dir is set
-_EXTRA = "extra/"  # checkpoint tensor names of the algorithm state (LocalState.extra)
+_STATE = "state/"  # checkpoint tensor names of the algorithm state (NodeLearning.state_tensors)
 
 _REASONS: list[tuple[type[WireError], str]] = [
     (MessageTooLarge, "too_large"),
@@ -108,8 +110,7 @@ class Node:
         self.id = node_id
         self.trainer = trainer
         self.algorithm = algorithm
-        self.state = LocalState(params=trainer.params, seed=seed)
-        algorithm.init_state(self.state)
+        self.state = NodeLearning(algorithm, trainer, seed=seed)  # learning state, the algorithm calls on it
         self.fingerprint = trainer.layout.fingerprint
         self.secret = secret
         self.log = logging.getLogger(f"gossipfl.node.{node_id}")
@@ -558,10 +559,10 @@ class Node:
         with self._lock:
             self._merge_pending_locked()
             self._set_round(self.state.step)
-            targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
+            targets = draw_targets(self.algorithm.targets, self._neighbours, self._rng)
             if not targets or self.algorithm.requirements.pairwise:
                 return None  # pairwise: peers still exchange with us; we initiate nothing
-            return self._encode_locked(self.algorithm.message(self.state, targets=targets)), targets
+            return self._encode_locked(self.state.message(len(targets))), targets
 
     def _closed_for_merges(self) -> bool:
         return self.finished.is_set() and not self._linger
@@ -617,7 +618,7 @@ class Node:
             messages = [m for m, _ in inbox]
             for m in messages:
                 self.staleness.add(self.state.step - m.step)
-            self.algorithm.merge(self.state, messages, self._merge_weights(messages))
+            self.state.merge(messages, self._merge_weights(messages))
             del messages
         for _, body in inbox:  # merged: nothing references these buffers any more
             self._rx_pool.give(body)
@@ -633,13 +634,12 @@ class Node:
             rounds = self.algorithm.requirements.rounds
             self._merge_pending_locked(self.state.step if rounds else None)
             if trains:
-                self.loss = self.algorithm.local_step(self.state, self.trainer)
-                self.state.age += 1
+                self.loss = self.state.local_step()
             self.state.step += 1
             if not exchange_now:
                 return None
             self._set_round(self.state.step)
-            targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
+            targets = draw_targets(self.algorithm.targets, self._neighbours, self._rng)
             return (None, targets[:1]) if targets else None
 
     def _gossip_message(self) -> tuple[memoryview, list[str]] | None:
@@ -652,17 +652,16 @@ class Node:
         """
         with self._lock:
             self._set_round(self.state.step)
-            targets = self.algorithm.targets(self._neighbours, self._rng, round=self.state.step)
+            targets = draw_targets(self.algorithm.targets, self._neighbours, self._rng)
             if not targets:
                 return None
-            body = self._encode_locked(self.algorithm.message(self.state, targets=targets))
+            body = self._encode_locked(self.state.message(len(targets)))
         return body, targets
 
     def _encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
         env = wire.Envelope(
             cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
-            fingerprint=self.fingerprint, step=msg.step, age=msg.age, round=msg.round,
-            weight=msg.weight, meta={**msg.meta, "addr": self.address, "deg": self._degree},
+            fingerprint=self.fingerprint, step=msg.step, round=msg.round, meta={**msg.meta, "addr": self.address, "deg": self._degree},
             tensors=dict(msg.tensors),
         )
         size = wire.encoded_size(env, secret=self.secret)
@@ -673,7 +672,7 @@ class Node:
 
     def _evaluate_and_record(self) -> None:
         with self._lock:
-            loss, acc = self.trainer.evaluate(self.algorithm.model(self.state))
+            loss, acc = self.trainer.evaluate(self.state.model())
         self.accuracy = acc
         if not self.algorithm.requirements.trains:
             self.loss = loss
@@ -692,7 +691,7 @@ class Node:
         if not await self._acquire(float("inf")):
             raise RuntimeError("unreachable: an infinite wait cannot time out")
         try:
-            return self.algorithm.model(self.state).clone()
+            return self.state.model().clone()
         finally:
             self._lock.release()
 
@@ -773,8 +772,7 @@ class Node:
             return
         try:
             # a copy: answering an exchange meanwhile reuses the send buffer
-            body = bytes(self._encode_locked(self.algorithm.message(self.state, targets=[peer_id]),
-                                             kind="exchange"))
+            body = bytes(self._encode_locked(self.state.message(1), kind="exchange"))
         finally:
             self._lock.release()
         reply = await self._post(peer_id, address, "/exchange", body)
@@ -784,7 +782,7 @@ class Node:
         try:
             reply_msg = _message(env)
             self.staleness.add(self.state.step - reply_msg.step)
-            self.algorithm.apply_reply(self.state, reply_msg)
+            self.state.apply_reply(reply_msg)
         finally:
             self._lock.release()
         self.bytes_out += len(body)
@@ -831,7 +829,7 @@ class Node:
         try:
             incoming = _message(env)
             self.staleness.add(self.state.step - incoming.step)
-            reply = self.algorithm.respond(self.state, incoming)
+            reply = self.state.respond(incoming)
             out = bytes(self._encode_locked(reply, kind="reply"))
         finally:
             self._lock.release()
@@ -974,8 +972,9 @@ class Node:
         velocity = self.trainer.velocity
         if velocity is not None:
             tensors["velocity"] = velocity.clone()
-        for name, t in self.state.extra.items():
-            tensors[_EXTRA + name] = t.clone()
+        for name, t in self.state.state_tensors().items():
+            if name != "params":
+                tensors[_STATE + name] = t.clone()
         return tensors
 
     def _save_checkpoint(self) -> None:
@@ -985,7 +984,7 @@ class Node:
             env = wire.Envelope(
                 cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name,
                 fingerprint=self.fingerprint, kind="checkpoint", step=self.state.step,
-                age=self.state.age, weight=self.state.weight, tensors=self._checkpoint_tensors(),
+                tensors=self._checkpoint_tensors(),
             )
         tmp = path.with_suffix(".tmp")
         try:
@@ -1013,9 +1012,13 @@ class Node:
         except (OSError, KeyError, GossipflError) as exc:
             self.log.warning("ignoring checkpoint %s: %s", path, exc)
             return
-        for target, saved in restore:
-            target.copy_(saved)
-        self.state.step, self.state.age, self.state.weight = env.step, env.age, env.weight
+        with torch.no_grad():
+            for target, saved in restore:
+                target.copy_(saved)
+        rng = env.tensors.get(_STATE + "rng")
+        if rng is not None:  # a copy, not a view: the generator takes it back
+            self.state.load_state({"rng": rng.clone()})
+        self.state.step = env.step
         self.log.info("resumed from %s at step %d", path, env.step)
 
     def _restorable(self, tensors: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -1025,7 +1028,7 @@ class Node:
         live: dict[str, torch.Tensor] = {"params": self.state.params}
         if self.trainer.velocity is not None:
             live["velocity"] = self.trainer.velocity
-        live.update({_EXTRA + k: t for k, t in self.state.extra.items()})
+        live.update({_STATE + k: t for k, t in self.state.state_tensors().items() if k != "params"})
         pairs, missing = [], []
         for name, t in live.items():
             saved = tensors.get(name)
@@ -1071,8 +1074,7 @@ async def _read_body(request: web.Request, pool: BufferPool) -> bytes | bytearra
 
 
 def _message(env: wire.Envelope) -> Message:
-    return Message(sender=env.sender, tensors=env.tensors, step=env.step, age=env.age,
-                   round=env.round, weight=env.weight, meta=env.meta)
+    return Message(sender=env.sender, tensors=env.tensors, step=env.step, round=env.round, meta=env.meta)
 
 
 def _error_response(status: int, reason: str, message: str) -> web.Response:

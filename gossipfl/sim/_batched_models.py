@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from gossipfl.algorithms.optim import sgd_update
 from gossipfl.errors import ConfigError
 from gossipfl.learning.params import ParamLayout
 
-__all__ = ["BatchedMLP", "BatchedModel", "FuncModel", "apply_sgd", "batched_model"]
+__all__ = ["BatchedMLP", "BatchedModel", "FuncModel", "batched_model"]
 
 
 class BatchedModel(Protocol):
@@ -54,18 +55,6 @@ class BatchedModel(Protocol):
     def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[n, T, classes]``: every node's model applied to the same inputs ``x [T, *input]``."""
         ...
-
-
-@torch.no_grad()
-def apply_sgd(p: torch.Tensor, v: torch.Tensor | None, grad: torch.Tensor, *, lr: float, momentum: float,
-              weight_decay: float) -> None:
-    """`gossipfl.learning.Trainer.apply_gradient` on rows: same operations, same order, same rounding."""
-    if weight_decay:
-        grad = grad + weight_decay * p
-    if v is not None:
-        v.mul_(momentum).add_(grad)
-        grad = v
-    p.sub_(grad, alpha=lr)
 
 
 class BatchedMLP:
@@ -159,21 +148,15 @@ class BatchedMLP:
                  weight: torch.Tensor | None, *, lr: float, momentum: float, weight_decay: float) -> torch.Tensor:
         """One SGD step in place on rows ``p`` (and velocity ``v``); returns the per-node loss.
 
-        The Trainer's update (``g += wd * p; v = momentum * v + g; p -= lr * v``), applied layer by
-        layer as gradients come out of the backward pass, so no ``[n, D]`` gradient is materialised
-        (the velocity update is one fused multiply-add, which may round the last bit differently).
+        The shared optimiser (`gossipfl.algorithms.optim.sgd_update`, as the Trainer), applied layer
+        by layer as gradients come out of the backward pass, so no ``[n, D]`` gradient is materialised.
         A layer's weights are updated only after the backward pass has propagated through them
         (`_backward` calls ``sink`` after that), and while its velocity is still in cache.
         """
 
         def sink(k: int, gw: torch.Tensor, gb: torch.Tensor) -> None:
             for g, (pw, vw) in ((gw, self._pair(p, v, k, 0)), (gb, self._pair(p, v, k, 1))):
-                if weight_decay:
-                    g = g + weight_decay * pw
-                if vw is not None:
-                    torch.add(g, vw, alpha=momentum, out=vw)  # v = momentum * v + g, one pass
-                    g = vw
-                pw.sub_(g, alpha=lr)
+                sgd_update(pw, vw, g, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
         return self._backward(p, x, y, weight, sink)
 
@@ -214,7 +197,7 @@ class FuncModel:
     def sgd_step(self, p: torch.Tensor, v: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                  weight: torch.Tensor | None, *, lr: float, momentum: float, weight_decay: float) -> torch.Tensor:
         loss, grad = self.loss_and_grad(p, x, y, weight)
-        apply_sgd(p, v, grad, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        sgd_update(p, v, grad, lr=lr, momentum=momentum, weight_decay=weight_decay)
         return loss
 
     @torch.no_grad()

@@ -1,0 +1,100 @@
+"""How a node combines the messages it received into an `Inbox`, by looping over them.
+
+The vectorised engine combines the same way for all receivers at once (sparse products over the
+node axis); this module is the reference form, used by `gossipfl.node.Node` (N = 1) and by the
+vectorised engine's ``exact`` sampling, where float summation order must match the node's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from gossipfl.algorithms.base import Channel, Inbox, Message
+
+__all__ = ["combine", "latest_per_sender", "mix"]
+
+
+def mix(x: torch.Tensor, others: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x + sum_k w_k (others_k - x); shapes x [..., D], others [..., K, D], weights [..., K].
+
+    Written as (1 - sum w) x + sum w_k others_k so it is one fused matmul on the node axis.
+    """
+    self_w = 1.0 - weights.sum(-1, keepdim=True)
+    return self_w * x + (weights.unsqueeze(-2) @ others).squeeze(-2)
+
+
+def latest_per_sender(messages: Sequence[Message]) -> dict[str, Message]:
+    """Keep the newest message of each sender (by step; later arrival wins ties)."""
+    latest: dict[str, Message] = {}
+    for m in messages:
+        old = latest.get(m.sender)
+        if old is None or m.step >= old.step:
+            latest[m.sender] = m
+    return latest
+
+
+Decoder = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def combine(
+    channels: Sequence[Channel],
+    own: Mapping[str, torch.Tensor],
+    messages: Sequence[Message],
+    weights: Mapping[str, float],
+    neighbour_weight: float,
+    decode: Decoder,
+) -> list[Inbox]:
+    """The inbox(es) of one receiver: one `Inbox` for combining channels, one per message for
+    ``each`` channels (in arrival order). ``own``: the receiver's state (``[1, ...]`` tensors);
+    ``weights``: sender -> mixing weight (0 for senders it lacks); ``decode``: the algorithm's
+    wire-to-channel decoding, applied to ``[1, ...]`` tensors."""
+    if not messages:
+        return []
+    nw = torch.tensor([neighbour_weight], dtype=torch.float64)
+    decoded = [decode({k: t.unsqueeze(0) for k, t in m.tensors.items()}) for m in messages]
+    if all(c.combine == "each" for c in channels):
+        return [Inbox(values={c.key: d[c.key] for c in channels},
+                      count={c.key: torch.ones(1, dtype=torch.int64) for c in channels},
+                      weight={c.key: torch.tensor([weights.get(m.sender, 0.0)], dtype=torch.float64)
+                              for c in channels},
+                      neighbour_weight=nw)
+                for m, d in zip(messages, decoded, strict=True)]
+    values: dict[str, torch.Tensor] = {}
+    count: dict[str, torch.Tensor] = {}
+    wsum: dict[str, torch.Tensor] = {}
+    for c in channels:
+        have = [(m, d[c.key]) for m, d in zip(messages, decoded, strict=True) if c.key in d]
+        if c.latest:
+            newest = latest_per_sender([m for m, _ in have])
+            picked = {id(m) for m in newest.values()}
+            by_sender = {m.sender: v for m, v in have if id(m) in picked}
+            entries = [(s, by_sender[s]) for s in newest]
+        else:
+            entries = [(m.sender, v) for m, v in have]
+        senders = {s for s, _ in entries}
+        count[c.key] = torch.tensor([len(entries)], dtype=torch.int64)
+        wsum[c.key] = torch.tensor([sum(weights.get(s, 0.0) for s in senders)], dtype=torch.float64)
+        values[c.key] = _combine_one(c, own, entries, weights)
+    return [Inbox(values=values, count=count, weight=wsum, neighbour_weight=nw)]
+
+
+def _combine_one(c: Channel, own: Mapping[str, torch.Tensor], entries: list[tuple[str, torch.Tensor]],
+                 weights: Mapping[str, float]) -> torch.Tensor:
+    """One channel's combined value ``[1, ...]`` from (sender, value ``[1, ...]``) entries."""
+    if not entries:
+        if c.combine in ("mix", "mean"):
+            return own[c.key]
+        return torch.zeros_like(own[c.key] if c.key in own else own["params"])
+    others = torch.cat([v for _, v in entries])  # [K, ...]
+    shape = others.shape[1:]
+    flat = others.reshape(others.shape[0], -1)
+    if c.combine == "sum":
+        return flat.sum(0, keepdim=True).reshape(1, *shape)
+    if c.combine == "mean":
+        return ((own[c.key].reshape(1, -1) + flat.sum(0, keepdim=True)) / (1 + flat.shape[0])).reshape(1, *shape)
+    w = torch.tensor([weights.get(s, 0.0) for s, _ in entries], dtype=others.dtype)
+    if c.combine == "weighted":
+        return (w.unsqueeze(0) @ flat).reshape(1, *shape)
+    return mix(own[c.key].reshape(-1), flat, w).reshape(1, *shape)  # "mix"

@@ -1,0 +1,119 @@
+"""One node's learning state and the algorithm calls on it: the node's side of the algorithm seam.
+
+The algorithm's math is batched-first; a node is a batch of one: every state tensor is ``[1, ...]``
+and ``state["params"]`` is a ``[1, D]`` view of the `Trainer`'s own flat vector (same storage, so
+a merge changes what the next local step starts from). This module combines received messages
+by looping over them (`gossipfl.algorithms.inbox.combine`), takes the update-merge order's step on
+arrivals, and turns the algorithm's ``[1, ...]`` message tensors into a wire-level `Message`.
+Not thread-safe: the node calls it under its learning lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from gossipfl.algorithms import Algorithm, Draws, Inbox, Message, Send, State
+from gossipfl.algorithms._util import node_generator
+from gossipfl.algorithms.inbox import combine
+from gossipfl.learning import Trainer, TrainerLearner
+
+__all__ = ["NodeLearning"]
+
+
+class NodeLearning:
+    """State, step counter and algorithm of one node (``seed``: the node's own, for its draws)."""
+
+    def __init__(self, algorithm: Algorithm, trainer: Trainer, *, seed: int = 0) -> None:
+        self.algorithm = algorithm
+        self.trainer = trainer
+        self.learner = TrainerLearner(trainer)
+        self.step = 0
+        self.state: State = {"params": trainer.params.view(1, -1)}
+        algorithm.init_state(self.state)
+        self.generator = node_generator(algorithm.seed, seed)
+        self._draws = Draws([self.generator])
+        self._numel, self._dtype = trainer.layout.numel, trainer.params.dtype
+        self._update = any(c.local_update for c in algorithm.channels)
+        self._every = {c.key: c.every for c in algorithm.channels if c.every > 1}
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The flat model vector (the trainer's)."""
+        return self.trainer.params
+
+    def _realias(self) -> None:
+        """Keep ``state["params"]`` the trainer's storage when the algorithm replaced the tensor."""
+        p = self.state["params"]
+        if p.data_ptr() != self.trainer.params.data_ptr():
+            with torch.no_grad():
+                self.trainer.params.copy_(p.reshape(-1))
+            self.state["params"] = self.trainer.params.view(1, -1)
+
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.algorithm.decode(tensors, self._numel, self._dtype)
+
+    def merge(self, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
+        """Fold ``messages`` in (in the order given); ``weights``: sender -> mixing weight."""
+        inboxes = combine(self.algorithm.channels, self.state, messages, weights, sum(weights.values()),
+                          self._decode)
+        for inbox in inboxes:
+            if self._update:
+                self._update_arrival(inbox)
+            self.algorithm.merge(self.state, inbox)
+            self._realias()
+
+    def _update_arrival(self, inbox: Inbox) -> None:
+        """Gossip learning's update-merge order: one plain SGD step of the arrived model on our data."""
+        for c in self.algorithm.channels:
+            if c.local_update:
+                x = inbox.values[c.key]
+                _, grad = self.trainer.loss_and_grad(params=x[0])
+                with torch.no_grad():
+                    inbox.values[c.key] = x - self.trainer.lr * grad.unsqueeze(0)
+
+    def local_step(self) -> float:
+        loss = self.algorithm.local_step(self.state, self.learner)
+        self._realias()
+        return float(loss[0])
+
+    def message(self, n_targets: int) -> Message:
+        """This gossip point's message to ``n_targets`` targets (may update the state: push-sum)."""
+        send = Send(targets=torch.tensor([n_targets]), step=torch.tensor([self.step]), rng=self._draws)
+        out = self.algorithm.message(self.state, send)
+        self._realias()
+        tensors = {k: v[0] for k, v in out.items() if self.step % self._every.get(k, 1) == 0}
+        return Message(tensors=tensors, step=self.step, round=self.step)
+
+    def respond(self, incoming: Message) -> Message:
+        reply = self.algorithm.respond(self.state, {k: v.unsqueeze(0) for k, v in incoming.tensors.items()})
+        self._realias()
+        return Message(tensors={k: v[0] for k, v in reply.items()}, step=self.step, round=self.step)
+
+    def apply_reply(self, reply: Message) -> None:
+        self.algorithm.apply_reply(self.state, {k: v.unsqueeze(0) for k, v in reply.tensors.items()})
+        self._realias()
+
+    def model(self) -> torch.Tensor:
+        """The model this node would deploy, flat ``[D]`` (push-sum: de-biased)."""
+        return self.algorithm.model(self.state)[0]
+
+    # checkpoints: the algorithm state by name (params under its own name), and the generator
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: v[0] for k, v in self.state.items()}
+        out["rng"] = self.generator.get_state()
+        return out
+
+    def load_state(self, saved: Mapping[str, torch.Tensor]) -> None:
+        for k, v in saved.items():
+            if k == "rng":
+                self.generator.set_state(v)
+            elif k in self.state:
+                with torch.no_grad():
+                    if k == "params":
+                        self.trainer.params.copy_(v)
+                    else:
+                        self.state[k] = v.clone().unsqueeze(0)
+        self._realias()

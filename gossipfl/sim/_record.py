@@ -1,0 +1,223 @@
+"""What the vectorised engine reports: metric rows, staleness, progress line, run summary.
+
+Every node is evaluated at each metric point for the cluster rows (consensus distance, averaged
+model, mean accuracy); node rows and the summary's ``per_node`` cover the sampled nodes. Message
+and byte counters are per node and mean what the local cluster's do: messages sent that the
+network did not lose (a lost one is counted in ``lost``), bytes as the wire codec frames each one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from gossipfl.errors import ConfigError
+from gossipfl.topology import graph_spectral_gap
+
+if TYPE_CHECKING:
+    from gossipfl.sim.vectorized import VectorizedSim
+
+__all__ = ["Progress", "Staleness", "log", "record", "summary"]
+
+log = logging.getLogger("gossipfl.sim")
+
+
+class Staleness:
+    """Staleness of merged messages (receiver's step at merge - sender's step at send), per node."""
+
+    def __init__(self, n: int, dev: torch.device) -> None:
+        self.sum = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.count = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.max = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
+        self.row = (torch.zeros_like(self.sum), torch.zeros_like(self.count))  # at the last node rows
+
+    def add(self, recv: torch.Tensor, staleness: torch.Tensor) -> None:
+        self.sum.index_add_(0, recv, staleness)
+        self.count.index_add_(0, recv, torch.ones_like(staleness))
+        self.max.scatter_reduce_(0, recv, staleness, reduce="amax")
+
+    def since_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) per node since the last node rows; starts a new row."""
+        s, c = self.sum - self.row[0], self.count - self.row[1]
+        self.row = (self.sum.clone(), self.count.clone())
+        return s, c
+
+    def totals(self) -> dict[str, float | int | None]:
+        """Mean and maximum over every merged message, as the cluster reports them."""
+        count = int(self.count.sum())
+        if not count:
+            return {"staleness_mean": None, "staleness_max": None}
+        return {"staleness_mean": float(self.sum.sum()) / count,
+                "staleness_max": int(self.max[self.count > 0].max())}
+
+
+class Progress:
+    """One status line: simulated time, node-steps per second, mean accuracy."""
+
+    def __init__(self, stream: TextIO | None, total: int | None, duration: float | None) -> None:
+        self.stream, self.total, self.duration = stream, total, duration
+        self.tty = stream is not None and stream.isatty()
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.accuracy: float | None = None
+
+    def __call__(self, sim_t: float, node_steps: int, mean_step: float, *, force: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.5 if self.tty else 5.0):
+            return
+        self.last = now
+        rate = node_steps / max(now - self.t0, 1e-9)
+        goal = f"/{self.total}" if self.total else f" (of {self.duration:g}s)" if self.duration else ""
+        acc = "  -  " if self.accuracy is None else f"{self.accuracy:.3f}"
+        line = (f"sim t={sim_t:9.3f}s  step {mean_step:7.1f}{goal}  {rate:12,.0f} node-steps/s  "
+                f"mean acc {acc}")
+        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.stream is not None and self.tty:
+            print(file=self.stream)
+
+
+
+@torch.no_grad()
+def evaluate_all(sim: VectorizedSim) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test loss and accuracy of every node's model (device tensors ``[N]``)."""
+    losses, accs = [], []
+    y = sim.y_test
+    for a in range(0, sim.n, sim.eval_block):
+        out = sim.model.logits(sim.models(a, a + sim.eval_block), sim.x_test)
+        k, t, c = out.shape
+        losses.append(F.cross_entropy(out.reshape(k * t, c), y.repeat(k), reduction="none").view(k, t).mean(1))
+        accs.append((out.argmax(-1) == y).float().mean(1))
+    return torch.cat(losses), torch.cat(accs)
+
+
+@torch.no_grad()
+def mean_model(sim: VectorizedSim) -> torch.Tensor:
+    """The average of every node's deployed model, float64, a block at a time."""
+    total = torch.zeros(sim.layout.numel, dtype=torch.float64, device=sim.device)
+    for a in range(0, sim.n, sim.eval_block):
+        total += sim.models(a, a + sim.eval_block).double().sum(0)
+    return total / sim.n
+
+
+@torch.no_grad()
+def consensus_distance(sim: VectorizedSim) -> float:
+    """(1/N) sum_i ||x_i - x_bar||^2 in float64, in blocks (as `gossipfl.metrics.consensus_distance`)."""
+    mean = mean_model(sim)
+    acc = torch.zeros((), dtype=torch.float64, device=sim.device)
+    for a in range(0, sim.n, sim.eval_block):
+        acc += ((sim.models(a, a + sim.eval_block).double() - mean) ** 2).sum()
+    return float(acc / sim.n)
+
+
+@torch.no_grad()
+def average_model_accuracy(sim: VectorizedSim) -> float:
+    mean = mean_model(sim).to(sim.params.dtype).unsqueeze(0)
+    out = sim.model.logits(mean, sim.x_test)[0]
+    return float((out.argmax(-1) == sim.y_test).float().mean())
+
+
+def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: float, *, node_rows: bool,
+           evaluate: bool = True) -> dict[str, Any]:
+    """Evaluate every node and write node rows (sampled) and one cluster row; a metric point."""
+    if evaluate:
+        sim.test_loss, sim.accuracy = evaluate_all(sim)
+    if node_rows and sim.sample:
+        idx = torch.tensor(sim.sample, device=sim.device)
+        stale_sum, stale_count = sim.tally.since_row()
+        cols = [sim.step, sim.test_loss, sim.last_loss, sim.accuracy, sim.msgs_out, sim.msgs_in,
+                sim.bytes_out, sim.bytes_in, stale_sum, stale_count]
+        step, loss, train_loss, acc, mo, mi, bo, bi, ss, sc = (c[idx].tolist() for c in cols)
+        for k, i in enumerate(sim.sample):
+            writer({
+                "node": sim.ids[i], "t": round(t, 6), "step": step[k], "loss": loss[k],
+                "train_loss": train_loss[k], "accuracy": acc[k], "bytes_out": bo[k], "bytes_in": bi[k],
+                "msgs_out": mo[k], "msgs_in": mi[k], "staleness": ss[k] / sc[k] if sc[k] else None,
+            })
+    evaluated = bool(torch.isfinite(sim.accuracy).any())
+    row = {
+        "node": None, "t": round(t, 6),
+        "mean_step": float(sim.step.double().mean()),
+        "consensus_distance": consensus_distance(sim),
+        "avg_model_accuracy": average_model_accuracy(sim),
+        "mean_accuracy": float(sim.accuracy.nanmean()) if evaluated else None,
+    }
+    writer(row)
+    sim.history.append(row)
+    return row
+
+
+def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
+    """The run's summary, with the local cluster's keys (and the engine's own: lost, expired, ...)."""
+    final = sim.history[-1]
+    acc, loss, steps = sim.accuracy.cpu(), sim.test_loss.cpu(), sim.step.cpu()
+    mo, mi, bo, bi = sim.msgs_out.cpu(), sim.msgs_in.cpu(), sim.bytes_out.cpu(), sim.bytes_in.cpu()
+    stale_sum, stale_count = sim.tally.sum.tolist(), sim.tally.count.tolist()
+    out: dict[str, Any] = {
+        "engine": "vectorized",
+        "transport": "simulated",
+        "schedule": sim.cfg.schedule,
+        "device": str(sim.device),
+        "sampling": sim.sampling,
+        "kernel": sim.model.kind,
+        "nodes": sim.n,
+        "mean_accuracy": float(acc.mean()),
+        "min_accuracy": float(acc.min()),
+        "max_accuracy": float(acc.max()),
+        "avg_model_accuracy": final["avg_model_accuracy"],
+        "consensus_distance": final["consensus_distance"],
+        "initial_consensus_distance": sim.history[0]["consensus_distance"],
+        "messages": int(mo.sum()),
+        "bytes": int(bo.sum()),
+        "rejected": 0,
+        "lost": int(sim.lost),
+        "expired": int(sim.expired),
+        "round_timeouts": 0,  # neighbour-local rounds always wait (see gossipfl.sim._async)
+        "step_overruns": 0.0,  # simulated steps take exactly their emulated time
+        **sim.tally.totals(),
+        "wall_seconds": round(wall, 3),
+        "simulated_seconds": sim.sim_time,
+        "node_steps": int(steps.sum()),
+        "node_steps_per_second": int(steps.sum()) / max(wall, 1e-9),
+        "per_node_sampled": len(sim.sample) < sim.n,
+        "per_node": {
+            sim.ids[i]: {
+                "accuracy": float(acc[i]), "loss": float(loss[i]), "steps": int(steps[i]),
+                "msgs_out": int(mo[i]), "msgs_in": int(mi[i]), "bytes_out": int(bo[i]), "bytes_in": int(bi[i]),
+                "staleness": stale_sum[i] / stale_count[i] if stale_count[i] else None,
+            }
+            for i in sim.sample
+        },
+    }
+    if not sim.trains:
+        out.update(consensus_rates(sim))
+    return out
+
+
+def consensus_rates(sim: VectorizedSim) -> dict[str, float]:
+    """Measured per-round contraction of the consensus distance, and SLEM(W)^2 of the graph."""
+    pts = [(h["mean_step"], h["consensus_distance"]) for h in sim.history if h["consensus_distance"] > 1e-20]
+    out: dict[str, float] = {}
+    if len(pts) >= 3:
+        xs = torch.tensor([q[0] for q in pts], dtype=torch.float64)
+        ys = torch.log(torch.tensor([q[1] for q in pts], dtype=torch.float64))
+        denom = ((xs - xs.mean()) ** 2).sum()
+        if denom > 0:
+            out["consensus_rate"] = float(torch.exp(((xs - xs.mean()) * (ys - ys.mean())).sum() / denom))
+    if sim.time_varying:  # no single graph's spectral gap predicts a changing one
+        return out
+    try:
+        # column-stochastic algorithms push uniform shares; the others mix with the configured weights
+        kind = "push_sum" if sim.algorithm.requirements.weights == "column" else sim.cfg.weights
+        out["predicted_rate"] = (1.0 - graph_spectral_gap(sim.graph, kind)) ** 2
+    except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
+        log.warning("predicted consensus rate unavailable: %s", exc)
+    return out

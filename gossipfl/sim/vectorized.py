@@ -151,6 +151,7 @@ class VectorizedSim:
         self.round = 0  # sync schedule: rounds done
         self._pending: Outbox | None = None  # sync: what the last round sent
         self._spare: dict[str, torch.Tensor] = {}  # sync fused mixing: output buffers, kept across rounds
+        self._all_links: dict[int, tuple[torch.Tensor, ...]] = {}  # sync: every node's out-links, per graph
         k = min(max(node_rows, 0), n)
         self.sample = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
         # bytes of one encoded message: with every channel, and without those sent every k-th step
@@ -245,10 +246,16 @@ class VectorizedSim:
 
     def send(self, senders: torch.Tensor, links: Links, everyone: bool = False) -> Outbox | None:
         """The gossip point of nodes ``senders`` (sorted) on ``links``: targets, message, counters."""
-        which, link = self.targets(senders, links)
+        cached = self._all_links.get(id(links)) if everyone and self.algorithm.targets.kind == "all" else None
+        if cached is None:
+            which, link = self.targets(senders, links)
+            n_targets = torch.bincount(which, minlength=senders.shape[0])
+            if everyone and self.algorithm.targets.kind == "all":  # every round the same: keep it
+                self._all_links = {id(links): (which, link, n_targets)}
+        else:
+            which, link, n_targets = cached
         if not which.numel():
             return None
-        n_targets = torch.bincount(which, minlength=senders.shape[0])
         has = n_targets > 0
         if not bool(has.all()):  # a node with no target builds no message
             everyone = False
@@ -389,6 +396,17 @@ class VectorizedSim:
                     if spare is None or spare.shape != src.shape:
                         spare = torch.empty_like(src)
                     fused[c.key] = torch.addmm(spare, out.links.mixing(), src, beta=0.0, out=spare)
+            if len(fused) == len(self.algorithm.channels):  # every neighbour sent every channel
+                links = out.links
+                inbox = Inbox(values=fused, count={k: links.recv_deg for k in fused},
+                              weight={k: links.neighbour_weight for k in fused},
+                              neighbour_weight=links.neighbour_weight)
+                before = {k: self.state[k] for k in fused}
+                self.algorithm.merge(self.state, inbox)
+                for k, old in before.items():  # the product's input buffer serves the next round's output
+                    if self.state.get(k) is fused[k]:
+                        self._spare[k] = old
+                return
         self.merge_arrivals(receivers, r, out.send, out.weight, out.values, out.which, carried,
                             order=(out.send,), fresh=lambda m: m.nonzero().squeeze(1), links=out.links,
                             fused=fused, full=full)

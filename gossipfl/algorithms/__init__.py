@@ -20,6 +20,8 @@ name                   algorithm                             hyperparameters ([a
                                                              ``norm``, ``gamma``, ``rescale``, ``seed``
 ``diging``             gradient tracking (DIGing)            ``lr``
 ``epidemic``           Epidemic Learning (s random peers)    ``fanout``
+``exact_diffusion``    exact diffusion (D²), bias-corrected  -
+``qgm``                Quasi-Global Momentum (QG-DSGDm)      ``beta``
 =====================  ====================================  ====================================
 """
 
@@ -30,14 +32,26 @@ from typing import Any
 
 from gossipfl.algorithms.adpsgd import ADPSGD
 from gossipfl.algorithms.base import (
-    Algorithm, AlgorithmBase, Channel, Draws, Inbox, Learner, Message, Requirements, Send, State, Targets,
+    Algorithm,
+    AlgorithmBase,
+    Channel,
+    Draws,
+    Inbox,
+    Learner,
+    Message,
+    Requirements,
+    Send,
+    State,
+    Targets,
 )
 from gossipfl.algorithms.choco import CHOCO
 from gossipfl.algorithms.dpsgd import DPSGD, Averaging
 from gossipfl.algorithms.epidemic import EpidemicLearning
+from gossipfl.algorithms.exact_diffusion import ExactDiffusion
 from gossipfl.algorithms.gossip import GossipLearning, PartitionedGossip
 from gossipfl.algorithms.gradex import GradientExchange
 from gossipfl.algorithms.pushsum import PushSum, PushSumAveraging
+from gossipfl.algorithms.qgm import QuasiGlobalMomentum
 from gossipfl.algorithms.tracking import DIGing
 from gossipfl.errors import ConfigError
 
@@ -50,7 +64,7 @@ ALGORITHMS: dict[str, type] = {
     cls.name: cls
     for cls in (
         DPSGD, GossipLearning, Averaging, PartitionedGossip, GradientExchange, ADPSGD, PushSum, PushSumAveraging,
-        CHOCO, DIGing, EpidemicLearning,
+        CHOCO, DIGing, EpidemicLearning, ExactDiffusion, QuasiGlobalMomentum,
     )
 }
 

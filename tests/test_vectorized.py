@@ -103,6 +103,11 @@ AGREEMENT = [
                  id="choco-topk-exponential"),
     pytest.param("choco", "erdos_renyi", "iid", 32, 1, {"compression": "qsgd", "bits": 2, "norm": "l2"},
                  id="choco-qsgd2-erdos_renyi"),
+    # added as modules only (no engine change): bias-corrected diffusion and quasi-global momentum
+    pytest.param("exact_diffusion", "ring", "dirichlet:0.3", 64, 1, {}, id="exact_diffusion-ring-dirichlet"),
+    pytest.param("exact_diffusion", "erdos_renyi", "iid", 32, 2, {}, id="exact_diffusion-erdos_renyi-every2"),
+    pytest.param("qgm", "erdos_renyi", "dirichlet:0.3", 64, 1, {}, id="qgm-erdos_renyi-dirichlet"),
+    pytest.param("qgm", "star", "iid", 32, 2, {"beta": 0.5}, id="qgm-star-every2"),
 ]
 
 

@@ -1,9 +1,10 @@
 """The algorithm family, tested on the pure classes with a tiny lock-step driver (no sockets).
 
-The driver is an engine in miniature: per round and per node it calls ``merge`` (messages due),
-``local_step``, then ``targets(round=step)`` and ``message(targets=...)``, in the order
-``gossipfl.algorithms.base`` prescribes; every message is checked against ``tensor_specs`` and
-travels through ``wire.encode``/``wire.decode`` so that receivers see exactly what a node would.
+The driver is an engine in miniature: one `NodeLearning` per node (what a `gossipfl.node.Node`
+holds: the node's state as a batch of one), and per round and per node it calls ``merge``
+(messages due), ``local_step``, then draws targets (`draw_targets`) and calls ``message``, in the
+order ``gossipfl.algorithms.base`` prescribes; every message is checked against ``tensor_specs``
+and travels through ``wire.encode``/``wire.decode`` so that receivers see exactly what a node would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 import random
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import networkx as nx
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from gossipfl import wire
-from gossipfl.algorithms import ALGORITHMS, LocalState, Message, get_algorithm
+from gossipfl.algorithms import ALGORITHMS, Message, get_algorithm
 from gossipfl.algorithms.adpsgd import ADPSGD
+from gossipfl.algorithms.base import draw_targets
 from gossipfl.algorithms.choco import CHOCO
 from gossipfl.algorithms.compression import (
     QSGD,
@@ -43,11 +46,35 @@ from gossipfl.algorithms.pushsum import PushSumAveraging
 from gossipfl.algorithms.tracking import DIGing
 from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
+from gossipfl.node.learner import NodeLearning
 from gossipfl.topology import complete, local_weights, one_peer_exponential, random_matching, ring
 
 # --------------------------------------------------------------------------- the driver
 
 Graph = Callable[[int], nx.Graph]
+
+
+class FixedTrainer:
+    """The part of the `Trainer` interface `NodeLearning` uses, for nodes given their parameters
+    that never train (pure averaging, hand-made states): no data, no gradient."""
+
+    lr = momentum = weight_decay = 0.0
+
+    def __init__(self, params: torch.Tensor) -> None:
+        self.params = params
+        self.layout = SimpleNamespace(numel=params.numel())
+        self.steps, self.last_loss = 0, float("nan")
+
+    def loss_and_grad(self, params: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        raise AssertionError("this node has no data to take a gradient on")
+
+    def apply_gradient(self, grad: torch.Tensor, params: torch.Tensor | None = None) -> None:
+        raise AssertionError("this node does not train")
+
+
+def node(algo: Any, params: torch.Tensor, seed: int = 0) -> NodeLearning:
+    """A node holding ``params`` (its own storage), no training."""
+    return NodeLearning(algo, FixedTrainer(params), seed=seed)  # type: ignore[arg-type]
 
 
 def transmit(algo: Any, msg: Message, sender: str, numel: int, dtype: torch.dtype) -> tuple[Message, int]:
@@ -59,13 +86,12 @@ def transmit(algo: Any, msg: Message, sender: str, numel: int, dtype: torch.dtyp
         shape, dt = specs[name]
         assert (tuple(t.shape), t.dtype) == (tuple(shape), dt), name
     env = wire.Envelope(
-        cluster="test", sender=sender, algorithm=algo.name, fingerprint="f0", step=msg.step, age=float(msg.age),
-        round=msg.round, weight=float(msg.weight), meta=dict(msg.meta), tensors=dict(msg.tensors),
+        cluster="test", sender=sender, algorithm=algo.name, fingerprint="f0", step=msg.step, round=msg.round,
+        meta=dict(msg.meta), tensors=dict(msg.tensors),
     )
     frame = wire.encode(env)
     got = wire.decode(frame)
-    return Message(sender=got.sender, tensors=got.tensors, step=got.step, age=got.age, round=got.round,
-                   weight=got.weight, meta=got.meta), len(frame)
+    return Message(sender=got.sender, tensors=got.tensors, step=got.step, round=got.round, meta=got.meta), len(frame)
 
 
 class Driver:
@@ -85,14 +111,11 @@ class Driver:
     ) -> None:
         self.algo, self.n, self.graph, self.kind, self.delay = algo, n, graph, weights, delay
         self.ids = [f"n{i}" for i in range(n)]
-        self.trainers = list(trainers) if trainers is not None else [None] * n
-        if trainers is not None:
-            self.states = [LocalState(params=t.params, seed=i) for i, t in enumerate(trainers)]
-        else:
+        if trainers is None:
             assert params is not None
-            self.states = [LocalState(params=p.clone(), seed=i) for i, p in enumerate(params)]
-        for s in self.states:
-            algo.init_state(s)
+            trainers = [FixedTrainer(p.clone()) for p in params]
+        self.trainers = list(trainers)
+        self.nodes = [NodeLearning(algo, t, seed=i) for i, t in enumerate(self.trainers)]
         self.rngs = [random.Random(seed * 31 + i) for i in range(n)]
         self.net_rng = random.Random(seed + 12345)
         self.inflight: list[tuple[int, int, Message]] = []  # (due round, destination, message)
@@ -116,20 +139,22 @@ class Driver:
         msgs = [m for d, dst, m in self.inflight if dst == i and due(d)]
         self.inflight = [x for x in self.inflight if not (x[1] == i and due(x[0]))]
         if msgs:
-            self.algo.merge(self.states[i], msgs, self.weights(i, self.states[i].step))
+            self.merge(i, msgs)
+
+    def merge(self, i: int, msgs: list[Message]) -> None:
+        self.nodes[i].merge(msgs, self.weights(i, self.nodes[i].step))
 
     def round(self) -> None:
         r = self.round_no
-        for i, state in enumerate(self.states):
+        for i, nd in enumerate(self.nodes):
             self._deliver(i, lambda d: d <= r)
             if self.algo.requirements.trains:
-                self.algo.local_step(state, self.trainers[i])
-                state.age += 1
-            state.step += 1
-            targets = self.algo.targets(self.out_neighbours(i, state.step), self.rngs[i], round=state.step)
+                nd.local_step()
+            nd.step += 1
+            targets = draw_targets(self.algo.targets, self.out_neighbours(i, nd.step), self.rngs[i])
             if targets:
-                msg = self.algo.message(state, targets=targets)
-                got, size = transmit(self.algo, msg, self.ids[i], state.params.numel(), state.params.dtype)
+                msg = nd.message(len(targets))
+                got, size = transmit(self.algo, msg, self.ids[i], nd.params.numel(), nd.params.dtype)
                 for t in targets:
                     extra = self.delay(self.net_rng) if self.delay else 0
                     self.inflight.append((r + 1 + extra, self.ids.index(t), got))
@@ -148,7 +173,7 @@ class Driver:
             self._deliver(i, lambda d: True)
 
     def models(self) -> torch.Tensor:
-        return torch.stack([self.algo.model(s) for s in self.states])
+        return torch.stack([nd.model() for nd in self.nodes])
 
 
 # --------------------------------------------------------------------------- learning fixtures
@@ -239,11 +264,11 @@ def test_adpsgd_interleaved_exchanges_conserve_the_sum_and_lose_no_update() -> N
     """Exchanges in flight overlap with local updates and with exchanges answered meanwhile."""
     n, d = 6, 5
     algo = ADPSGD()
-    states = [LocalState(params=v, seed=i) for i, v in enumerate(_vectors(n, d))]
+    nodes = [node(algo, v, seed=i) for i, v in enumerate(_vectors(n, d))]
     ids = [f"n{i}" for i in range(n)]
     graph = ring(n)
     rng = random.Random(7)
-    expected = sum(s.params for s in states)
+    expected = sum(nd.params for nd in nodes)
     requests: list[tuple[int, int, Message]] = []  # (initiator, responder, request) not yet answered
     replies: list[tuple[int, Message]] = []  # (initiator, reply) not yet applied
     busy: set[int] = set()  # initiators with an exchange in flight (one each, as in the node)
@@ -254,51 +279,51 @@ def test_adpsgd_interleaved_exchanges_conserve_the_sum_and_lose_no_update() -> N
             i = rng.randrange(n)
             if i in busy:
                 continue
-            (j,) = algo.targets([ids[k] for k in sorted(graph.neighbors(i))], rng)
-            msg, _ = transmit(algo, algo.message(states[i], targets=[j]), ids[i], d, torch.float64)
+            (j,) = draw_targets(algo.targets, [ids[k] for k in sorted(graph.neighbors(i))], rng)
+            msg, _ = transmit(algo, nodes[i].message(1), ids[i], d, torch.float64)
             requests.append((i, ids.index(j), msg))
             busy.add(i)
         elif op < 0.6 and requests:
             i, j, msg = requests.pop(rng.randrange(len(requests)))
-            reply, _ = transmit(algo, algo.respond(states[j], msg), ids[j], d, torch.float64)
+            reply, _ = transmit(algo, nodes[j].respond(msg), ids[j], d, torch.float64)
             replies.append((i, reply))
         elif op < 0.85 and replies:
             i, reply = replies.pop(rng.randrange(len(replies)))
-            algo.apply_reply(states[i], reply)
+            nodes[i].apply_reply(reply)
             busy.discard(i)
             completed += 1
         else:  # a local step meanwhile, possibly while this node's own exchange is in flight
             i = rng.randrange(n)
             delta = torch.randn(d, dtype=torch.float64) * 0.01
-            states[i].params.add_(delta)
+            nodes[i].params.add_(delta)
             expected = expected + delta
     for i, j, msg in requests:
-        reply, _ = transmit(algo, algo.respond(states[j], msg), ids[j], d, torch.float64)
+        reply, _ = transmit(algo, nodes[j].respond(msg), ids[j], d, torch.float64)
         replies.append((i, reply))
     for i, reply in replies:
-        algo.apply_reply(states[i], reply)
+        nodes[i].apply_reply(reply)
     assert completed > 500
-    torch.testing.assert_close(sum(s.params for s in states), expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(sum(nd.params for nd in nodes), expected, atol=1e-10, rtol=0)
 
 
 def test_adpsgd_pure_averaging_reaches_the_average() -> None:
     n, d = 8, 4
     algo = ADPSGD()
     init = _vectors(n, d, seed=3)
-    states = [LocalState(params=v.clone()) for v in init]
+    nodes = [node(algo, v.clone()) for v in init]
     avg = torch.stack(init).mean(0)
     ids = [f"n{i}" for i in range(n)]
     graph = ring(n)
     rng = random.Random(1)
     for _ in range(1500):
         i = rng.randrange(n)
-        (j,) = algo.targets([ids[k] for k in sorted(graph.neighbors(i))], rng)
-        msg, _ = transmit(algo, algo.message(states[i], targets=[j]), ids[i], d, torch.float64)
-        reply, _ = transmit(algo, algo.respond(states[ids.index(j)], msg), j, d, torch.float64)
-        algo.apply_reply(states[i], reply)
-        torch.testing.assert_close(states[i].params, states[ids.index(j)].params)  # both hold the average
-    for s in states:
-        torch.testing.assert_close(s.params, avg, atol=1e-9, rtol=0)
+        (j,) = draw_targets(algo.targets, [ids[k] for k in sorted(graph.neighbors(i))], rng)
+        msg, _ = transmit(algo, nodes[i].message(1), ids[i], d, torch.float64)
+        reply, _ = transmit(algo, nodes[ids.index(j)].respond(msg), j, d, torch.float64)
+        nodes[i].apply_reply(reply)
+        torch.testing.assert_close(nodes[i].params, nodes[ids.index(j)].params)  # both hold the average
+    for nd in nodes:
+        torch.testing.assert_close(nd.params, avg, atol=1e-9, rtol=0)
 
 
 def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
@@ -307,10 +332,10 @@ def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
     locks at once), so an initiator answers others while its own request is out."""
     n, d, workers = 6, 16, 4
     algo = ADPSGD()
-    states = [LocalState(params=v) for v in _vectors(n, d, seed=5)]
+    nodes = [node(algo, v) for v in _vectors(n, d, seed=5)]
     locks = [threading.Lock() for _ in range(n)]
     initiating = [threading.Lock() for _ in range(n)]  # the node waits for its reply before the next
-    total = sum(s.params for s in states)
+    total = sum(nd.params for nd in nodes)
     done = [0] * workers
     answered_while_initiating = [0]
     errors: list[BaseException] = []
@@ -325,18 +350,18 @@ def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
                     continue
                 try:
                     with locks[i]:
-                        msg = algo.message(states[i], targets=[f"n{j}"])
+                        msg = nodes[i].message(1)
                     request = Message(sender=f"n{i}", tensors={"params": msg.tensors["params"].clone()})
                     if not locks[j].acquire(timeout=0.5):  # busy: the responder's lock stays held
                         continue
                     try:
                         answered_while_initiating[0] += initiating[j].locked()
-                        reply = algo.respond(states[j], request)
+                        reply = nodes[j].respond(request)
                         reply = Message(sender=f"n{j}", tensors={"params": reply.tensors["params"].clone()})
                     finally:
                         locks[j].release()
                     with locks[i]:
-                        algo.apply_reply(states[i], reply)
+                        nodes[i].apply_reply(reply)
                     done[k] += 1
                 finally:
                     initiating[i].release()
@@ -351,7 +376,7 @@ def test_adpsgd_concurrent_threads_neither_deadlock_nor_lose_mass() -> None:
     assert not any(t.is_alive() for t in threads), "deadlock"
     assert not errors
     assert sum(done) > 100
-    torch.testing.assert_close(sum(s.params for s in states), total, atol=1e-9, rtol=0)
+    torch.testing.assert_close(sum(nd.params for nd in nodes), total, atol=1e-9, rtol=0)
     print("answered while initiating:", answered_while_initiating[0])
     assert answered_while_initiating[0] > 0  # the case the lock discipline exists for happened
 
@@ -368,10 +393,16 @@ def _irregular_digraph(n: int) -> nx.DiGraph:
     return g
 
 
+def _weight(nd: NodeLearning) -> float:
+    """A push-sum node's weight w."""
+    return float(nd.state["weight"][0])
+
+
 def _mass(drv: Driver) -> tuple[torch.Tensor, float]:
-    x = sum(s.params for s in drv.states) + sum((m.tensors["params"] for _, _, m in drv.inflight),
-                                                  torch.zeros_like(drv.states[0].params))
-    w = sum(s.weight for s in drv.states) + sum(m.weight for _, _, m in drv.inflight)
+    """Total numerator and weight, at the nodes and in flight (a message's share is a tensor of it)."""
+    x = sum(nd.params for nd in drv.nodes) + sum((m.tensors["params"] for _, _, m in drv.inflight),
+                                                 torch.zeros_like(drv.nodes[0].params))
+    w = sum(_weight(nd) for nd in drv.nodes) + sum(float(m.tensors["weight"]) for _, _, m in drv.inflight)
     return x, w
 
 
@@ -390,13 +421,13 @@ def test_pushsum_on_a_directed_graph_reaches_the_exact_average_and_conserves_mas
         x, w = _mass(drv)
         torch.testing.assert_close(x, total, atol=1e-10, rtol=0)
         assert w == pytest.approx(n, abs=1e-12)
-        weights_moved |= any(abs(s.weight - 1) > 0.05 for s in drv.states)
+        weights_moved |= any(abs(_weight(nd) - 1) > 0.05 for nd in drv.nodes)
     drv.flush()
     assert weights_moved  # the graph is irregular: de-biasing by w is what makes it exact
     for z in drv.models():
         torch.testing.assert_close(z, avg, atol=1e-9, rtol=0)
     # without de-biasing the numerators are NOT the average
-    assert max((s.params - avg).abs().max() for s in drv.states) > 1e-3
+    assert max((nd.params - avg).abs().max() for nd in drv.nodes) > 1e-3
 
 
 def test_pushsum_one_peer_exponential_graph_is_exact_after_log2_n_rounds() -> None:
@@ -431,7 +462,7 @@ def test_sgp_trains_on_a_directed_graph(digits: Dataset) -> None:
     graph = _irregular_digraph(n)
     drv = _driver_with(get_algorithm("pushsum"), trainers, lambda t: graph).run(60)
     drv.flush()
-    assert any(abs(s.weight - 1) > 0.05 for s in drv.states)  # x itself is not the model here
+    assert any(abs(_weight(nd) - 1) > 0.05 for nd in drv.nodes)  # x itself is not the model here
     assert min(accuracy(trainers[0], z) for z in drv.models()) > 0.85
 
 
@@ -456,10 +487,9 @@ def test_wire_bytes_shrink_by_the_expected_factor(name: str, kw: dict[str, Any],
     dense = wire.encode(wire.Envelope(cluster="c", sender="a", algorithm="dpsgd", fingerprint="f",
                                       tensors={"params": params}))
     algo = CHOCO(compression=name, **kw)
-    state = LocalState(params=params.clone(), seed=1)
-    algo.init_state(state)
-    state.step = 1
-    _, size = transmit(algo, algo.message(state, targets=["b"]), "a", numel, torch.float32)
+    nd = node(algo, params.clone(), seed=1)
+    nd.step = 1
+    _, size = transmit(algo, nd.message(1), "a", numel, torch.float32)
     ratio = size / len(dense)
     assert factor * 0.98 < ratio < factor * 1.03 + 0.002, ratio
     assert algo.compressor.nominal_ratio(numel, torch.float32) == pytest.approx(factor, rel=1e-3)
@@ -541,10 +571,10 @@ def test_choco_trains_and_keeps_its_replicas_consistent(digits: Dataset, kw: dic
     drv = _driver_with(algo, trainers, lambda t: ring(n)).run(120)
     drv.flush()
     # s_i is exactly the weighted sum of the neighbours' public copies x̂_j
-    for i, st in enumerate(drv.states):
-        w = drv.weights(i, st.step)
-        expect = sum(wj * drv.states[drv.ids.index(j)].extra["x_hat"] for j, wj in w.items())
-        torch.testing.assert_close(st.extra["s"], expect, atol=1e-4, rtol=1e-4)
+    for i, nd in enumerate(drv.nodes):
+        w = drv.weights(i, nd.step)
+        expect = sum(wj * drv.nodes[drv.ids.index(j)].state["x_hat"][0] for j, wj in w.items())
+        torch.testing.assert_close(nd.state["s"][0], expect, atol=1e-4, rtol=1e-4)
     models = drv.models()
     assert min(accuracy(trainers[0], z) for z in models) > 0.85
 
@@ -552,92 +582,99 @@ def test_choco_trains_and_keeps_its_replicas_consistent(digits: Dataset, kw: dic
 # --------------------------------------------------------------------------- 5. gossip variants
 
 
-def test_gossip_update_merge_updates_both_models_then_merges(digits: Dataset) -> None:
+def _gossip_message(params: torch.Tensor, age: float, sender: str = "peer") -> Message:
+    """A gossip-learning message: the model and its age (a float64 scalar tensor)."""
+    return Message(sender=sender, tensors={"params": params, "age": torch.tensor(age, dtype=torch.float64)})
+
+
+def test_gossip_update_merge_updates_the_arrival_merges_then_steps(digits: Dataset) -> None:
+    """update-merge: x <- update(merge(x, update(x_j))). The arrival takes one plain SGD step on
+    the receiver's data (its age counting it) when it is merged; the node's own step follows."""
     t, twin = make_trainers(digits, 1, lr=0.1), make_trainers(digits, 1, lr=0.1)
     t, twin = t[0], twin[0]
     algo = GossipLearning(order="update_merge")
-    state = LocalState(params=t.params, age=4.0)
-    algo.init_state(state)
+    nd = NodeLearning(algo, t)
+    nd.state["age"].fill_(4.0)
     other = t.params.detach() + 0.1 * torch.randn_like(t.params)
-    msg, _ = transmit(algo, Message(tensors={"params": other}, age=2.0), "peer", other.numel(), other.dtype)
-    algo.merge(state, [msg], {})
-    assert torch.equal(state.params, twin.params)  # update-merge: nothing happens before the step
-    algo.local_step(state, t)
-    state.age += 1
-    twin.step()  # update(x) ...
-    _, g = twin.loss_and_grad(params=other)  # ... update(x_j) on the receiver's data ...
-    expect, age = age_weighted_merge(twin.params, 5.0, other - 0.1 * g, 3.0)  # ... then merge
-    torch.testing.assert_close(state.params, expect)
-    assert state.age == age + 0 == 5.0 + 0  # the engine's +1 makes max(5, 3)
-    assert "arrived" not in state.extra
+    msg, _ = transmit(algo, _gossip_message(other, 2.0), "peer", other.numel(), other.dtype)
+    nd.merge([msg], {})
+    _, g = twin.loss_and_grad(params=other)  # update(x_j) on the receiver's data (its next minibatch) ...
+    expect, age = age_weighted_merge(twin.params, 4.0, other - 0.1 * g, 3.0)  # ... merged at once (age 2 + 1)
+    torch.testing.assert_close(nd.params, expect)
+    assert float(nd.state["age"][0]) == age == 4.0  # max(4, 3)
+    nd.local_step()  # ... then update(merge(...)) on the next minibatch
+    with torch.no_grad():
+        twin.params.copy_(expect)
+    twin.step()
+    torch.testing.assert_close(nd.params, twin.params)
+    assert float(nd.state["age"][0]) == 5.0
+    assert set(nd.state) == {"params", "age"}  # nothing waits in the state for a later step
 
 
 def test_gossip_merge_update_order_is_the_default() -> None:
     algo = GossipLearning()
-    state = LocalState(params=torch.zeros(3), age=1.0)
-    algo.merge(state, [Message(sender="p", tensors={"params": torch.ones(3)}, age=3.0)], {})
-    torch.testing.assert_close(state.params, torch.full((3,), 0.75))
-    assert state.age == 3.0
+    nd = node(algo, torch.zeros(3))
+    nd.state["age"].fill_(1.0)
+    nd.merge([_gossip_message(torch.ones(3), 3.0, sender="p")], {})
+    torch.testing.assert_close(nd.params, torch.full((3,), 0.75))
+    assert float(nd.state["age"][0]) == 3.0
 
 
 def test_partitioned_gossip_sends_and_merges_one_part_with_its_own_age() -> None:
     d, parts = 10, 3  # parts of 4, 3 and 3 entries, padded to 4
     algo = PartitionedGossip(partitions=parts, seed=3)
-    a = LocalState(params=torch.arange(d, dtype=torch.float32), seed=0)
-    b = LocalState(params=torch.zeros(d), seed=1)
-    for s in (a, b):
-        algo.init_state(s)
-    a.extra["ages"][:] = torch.tensor([3.0, 1.0, 2.0])
-    b.extra["ages"][:] = torch.tensor([1.0, 1.0, 2.0])
+    a = node(algo, torch.arange(d, dtype=torch.float32), seed=0)
+    b = node(algo, torch.zeros(d), seed=1)
+    a.state["ages"][0] = torch.tensor([3.0, 1.0, 2.0])
+    b.state["ages"][0] = torch.tensor([1.0, 1.0, 2.0])
     seen = set()
     for step in range(30):
         a.step = step
         before = b.params.clone()
-        msg, size = transmit(algo, algo.message(a, targets=["b"]), "a", d, torch.float32)
-        p = msg.meta["partition"]
-        assert isinstance(p, int)
+        msg, size = transmit(algo, a.message(1), "a", d, torch.float32)
+        p = int(msg.tensors["partition"])
         seen.add(p)
         mask = torch.zeros(d, dtype=torch.bool)
         mask[p::parts] = True
-        age_a, age_b = float(a.extra["ages"][p]), float(b.extra["ages"][p])
-        assert msg.age == age_a
-        algo.merge(b, [msg], {})
+        age_a, age_b = float(a.state["ages"][0, p]), float(b.state["ages"][0, p])
+        assert float(msg.tensors["age"]) == age_a
+        b.merge([msg], {})
         assert torch.equal(b.params[~mask], before[~mask])  # other parts untouched
         wa = age_b / (age_a + age_b)
         torch.testing.assert_close(b.params[mask], wa * before[mask] + (1 - wa) * a.params[mask])
-        assert float(b.extra["ages"][p]) == max(age_a, age_b)
+        assert float(b.state["ages"][0, p]) == max(age_a, age_b)
     assert seen == {0, 1, 2}  # random parts, all of them in time
-    assert algo.tensor_specs(d, torch.float32) == {"part": ((4,), torch.float32)}
+    assert algo.tensor_specs(d, torch.float32) == {
+        "part": ((4,), torch.float32), "partition": ((), torch.int64), "age": ((), torch.float64)}
 
 
 def test_partitioned_gossip_messages_are_p_times_smaller() -> None:
     d = 60_000
-    full = LocalState(params=torch.randn(d))
-    _, whole = transmit(GossipLearning(), GossipLearning().message(full), "a", d, torch.float32)
+    params = torch.randn(d)
+    gossip = GossipLearning()
+    _, whole = transmit(gossip, node(gossip, params.clone()).message(1), "a", d, torch.float32)
     algo = PartitionedGossip(partitions=4)
-    algo.init_state(full)
-    _, part = transmit(algo, algo.message(full), "a", d, torch.float32)
+    _, part = transmit(algo, node(algo, params.clone()).message(1), "a", d, torch.float32)
     assert part / whole == pytest.approx(0.25, rel=0.02)
 
 
 # --------------------------------------------------------------------------- 6. tracking, epidemic
 
 
-class QuadraticTrainer:
+class QuadraticTrainer(FixedTrainer):
     """f_i(x) = 1/2 sum_k a_k (x_k - b_k)^2 with exact gradients: the Trainer's interface, tiny."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, lr: float) -> None:
+        super().__init__(torch.zeros_like(b))
         self.a, self.b, self.lr = a, b, lr
-        self.params = torch.zeros_like(b)
-        self.weight_decay, self.steps, self.last_loss = 0.0, 0, float("nan")
 
     def loss_and_grad(self, params: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         x = self.params if params is None else params
         r = x - self.b
         return float(0.5 * (self.a * r * r).sum()), self.a * r
 
-    def apply_gradient(self, grad: torch.Tensor) -> None:
-        self.params.sub_(grad, alpha=self.lr)
+    def apply_gradient(self, grad: torch.Tensor, params: torch.Tensor | None = None) -> None:
+        (self.params if params is None else params).sub_(grad, alpha=self.lr)
 
     def step(self) -> float:
         loss, g = self.loss_and_grad()
@@ -664,8 +701,8 @@ def test_diging_reaches_the_exact_optimum_where_dpsgd_is_biased(graph: str) -> N
     for _ in range(400):
         drv.round()
         if drv.round_no > 1:  # the tracking invariant: sum_i y_i = sum_i g_i(x_i)
-            ys = sum(s.extra["y"] for s in drv.states)
-            gs = sum(s.extra["g"] for s in drv.states)
+            ys = sum(nd.state["y"][0] for nd in drv.nodes)
+            gs = sum(nd.state["g"][0] for nd in drv.nodes)
             torch.testing.assert_close(ys, gs, atol=1e-9, rtol=1e-9)
     assert (drv.models() - optimum).abs().max() < 1e-8
     trainers, _ = _quadratics(n, d, lr=0.05)
@@ -677,14 +714,14 @@ def test_epidemic_sends_to_s_random_peers_and_averages_what_arrived() -> None:
     algo = EpidemicLearning(fanout=3)
     peers = [f"n{i}" for i in range(10)]
     rng = random.Random(0)
-    picks = [algo.targets(peers, rng) for _ in range(200)]
+    picks = [draw_targets(algo.targets, peers, rng) for _ in range(200)]
     assert all(len(p) == len(set(p)) == 3 and set(p) <= set(peers) for p in picks)
     assert len({tuple(p) for p in picks}) > 50  # random
-    assert len(EpidemicLearning().targets(peers, rng)) == math.ceil(math.log2(11))
-    state = LocalState(params=torch.zeros(2))
+    assert len(draw_targets(EpidemicLearning().targets, peers, rng)) == math.ceil(math.log2(11))
+    nd = node(algo, torch.zeros(2))
     msgs = [Message(sender=f"n{i}", tensors={"params": torch.full((2,), float(i))}) for i in (1, 2, 6)]
-    algo.merge(state, msgs, {})
-    torch.testing.assert_close(state.params, torch.full((2,), 9.0 / 4))
+    nd.merge(msgs, {})
+    torch.testing.assert_close(nd.params, torch.full((2,), 9.0 / 4))
 
 
 # --------------------------------------------------------------------------- every algorithm
@@ -762,21 +799,31 @@ def test_toml_style_hyperparameters_are_accepted() -> None:
     assert make_compressor("qsgd", bits=4).specs(9, torch.float32)["codes"][0] == (5,)
 
 
-def test_messages_never_write_into_received_buffers(digits: Dataset) -> None:
+class RecordingDriver(Driver):
+    """Records, per merge, how much each received floating-point tensor changed during it."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.frozen: list[torch.Tensor] = []
+
+    def merge(self, i: int, msgs: list[Message]) -> None:
+        before = [t.clone() for m in msgs for t in m.tensors.values()]
+        super().merge(i, msgs)
+        after = [t for m in msgs for t in m.tensors.values()]
+        self.frozen.extend(a - b for a, b in zip(after, before, strict=True) if a.is_floating_point())
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("choco", {"compression": "none"}), ("dpsgd", {}), ("gossip", {"order": "update_merge"}),
+    ("gossip_partitioned", {"partitions": 3}), ("gradex", {}), ("pushsum", {}), ("diging", {}),
+    ("epidemic", {"fanout": 2}),
+], ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_messages_never_write_into_received_buffers(digits: Dataset, name: str, params: dict[str, Any]) -> None:
     """Receivers share one decoded message (as a node's fan-out does): merges must only read it."""
-    frozen: list[torch.Tensor] = []
-
-    class Recording(CHOCO):
-        def merge(self, state: LocalState, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
-            before = [t.clone() for m in messages for t in m.tensors.values()]
-            super().merge(state, messages, weights)
-            after = [t for m in messages for t in m.tensors.values()]
-            frozen.extend(a - b for a, b in zip(after, before, strict=True) if a.is_floating_point())
-
     trainers = make_trainers(digits, 4, same_init=False)
-    _driver_with(Recording(compression="none"), trainers, lambda t: ring(4)).run(5)
-    assert frozen
-    assert all(float(f.abs().max()) == 0 for f in frozen)
+    drv = RecordingDriver(get_algorithm(name, **params), 4, lambda t: ring(4), trainers=trainers).run(5)
+    assert drv.frozen
+    assert all(float(f.abs().max()) == 0 for f in drv.frozen)
 
 
 def test_update_rules_take_a_leading_node_axis() -> None:
@@ -809,9 +856,20 @@ def test_update_rules_take_a_leading_node_axis() -> None:
     ages = torch.rand(n, parts, generator=g, dtype=torch.float64) * 5
     xb, ab = x.clone(), ages.clone()
     values = torch.randn(n, math.ceil(d / parts), generator=g)
-    merge_partition(xb, ab, 1, values, 2.0, parts)
-    for i in range(n):
-        xi, ai = x[i].clone(), ages[i].clone()
-        merge_partition(xi, ai, 1, values[i], 2.0, parts)
-        torch.testing.assert_close(xb[i], xi)
-        torch.testing.assert_close(ab[i], ai)
+    part = torch.tensor([1, 0, 2])  # a different part per row
+    age = torch.tensor([2.0, 0.5, 9.0], dtype=torch.float64)
+    merge_partition(xb, ab, part, values, age, parts)
+    for i in range(n):  # merge_partition is batched: a batch of one per row gives the same numbers
+        xi, ai = x[i : i + 1].clone(), ages[i : i + 1].clone()
+        merge_partition(xi, ai, part[i : i + 1], values[i : i + 1], age[i : i + 1], parts)
+        torch.testing.assert_close(xb[i], xi[0])
+        torch.testing.assert_close(ab[i], ai[0])
+        # and the closed form: part p of the row age-weighted with the values, its age the maximum
+        p, own = int(part[i]), float(ages[i, int(part[i])])
+        width = len(range(p, d, parts))
+        wa = own / (own + float(age[i]))
+        torch.testing.assert_close(xb[i, p::parts], wa * x[i, p::parts] + (1 - wa) * values[i, :width])
+        keep = torch.ones(d, dtype=torch.bool)
+        keep[p::parts] = False
+        assert torch.equal(xb[i, keep], x[i, keep])
+        assert float(ab[i, p]) == max(own, float(age[i]))

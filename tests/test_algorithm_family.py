@@ -34,6 +34,7 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_algorithm_reaches_090_on_a_ring(case: str, tmp_path: Path) -> None:
     settings = {"algorithm": case, "transport": "memory", **CASES[case]}
@@ -45,6 +46,7 @@ def test_algorithm_reaches_090_on_a_ring(case: str, tmp_path: Path) -> None:
     assert s["rejected"] == 0
 
 
+@pytest.mark.slow
 def test_pushsum_learns_on_a_time_varying_directed_graph(tmp_path: Path) -> None:
     cfg = RunConfig(nodes=8, algorithm="pushsum", topology="one_peer_exponential", transport="memory")
     s = asyncio.run(run_cluster(cfg, tmp_path, progress=None))
@@ -64,6 +66,7 @@ def test_choco_compression_cuts_bytes_on_the_wire(tmp_path: Path) -> None:
     assert per_msg_q4 < per_msg_full / 6  # 4 bits + a scale vs. 32 bits, plus the header
 
 
+@pytest.mark.slow
 def test_dpsgd_on_random_matchings_chosen_per_round_by_each_node(tmp_path: Path) -> None:
     """A new random matching every round, computed by every node from its own round counter."""
     cfg = RunConfig(nodes=8, topology="random_matching", transport="memory")

@@ -239,6 +239,7 @@ def _start_node(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen,
     raise AssertionError(f"node did not start (exit {proc.wait()})")
 
 
+@pytest.mark.slow
 def test_two_node_processes_find_each_other_and_stop_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     common = ["--listen", "127.0.0.1:0", "--shards", "2", "--steps", "1000000", "--cluster", "t", "--no-mdns"]

@@ -16,6 +16,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
     return asyncio.run(run_cluster(cfg, out, progress=None))
 
 
+@pytest.mark.slow
 def test_default_sim_reaches_target_accuracy_and_consensus(tmp_path: Path) -> None:
     """The acceptance run: `gossipfl sim` defaults (8 nodes, ring, digits, MLP, loopback HTTP)."""
     s = run(RunConfig(), tmp_path)
@@ -42,6 +43,7 @@ def test_memory_transport_runs_the_same_node_code(tmp_path: Path) -> None:
     assert s["consensus_distance"] < s["initial_consensus_distance"] / 10
 
 
+@pytest.mark.slow
 def test_gossip_is_what_makes_non_iid_nodes_agree(tmp_path: Path) -> None:
     """Each node sees ~2 classes: alone it cannot exceed ~0.3; with gossip the cluster learns all ten."""
     cfg = RunConfig(nodes=8, partition="shards:2", transport="memory", steps=300, topology="complete")

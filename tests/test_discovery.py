@@ -567,6 +567,7 @@ def net() -> Iterator[NetnsNetwork]:
         yield network
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 @pytest.mark.timeout(60)
 def test_nodes_in_namespaces_find_each_other(

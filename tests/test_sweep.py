@@ -24,6 +24,7 @@ def test_bad_grid_items(bad: str) -> None:
         parse_grid(bad.split(" ") if " " in bad else [bad])
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_combination_and_seed(tmp_path: Path, capsys) -> None:
     base = tmp_path / "base.toml"
     base.write_text('nodes = 3\nsteps = 30\ntransport = "memory"\neval_every = 10\n')

@@ -229,6 +229,7 @@ def test_mixing_matrix_is_mix() -> None:
         assert torch.allclose(dense[i] @ x, row, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_1024_nodes_on_an_exponential_graph_learn_digits() -> None:
     """Acceptance: 1024 nodes (1-2 digits each), exponential graph, IID -> mean accuracy >= 0.90."""
     t0 = time.monotonic()
@@ -388,6 +389,7 @@ def test_cuda_matches_cpu(algorithm: str, topology: str, params: dict[str, Any],
     assert cpu.msgs_out.tolist() == gpu.msgs_out.cpu().tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["exponential_directed", "one_peer_exponential"])
 def test_async_push_sum_reaches_the_exact_average_despite_delays(topology: str) -> None:
     """Push-sum conserves mass (nodes plus shares in flight), so with late, reordered messages
@@ -441,6 +443,7 @@ def test_epidemic_fast_targets_are_distinct_out_neighbours() -> None:
     assert int(sim.msgs_in.sum()) == int(sim.msgs_out.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("algorithm", "topology", "latency", "contraction"), [
     ("epidemic", "complete", "uniform:0.001:0.01", 100),
     ("adpsgd", "exponential", "uniform:0.001:0.02", 10),  # pairwise exchanges, initiators answer others
@@ -453,6 +456,7 @@ def test_learns_at_scale_asynchronously(algorithm: str, topology: str, latency: 
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / contraction
 
 
+@pytest.mark.slow
 def test_gradient_exchange_learns_at_scale_with_delays() -> None:
     """Late gradients still count once each (applied stale); models mix every 2nd step."""
     cfg = RunConfig(nodes=256, topology="exponential", algorithm="gradex", algorithm_params={"average_every": 2},
@@ -535,6 +539,7 @@ def test_round_algorithms_in_the_real_async_cluster_give_the_engines_numbers(
     sim.run(None)
     assert float((sim.params - ref["params"]).abs().max()) <= 1e-5
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["diging", "choco"])
 def test_round_algorithms_in_the_async_cluster_are_reproducible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str,
@@ -562,6 +567,7 @@ def test_diging_trackers_sum_to_the_gradients_every_round() -> None:
     assert summary["mean_accuracy"] >= 0.35
 
 
+@pytest.mark.slow
 def test_choco_learns_at_scale_with_compression_and_delays() -> None:
     cfg = RunConfig(nodes=256, topology="exponential", algorithm="choco", steps=150, eval_every=50, shards=44,
                     algorithm_params={"compression": "topk", "fraction": 0.05}, schedule="async",
@@ -574,6 +580,7 @@ def test_choco_learns_at_scale_with_compression_and_delays() -> None:
     assert summary["bytes"] / summary["messages"] < 0.2 * dense
 
 
+@pytest.mark.slow
 def test_gossip_variants_learn_at_scale_with_delays() -> None:
     """Partitioned gossip sends a quarter of the model per message and still learns; the
     update-merge order learns too (each arrival costs its receiver one more gradient)."""
@@ -588,6 +595,7 @@ def test_gossip_variants_learn_at_scale_with_delays() -> None:
     assert um["consensus_distance"] < um["initial_consensus_distance"] / 5
 
 
+@pytest.mark.slow
 def test_adpsgd_exchanges_conserve_the_sum_and_reach_consensus_asynchronously() -> None:
     """Pairwise exchanges on a clock (an initiator waits for its reply and answers others
     meanwhile; both sides move by deltas against what was sent): with lr = 0 the models only
@@ -679,6 +687,7 @@ def test_time_varying_topologies_in_the_async_schedule(algorithm: str, topology:
     assert sims["sync"].msgs_out.tolist() == sims["async"].msgs_out.tolist()
 
 
+@pytest.mark.slow
 def test_sgp_on_the_one_peer_exponential_graph_learns_asynchronously() -> None:
     """Stochastic gradient push with one out-neighbour per round (Assran et al., ICML 2019): each
     node sends on its own round's graph, at its own pace, with delays."""

@@ -31,6 +31,9 @@ CASES: dict[str, dict[str, Any]] = {
     # since round messages merge in sender order; before, arrival order made it 0.87-0.93)
     "diging": {"lr": 0.2, "batch_size": 64, "steps": 700},
     "epidemic": {},
+    # added as modules only; exact diffusion takes plain gradient steps (no momentum), like DIGing
+    "exact_diffusion": {"lr": 0.2, "batch_size": 64, "steps": 700},
+    "qgm": {},
 }
 
 

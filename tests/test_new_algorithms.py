@@ -395,26 +395,7 @@ def test_registered_with_their_hyperparameters() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-CASES: dict[str, dict[str, Any]] = {
-    # plain SGD steps (the run's momentum is not applied), like DIGing's case in the family test
-    "exact_diffusion": {"lr": 0.2, "batch_size": 64, "steps": 700},
-    "qgm": {},
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_new_algorithm_reaches_090_on_a_ring(case: str, tmp_path: Path) -> None:
-    from gossipfl.config import RunConfig
-    from gossipfl.sim.cluster import run_cluster
-
-    settings = {"algorithm": case, "transport": "memory", **CASES[case]}
-    cfg = RunConfig(nodes=8, topology="ring", partition="iid").replace(**settings)
-    s = asyncio.run(run_cluster(cfg, tmp_path, progress=None))
-    assert s["mean_accuracy"] >= 0.90, (case, s["mean_accuracy"], s["per_node"])
-    assert s["min_accuracy"] >= 0.85, (case, s["per_node"])
-    assert s["consensus_distance"] < s["initial_consensus_distance"] / 10
-    assert s["rejected"] == 0
+# (both also reach 0.90 on an 8-node ring: their cases in tests/test_algorithm_family.py)
 
 
 @pytest.mark.slow

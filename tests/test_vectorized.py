@@ -34,7 +34,8 @@ def assert_states_agree(state: dict[str, torch.Tensor], ref: dict[str, torch.Ten
     worst = 0.0
     for key, want in ref.items():
         got = state[key].cpu()
-        assert got.shape == want.shape and got.dtype == want.dtype, key
+        assert got.shape == want.shape, key
+        assert got.dtype == want.dtype, key
         if want.dtype.is_floating_point:
             diff = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
             assert diff <= atol, f"{key}: {diff:.2e}"
@@ -301,7 +302,8 @@ def test_latest_message_per_pair_and_expired_snapshots() -> None:
     ring = SnapshotRing(2, 3, {"params": ((4,), torch.float32), "age": ((), torch.float64)},
                         device=torch.device("cpu"))
     nodes = torch.tensor([1])
-    slots = [ring.record(nodes, {"params": torch.full((1, 4), float(k)), "age": torch.tensor([float(k)], dtype=torch.float64)})
+    slots = [ring.record(nodes, {"params": torch.full((1, 4), float(k)),
+                                 "age": torch.tensor([float(k)], dtype=torch.float64)})
              for k in range(3)]
     m = Messages(recv=torch.tensor([0, 0, 0]), send=torch.tensor([1, 1, 1]),
                  slot=torch.cat([s for s, _ in slots]), seq=torch.cat([q for _, q in slots]),

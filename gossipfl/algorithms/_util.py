@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_bool", "check_choice", "check_fraction", "check_int", "check_real", "generator_seed", "node_generator"]
+__all__ = [
+    "check_bool", "check_choice", "check_fraction", "check_int", "check_real", "generator_seed", "node_generator",
+]
 
 
 def check_int(key: str, value: Any, *, minimum: int | None = None) -> int:

@@ -20,7 +20,7 @@ Partitioned (``gossip_partitioned``; Hegedűs, Danner, Jelasity, "Decentralized 
 empirical comparison of gossip learning and federated learning", J. Parallel Distrib. Comput.
 2021): the parameters are split into ``partitions`` strided parts (entry c belongs to part
 c mod P), each with its own age; a message carries ONE part chosen at random (its entries, zero-
-padded to ceil(D / P), its index in ``meta["partition"]`` and its age), and the receiver merges
+padded to ceil(D / P), its index in the ``partition`` tensor and its age), and the receiver merges
 only that part, age-weighted by the part's ages. Messages are P times smaller.
 
 Asynchronous by nature: no rounds, loss-tolerant. A message carries the model and its age; the

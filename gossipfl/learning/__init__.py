@@ -6,4 +6,6 @@ from gossipfl.learning.params import ParamLayout, param_layout
 from gossipfl.learning.partition import partition
 from gossipfl.learning.trainer import Trainer, TrainerLearner
 
-__all__ = ["Dataset", "ParamLayout", "Trainer", "TrainerLearner", "build_model", "load_data", "param_layout", "partition"]
+__all__ = [
+    "Dataset", "ParamLayout", "Trainer", "TrainerLearner", "build_model", "load_data", "param_layout", "partition",
+]

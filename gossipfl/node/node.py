@@ -661,7 +661,8 @@ class Node:
     def _encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
         env = wire.Envelope(
             cluster=self.cfg.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
-            fingerprint=self.fingerprint, step=msg.step, round=msg.round, meta={**msg.meta, "addr": self.address, "deg": self._degree},
+            fingerprint=self.fingerprint, step=msg.step, round=msg.round,
+            meta={**msg.meta, "addr": self.address, "deg": self._degree},
             tensors=dict(msg.tensors),
         )
         size = wire.encoded_size(env, secret=self.secret)

@@ -44,45 +44,18 @@ def _slem_iterative(matrix: Any) -> float:
     start = np.random.default_rng(0).standard_normal(n)
     symmetric = abs(matrix - matrix.T).max() <= 1e-12
     stochastic = np.allclose(np.asarray(matrix.sum(axis=1)).ravel(), 1.0)
+    # The same solver settings for every call below.
+    arpack: dict[str, Any] = {"which": "LM", "v0": start, "ncv": 40, "maxiter": 2000, "tol": 1e-10}
     try:
         if symmetric and stochastic:
             # Deflate the known top eigenpair (1, ones/sqrt(n)); the largest remaining
             # modulus is the SLEM, and Lanczos finds one extreme eigenvalue fast.
             unit = np.full(n, 1.0 / math.sqrt(n))
             deflated = sla.LinearOperator((n, n), matvec=lambda x: matrix @ x - unit * (unit @ x), dtype=np.float64)
-            values = sla.eigsh(
-                deflated,
-                k=1,
-                which="LM",
-                v0=start,
-                ncv=40,
-                maxiter=2000,
-                tol=1e-10,
-                return_eigenvectors=False,
-            )
+            values = sla.eigsh(deflated, k=1, return_eigenvectors=False, **arpack)
             return float(abs(values[0]))
-        if symmetric:
-            values = sla.eigsh(
-                matrix,
-                k=2,
-                which="LM",
-                v0=start,
-                ncv=40,
-                maxiter=2000,
-                tol=1e-10,
-                return_eigenvectors=False,
-            )
-        else:
-            values = sla.eigs(
-                matrix,
-                k=2,
-                which="LM",
-                v0=start,
-                ncv=40,
-                maxiter=2000,
-                tol=1e-10,
-                return_eigenvectors=False,
-            )
+        solver = sla.eigsh if symmetric else sla.eigs
+        values = solver(matrix, k=2, return_eigenvectors=False, **arpack)
     except sla.ArpackNoConvergence:
         raise _NoConvergence(
             f"spectral gap: ARPACK did not converge for n={n} (the gap is too small to "

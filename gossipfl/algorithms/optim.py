@@ -13,7 +13,6 @@ import torch
 __all__ = ["sgd_update"]
 
 
-@torch.no_grad()
 def sgd_update(p: torch.Tensor, v: torch.Tensor | None, grad: torch.Tensor, *, lr: float, momentum: float,
                weight_decay: float, fused: bool = False) -> None:
     """One SGD step in place on ``p`` (and the momentum buffer ``v``, None without momentum).
@@ -22,6 +21,10 @@ def sgd_update(p: torch.Tensor, v: torch.Tensor | None, grad: torch.Tensor, *, l
     rows; its multiply-add may round the last bit differently depending on where a row sits in
     memory, so engines that must agree bit for bit (a node, ``exact`` sampling) leave it off.
     """
+    if torch.is_grad_enabled():  # a Trainer's leaf parameters; engines call it without grad (no 15 us wrapper)
+        with torch.no_grad():
+            sgd_update(p, v, grad, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+        return
     if weight_decay:
         grad = grad + weight_decay * p
     if v is not None:

@@ -11,6 +11,7 @@ topology's recent rounds: a periodic schedule has few graphs, and async senders 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from gossipfl.topology import Schedule, mixing_matrix_sparse
 
-__all__ = ["LinkCache", "Links", "csr", "csr_from"]
+__all__ = ["Fanout", "LinkCache", "Links", "csr", "csr_from"]
 
 
 def csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -38,6 +39,25 @@ def csr_from(row: np.ndarray, col: np.ndarray, val: np.ndarray, n: int, dev: tor
     index = torch.int32 if len(row) < 2**31 else torch.int64
     return csr(torch.from_numpy(ptr).to(dev, index), torch.from_numpy(col[order]).to(dev, index),
                torch.from_numpy(val[order]).to(dev), (n, n))
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """Every node sending to all its out-neighbours (a lock-step gossip round): the same messages
+    each round of one graph, so they are computed once (`Links.fanout`). Per message, by sender:
+    the sender's position ``which`` (= its index), the link, sender, receiver and the receiver's
+    float64 weight for the sender; per node the number of messages sent and received; ``covers``:
+    every node receives at least one."""
+
+    which: torch.Tensor
+    link: torch.Tensor
+    send: torch.Tensor
+    recv: torch.Tensor
+    weight: torch.Tensor
+    n_targets: torch.Tensor
+    in_count: torch.Tensor
+    every_sender: bool
+    covers: bool
 
 
 class Links:
@@ -84,6 +104,17 @@ class Links:
         np.add.at(wsum, w_row, val64)
         self.neighbour_weight = torch.from_numpy(wsum).to(device)  # sum_j W_ij over in-neighbours
         self._mixing: torch.Tensor | None = None
+        self._fanout: Fanout | None = None
+
+    def fanout(self) -> Fanout:
+        """Every node's messages when all send to all their out-neighbours (cached; see `Fanout`)."""
+        if self._fanout is None:
+            which, link = self.out_links(torch.arange(self.n, device=self.device))
+            self._fanout = Fanout(which=which, link=link, send=which, recv=self.send_col[link],
+                                  weight=self.send_weight64[link], n_targets=self.send_deg,
+                                  in_count=self.recv_deg, every_sender=bool((self.send_deg > 0).all()),
+                                  covers=bool((self.recv_deg > 0).all()))
+        return self._fanout
 
     def mixing(self) -> torch.Tensor:
         """``M`` (float32 CSR) with ``M @ x`` = every node's mix of all its in-neighbours (cached)."""

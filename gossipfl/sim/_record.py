@@ -41,6 +41,14 @@ class Staleness:
         self.count.index_add_(0, recv, torch.ones_like(staleness))
         self.max.scatter_reduce_(0, recv, staleness, reduce="amax")
 
+    def add_fresh(self, count: torch.Tensor, *, every: bool) -> None:
+        """``count[i]`` messages of staleness 0 into node i (a lock-step round); ``every``: all counts > 0."""
+        self.count.add_(count)
+        if every:
+            self.max.clamp_min_(0)
+        else:
+            self.max = torch.where(count > 0, self.max.clamp_min(0), self.max)
+
     def since_row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) per node since the last node rows; starts a new row."""
         s, c = self.sum - self.row[0], self.count - self.row[1]

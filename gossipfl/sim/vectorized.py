@@ -58,7 +58,8 @@ from gossipfl.metrics import MetricsWriter
 from gossipfl.sim import _record
 from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox
 from gossipfl.sim._learner import BatchedLearner
-from gossipfl.sim._links import LinkCache, Links
+from gossipfl.sim._links import Fanout, LinkCache, Links
+from gossipfl.sim._memory import keep_freed_memory
 from gossipfl.sim._setup import checked, device_of, learning, message_sizes, node_ids
 from gossipfl.sim.events import merge_waves
 
@@ -84,6 +85,7 @@ class Outbox:
     senders: int  # rows of ``values``
     everyone: bool  # every node sent to all its out-neighbours (the sync fused product applies)
     alias: frozenset[str] = frozenset()
+    fan: Fanout | None = None  # the graph's fan-out, when these are its messages
 
 
 class VectorizedSim:
@@ -107,6 +109,8 @@ class VectorizedSim:
             cfg = cfg.replace(device=device)
         self.cfg = cfg
         self.device = dev = device_of(cfg.device)
+        if dev.type == "cpu":
+            keep_freed_memory()  # rounds re-allocate MB-sized buffers: no page faults for them
         self.n = n = cfg.nodes
         self.ids = node_ids(n)
         self.sampling = sampling
@@ -151,7 +155,7 @@ class VectorizedSim:
         self.round = 0  # sync schedule: rounds done
         self._pending: Outbox | None = None  # sync: what the last round sent
         self._spare: dict[str, torch.Tensor] = {}  # sync fused mixing: output buffers, kept across rounds
-        self._all_links: dict[int, tuple[torch.Tensor, ...]] = {}  # sync: every node's out-links, per graph
+        self._everyone = torch.arange(n, device=dev)
         k = min(max(node_rows, 0), n)
         self.sample = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
         # bytes of one encoded message: with every channel, and without those sent every k-th step
@@ -245,22 +249,24 @@ class VectorizedSim:
         return which[keep], link[keep]
 
     def send(self, senders: torch.Tensor, links: Links, everyone: bool = False) -> Outbox | None:
-        """The gossip point of nodes ``senders`` (sorted) on ``links``: targets, message, counters."""
-        cached = self._all_links.get(id(links)) if everyone and self.algorithm.targets.kind == "all" else None
-        if cached is None:
+        """The gossip point of nodes ``senders`` (sorted) on ``links``: targets, message, counters.
+
+        ``everyone``: every node sends (a lock-step round); when the algorithm sends to every
+        out-neighbour, the messages are the graph's `Fanout`, the same each round."""
+        fan = links.fanout() if everyone and self.algorithm.targets.kind == "all" else None
+        if fan is not None and fan.every_sender:
+            which, link, n_targets = fan.which, fan.link, fan.n_targets
+        else:
+            fan = None
             which, link = self.targets(senders, links)
             n_targets = torch.bincount(which, minlength=senders.shape[0])
-            if everyone and self.algorithm.targets.kind == "all":  # every round the same: keep it
-                self._all_links = {id(links): (which, link, n_targets)}
-        else:
-            which, link, n_targets = cached
-        if not which.numel():
-            return None
-        has = n_targets > 0
-        if not bool(has.all()):  # a node with no target builds no message
-            everyone = False
-            pos = torch.cumsum(has.long(), 0) - 1
-            senders, n_targets, which = senders[has], n_targets[has], pos[which]
+            if not which.numel():
+                return None
+            has = n_targets > 0
+            if not bool(has.all()):  # a node with no target builds no message
+                everyone = False
+                pos = torch.cumsum(has.long(), 0) - 1
+                senders, n_targets, which = senders[has], n_targets[has], pos[which]
         full = everyone and senders.shape[0] == self.n
         rows = None if full else senders
         sub = self.rows_of(rows)
@@ -270,12 +276,18 @@ class VectorizedSim:
         alias = frozenset(k for k, v in out.items() if full and v is self.state.get(k))
         carried = {k: step % e == 0 for k, e in self.every.items() if k in out}
         values = self.algorithm.decode(out, self.layout.numel, self.params.dtype)
-        send, recv = senders[which], links.send_col[link]
-        weight = links.send_weight64[link]
-        nbytes = self.message_bytes(carried, which, step.shape[0])
-        self.msgs_out.index_add_(0, send, torch.ones_like(send))
-        self.bytes_out.index_add_(0, send, nbytes)
-        return Outbox(send, recv, weight, which, values, carried, links, senders.shape[0], everyone and full, alias)
+        if fan is not None:
+            send, recv, weight = fan.send, fan.recv, fan.weight
+        else:
+            send, recv, weight = senders[which], links.send_col[link], links.send_weight64[link]
+        if fan is not None and not carried:  # every sender, every message of the same size
+            self.msgs_out.add_(n_targets)
+            self.bytes_out.add_(n_targets, alpha=self.msg_bytes)
+        else:
+            self.msgs_out.index_add_(0, send, torch.ones_like(send))
+            self.bytes_out.index_add_(0, send, self.message_bytes(carried, which, step.shape[0]))
+        return Outbox(send, recv, weight, which, values, carried, links, senders.shape[0], everyone and full, alias,
+                      fan)
 
     def message_bytes(self, carried: dict[str, torch.Tensor], which: torch.Tensor, senders: int) -> torch.Tensor:
         """Encoded size of each message (``which``: its sender's row): channels sent every k-th step
@@ -371,20 +383,31 @@ class VectorizedSim:
                 if self.pairwise is not None:
                     self.pairwise.sync_round(links)
                 else:
-                    self._pending = out = self.send(torch.arange(self.n, device=self.device), links, everyone=True)
-                    if out is not None:  # received now (a node counts what arrives), merged next round
+                    self._pending = out = self.send(self._everyone, links, everyone=True)
+                    if out is None:
+                        continue
+                    # received now (a node counts what arrives), merged next round
+                    if out.fan is not None and not out.carried:
+                        self.msgs_in.add_(out.fan.in_count)
+                        self.bytes_in.add_(out.fan.in_count, alpha=self.msg_bytes)
+                    else:
                         self.msgs_in.index_add_(0, out.recv, torch.ones_like(out.recv))
-                        self.bytes_in.index_add_(0, out.recv, self.message_bytes(out.carried, out.which, out.senders))
+                        self.bytes_in.index_add_(0, out.recv,
+                                                 self.message_bytes(out.carried, out.which, out.senders))
 
     def _deliver_round(self, out: Outbox) -> None:
         """Round r-1's messages into every receiver (staleness 0: lock-step)."""
         n, dev = self.n, self.device
-        self.tally.add(out.recv, torch.zeros_like(out.recv))
         carried = {k: v.index_select(0, out.which) for k, v in out.carried.items()}
-        got = torch.zeros(n, dtype=torch.bool, device=dev)
-        got[out.recv] = True
-        full = bool(got.all())
-        receivers = torch.arange(n, device=dev) if full else got.nonzero().squeeze(1)
+        if out.fan is not None:
+            self.tally.add_fresh(out.fan.in_count, every=out.fan.covers)
+            full = out.fan.covers
+        else:
+            self.tally.add(out.recv, torch.zeros_like(out.recv))
+            got = torch.zeros(n, dtype=torch.bool, device=dev)
+            got[out.recv] = True
+            full = bool(got.all())
+        receivers = self._everyone if full else torch.unique(out.recv)
         r = out.recv if full else torch.searchsorted(receivers, out.recv)
         fused = None
         if out.everyone and full and not self.exact:

@@ -7,6 +7,7 @@ in a local cluster and the same row of the vectorised simulator start from the s
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -28,9 +29,13 @@ def node_seed(cfg: RunConfig, index: int) -> int:
     return cfg.seed if cfg.same_init else cfg.seed * 100_003 + index + 1
 
 
-def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int) -> Trainer:
-    """The Trainer of node ``index`` of ``n_shards``: its data shard, its initial model, its batch order."""
-    shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
+def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int,
+                  shards: Sequence[torch.Tensor] | None = None) -> Trainer:
+    """The Trainer of node ``index`` of ``n_shards``: its data shard, its initial model, its batch order.
+
+    ``shards``: the partition already cut (`gossipfl.plan.Plan.shards`), else cut here."""
+    if shards is None:
+        shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
     model = build_model(
         cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
         hidden=cfg.hidden, seed=node_seed(cfg, index),
@@ -81,8 +86,11 @@ def stable_index(node_id: str, modulo: int) -> int:
     return int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "little") % modulo
 
 
-def check_requirements(cfg: RunConfig, algorithm: Algorithm, *, directed: bool, time_varying: bool) -> None:
-    """Refuse a run whose topology or network breaks what the algorithm assumes, naming both."""
+def check_requirements(cfg: RunConfig, algorithm: Algorithm, *, directed: bool, time_varying: bool,
+                       loss: float | None = None) -> None:
+    """Refuse a run whose topology or network breaks what the algorithm assumes, naming both.
+
+    ``loss``: the emulated loss rate (`gossipfl.emulation.Emulation.loss`), else read from ``cfg``."""
     req = algorithm.requirements
     name = algorithm.name
     if req.undirected and directed:
@@ -91,9 +99,10 @@ def check_requirements(cfg: RunConfig, algorithm: Algorithm, *, directed: bool, 
             f"{cfg.topology!r} is directed; use pushsum (or gossip) on directed graphs"
         )
     if req.lossless:
-        from gossipfl.sim.emulation import parse_emulation
+        if loss is None:
+            from gossipfl.emulation import parse_emulation
 
-        loss = parse_emulation(cfg.emulation).loss
+            loss = parse_emulation(cfg.emulation).loss
         if loss > 0:
             raise ConfigError(
                 f"algorithm: {name} assumes lossless delivery (a lost message corrupts its state), but "

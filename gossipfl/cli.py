@@ -148,7 +148,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from gossipfl.runs import default_run_folder, execute, make_run_folder, preflight
 
     cfg = load_config(args.config, _overrides(args))
-    preflight(cfg)
+    plan = preflight(cfg)  # resolved once: the engine runs this plan, nothing is parsed or built again
     out = Path(cfg.out) if cfg.out else default_run_folder(cfg)
     make_run_folder(cfg, out)
     if not args.quiet:
@@ -156,7 +156,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                else f"{cfg.transport} transport")
         print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
               f"{how} -> {out}", file=sys.stderr)
-    summary = execute(cfg, out, progress=None if args.quiet else sys.stderr)
+    summary = execute(plan, out, progress=None if args.quiet else sys.stderr)
     if not args.quiet:
         print(format_summary(summary))
         print(f"run folder: {out}")

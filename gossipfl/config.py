@@ -58,7 +58,7 @@ class RunConfig:
     # simulation (gossipfl sim)
     engine: str = "cluster"
     device: str = "cpu"  # vectorised engine: "cpu" or "cuda"
-    emulation: dict[str, Any] = field(default_factory=dict)  # compute speeds, latency, loss, churn (sim/emulation.py)
+    emulation: dict[str, Any] = field(default_factory=dict)  # compute speeds, latency, loss, churn (emulation.py)
     schedule: str = "async"  # "sync": lock-step rounds driven by the simulator (engines agree exactly)
     nodes: int = 8
     transport: str = "http"

@@ -14,39 +14,28 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gossipfl.config import RunConfig, config_to_toml
-from gossipfl.errors import ConfigError, DataError
+from gossipfl.errors import ConfigError
+from gossipfl.plan import Plan
 
 __all__ = ["default_run_folder", "execute", "make_run_folder", "preflight", "write_json"]
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Build topology, algorithm, data and one node's model once, so that a bad setting is
-    reported (ConfigError naming it) before a run folder is created or a socket bound."""
-    from gossipfl.build import (
-        build_algorithm,
-        build_data,
-        build_trainer,
-        check_algorithm_fits,
-        check_model_fits,
-        check_requirements,
-    )
-    from gossipfl.topology import build_schedule
+def preflight(cfg: RunConfig) -> Plan:
+    """Resolve ``cfg`` (`gossipfl.plan.resolve`: algorithm, emulation, data, partition, graph) and
+    build one node's model, so that a bad setting is reported (ConfigError / DataError naming it)
+    before a run folder is created or a socket bound; the returned plan is what `execute` runs."""
+    from gossipfl.build import check_algorithm_fits, check_model_fits
+    from gossipfl.plan import resolve
 
-    algorithm = build_algorithm(cfg)
-    data = build_data(cfg)  # data before the graph: a graph of 100 000 nodes takes seconds to build
-    if cfg.shards is None and len(data.y_train) < cfg.nodes:
-        raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
-                        "nodes; give shards = K (--shards K) and node i trains on shard i % K")
-    trainer = build_trainer(cfg, data, 0, cfg.shards or cfg.nodes)  # the partition the engines will cut
-    check_model_fits(cfg, data, trainer)
-    check_algorithm_fits(algorithm, trainer.params)
+    plan = resolve(cfg)
+    trainer = plan.trainer(0)  # the partition and initial model the engines will use
+    check_model_fits(cfg, plan.data, trainer)
+    check_algorithm_fits(plan.algorithm, trainer.params)
     if cfg.engine == "vectorized":
         from gossipfl.sim.vectorized import check_config
 
-        check_config(cfg)  # emulation table, device, algorithm, and the graph (built once here)
-        return
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
-    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1)
+        check_config(plan)  # device, schedule and duration, per-node speeds
+    return plan
 
 
 def default_run_folder(cfg: RunConfig) -> Path:
@@ -65,9 +54,11 @@ def make_run_folder(cfg: RunConfig, out: Path) -> None:
         raise ConfigError(f"out: cannot write to {out}: {exc.strerror or exc}") from None
 
 
-def execute(cfg: RunConfig, out: Path, *, progress: TextIO | None) -> dict[str, Any]:
-    """Run ``cfg`` with its engine into the prepared folder ``out``; writes and returns the summary."""
-    if cfg.engine == "vectorized":
+def execute(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | None) -> dict[str, Any]:
+    """Run ``cfg`` (a config, or the plan `preflight` returned) with its engine into the prepared
+    folder ``out``; writes and returns the summary."""
+    engine = cfg.cfg.engine if isinstance(cfg, Plan) else cfg.engine
+    if engine == "vectorized":
         from gossipfl.sim.vectorized import run_vectorized
 
         summary = run_vectorized(cfg, out, progress=progress)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gossipfl.config import RunConfig
+from gossipfl.emulation import Emulation, parse_emulation
 from gossipfl.errors import ConfigError
-from gossipfl.sim.emulation import Emulation, parse_emulation
 from gossipfl.sim.vectorized import VectorizedSim
 
 

@@ -1,6 +1,6 @@
 """The vectorised engine's asynchronous schedule: events on a simulated clock.
 
-Events come from `gossipfl.sim.emulation` (per-node speeds, stragglers, per-link latency, jitter,
+Events come from `gossipfl.emulation` (per-node speeds, stragglers, per-link latency, jitter,
 loss, bandwidth, churn). At its start a step merges every message that has arrived; at its end, a
 gossip step's message goes out once the node's previous send is done (one message batch at a
 time, as the node service does; that send went on while the step computed), and the next step

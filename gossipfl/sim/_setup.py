@@ -15,15 +15,14 @@ from torch import nn
 
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm
-from gossipfl.build import build_algorithm, check_requirements, node_seed
+from gossipfl.build import node_seed
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError
-from gossipfl.learning import Dataset, ParamLayout, build_model, param_layout, partition
+from gossipfl.learning import Dataset, ParamLayout, build_model, param_layout
 from gossipfl.learning.models import BUILTIN_MODELS
+from gossipfl.plan import Plan
 from gossipfl.sim._batched_models import BatchedModel, batched_model
 from gossipfl.sim._learner import Batches
-from gossipfl.sim.emulation import Emulation, parse_emulation
-from gossipfl.topology import Schedule, build_schedule
 
 __all__ = ["Built", "checked", "device_of", "learning", "message_sizes", "node_ids"]
 
@@ -46,13 +45,12 @@ def device_of(spec: str) -> torch.device:
     return dev
 
 
-def checked(cfg: RunConfig) -> tuple[Algorithm, Emulation, Schedule]:
-    """Everything about ``cfg`` the vectorised engine refuses, as ConfigErrors naming the key."""
+def checked(plan: Plan) -> None:
+    """What the vectorised engine refuses beyond `gossipfl.plan.resolve`'s checks, as ConfigErrors naming the key."""
+    cfg, algorithm, emulation = plan.cfg, plan.algorithm, plan.emulation
     device_of(cfg.device)
-    algorithm = build_algorithm(cfg)
     if cfg.schedule == "sync" and cfg.duration is not None:
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
-    emulation = parse_emulation(cfg.emulation)
     if algorithm.requirements.rounds and cfg.schedule == "async":
         if cfg.duration is not None:
             raise ConfigError(f"duration: {algorithm.name} runs in neighbour-local rounds, which the vectorised "
@@ -62,11 +60,6 @@ def checked(cfg: RunConfig) -> tuple[Algorithm, Emulation, Schedule]:
                               "vectorised engine does not model an offline neighbour's timeout (use "
                               "engine = \"cluster\")")
     emulation.node_speeds(cfg.nodes, seed=cfg.seed)  # per-node factors must match the node count
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
-    time_varying = schedule.period != 1
-    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=time_varying)  # loss, direction
-    return algorithm, emulation, schedule
-
 
 
 @dataclass
@@ -85,17 +78,17 @@ class Built:
     eval_block: int
 
 
-def learning(cfg: RunConfig, data: Dataset, n: int, dev: torch.device, kernel: str, block: int | None,
-             gen: torch.Generator, *, exact: bool) -> Built:
-    """Shards, initial models (node i's of the local cluster), batched kernel and block sizes."""
-    n_shards = cfg.shards or n
-    shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
+def learning(plan: Plan, dev: torch.device, kernel: str, block: int | None, gen: torch.Generator, *,
+             exact: bool) -> Built:
+    """Initial models (node i's of the local cluster), minibatches of the plan's shards, batched
+    kernel and block sizes."""
+    cfg, data, n = plan.cfg, plan.data, plan.cfg.nodes
     model = build_model(cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
                         hidden=cfg.hidden, seed=node_seed(cfg, 0))
     layout = param_layout(model)
     params = _initial_params(cfg, data, model, layout, n).to(dev)
     seeds = [cfg.seed * 7919 + i for i in range(n)] if exact else None
-    batches = Batches([shards[i % n_shards] for i in range(n)], cfg.batch_size, device=dev,
+    batches = Batches([plan.shard(i) for i in range(n)], cfg.batch_size, device=dev,
                       generator=gen, seeds=seeds)
     width = max(math.prod(data.input_shape), 1) + sum(cfg.hidden) + data.n_classes
     # floats of activations per block: about what the CPU caches hold, per thread

@@ -21,13 +21,12 @@ from typing import Any, TextIO
 
 import torch
 
-from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
 from gossipfl.config import RunConfig
 from gossipfl.metrics import MetricsWriter, consensus_distance
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
-from gossipfl.sim.emulation import parse_emulation
+from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
-from gossipfl.topology import build_schedule, mixing_matrix, slem
+from gossipfl.topology import Schedule, mixing_matrix, slem
 
 __all__ = ["run_cluster"]
 
@@ -75,7 +74,7 @@ def _progress_line(row: dict[str, Any], nodes: list[Node], cfg: RunConfig) -> st
             f"{'  -  ' if acc is None else f'{acc:.3f}'}  consensus {row['consensus_distance']:.2e}  msgs {msgs}")
 
 
-def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig) -> dict[str, float]:
+def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig, schedule: Schedule) -> dict[str, float]:
     """Measured per-round contraction of the consensus distance vs. SLEM(W)^2 of the mixing matrix."""
     pts = [(h["mean_step"], h["consensus_distance"]) for h in history if h["consensus_distance"] > 1e-20]
     pts = pts[len(pts) // 2 :]  # the asymptotic rate: skip the transient of fast-decaying modes
@@ -87,31 +86,31 @@ def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig) -> dict[str,
         denom = ((xs - xm) ** 2).sum()
         if denom > 0:
             out["consensus_rate"] = float(torch.exp(((xs - xm) * (ys - ym)).sum() / denom))
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
     if schedule.period == 1 and not schedule.directed:  # SLEM^2 predicts the rate of a fixed symmetric W
         out["predicted_rate"] = slem(mixing_matrix(schedule(0), cfg.weights)) ** 2
     return out
 
 
-async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sys.stderr,
+async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | None = sys.stderr,
                       monitor_every: float = 0.5) -> dict[str, Any]:
-    """Run ``cfg.nodes`` nodes to completion; write metrics.jsonl and return the summary dict."""
-    data = build_data(cfg)
-    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)
-    check_requirements(cfg, build_algorithm(cfg), directed=schedule.directed, time_varying=schedule.period != 1)
+    """Run ``cfg.nodes`` nodes to completion; write metrics.jsonl and return the summary dict.
+
+    ``cfg``: a config or its resolved `gossipfl.plan.Plan` (then nothing is parsed or built again)."""
+    plan = resolve(cfg)
+    cfg = plan.cfg
     network = MemoryNetwork() if cfg.transport == "memory" else None
     ids = node_ids(cfg.nodes)
     # node i trains on shard i % shards, as in the vectorised engine (one shard per node by default);
     # user errors surface here
-    trainers = [build_trainer(cfg, data, i, cfg.shards or cfg.nodes) for i in range(cfg.nodes)]
+    trainers = [plan.trainer(i) for i in range(cfg.nodes)]
     writer = MetricsWriter(out / "metrics.jsonl")
     t0 = time.monotonic()
-    emulation = parse_emulation(cfg.emulation)
+    emulation = plan.emulation
     step_seconds = emulation.step_seconds(cfg.nodes, seed=cfg.seed).tolist() if not emulation.ideal else None
     index_of: dict[str, int] = {}  # filled once addresses are bound; emulated links look peers up here
     nodes = [
         Node(cfg.replace(listen="127.0.0.1:0", peers=()), node_id=nid, trainer=trainers[i],
-             algorithm=build_algorithm(cfg), network=network, metrics=writer, t0=t0, seed=cfg.seed * 31 + i,
+             algorithm=plan.new_algorithm(), network=network, metrics=writer, t0=t0, seed=cfg.seed * 31 + i,
              transport=None if emulation.ideal else EmulatedTransport(
                  network.transport() if network else HttpTransport(), src=i, index_of=index_of,
                  emulation=emulation, seed=cfg.seed),
@@ -133,7 +132,7 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
             await monitor.sample()  # the starting point: distinct random models, nothing learned
             if cfg.schedule == "sync":
                 final = await _run_lockstep(cfg, nodes, monitor, progress)
-                return _summary(cfg, nodes, monitor, final, time.monotonic() - t0)
+                return _summary(plan, nodes, monitor, final, time.monotonic() - t0)
             for n in nodes:
                 n.go.set()
             last_print = 0.0
@@ -157,7 +156,7 @@ async def run_cluster(cfg: RunConfig, out: Path, *, progress: TextIO | None = sy
                 print(file=progress)
     finally:
         writer.close()
-    return _summary(cfg, nodes, monitor, final, time.monotonic() - t0)
+    return _summary(plan, nodes, monitor, final, time.monotonic() - t0)
 
 
 async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
@@ -196,8 +195,9 @@ def _staleness(nodes: list[Node]) -> dict[str, float | int | None]:
             "staleness_max": max(highs) if highs else None}
 
 
-def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
+def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
              wall: float) -> dict[str, Any]:
+    cfg = plan.cfg
     accs = [n.accuracy for n in nodes]
     summary: dict[str, Any] = {
         "engine": "cluster",
@@ -231,7 +231,7 @@ def _summary(cfg: RunConfig, nodes: list[Node], monitor: _Monitor, final: dict[s
     if summary["step_overruns"] > 0.1:
         log.warning("the emulated speeds were not kept: %.0f %% of steps took longer in real compute than their "
                     "emulated step time (emulation.step_time %g s); raise step_time to compare with the "
-                    "vectorised engine", 100 * summary["step_overruns"], parse_emulation(cfg.emulation).step_time)
+                    "vectorised engine", 100 * summary["step_overruns"], plan.emulation.step_time)
     if not nodes[0].algorithm.requirements.trains:
-        summary.update(_consensus_rates(monitor.history, cfg))
+        summary.update(_consensus_rates(monitor.history, cfg, plan.schedule))
     return summary

@@ -15,9 +15,9 @@ import random
 
 import torch
 
+from gossipfl.emulation import Emulation
 from gossipfl.errors import PeerError
 from gossipfl.node.transport import Reply, Transport
-from gossipfl.sim.emulation import Emulation
 
 __all__ = ["EmulatedTransport"]
 

@@ -20,7 +20,7 @@ Two schedules, chosen by ``cfg.schedule``:
     (`gossipfl.topology.build_schedule`) sends round r's messages on graph r, as the cluster's
     nodes do. Pairwise exchanges run at the end of the round in node order, in waves of disjoint pairs.
 ``async``
-    Events on a simulated clock drawn from `gossipfl.sim.emulation` (`gossipfl.sim._async`).
+    Events on a simulated clock drawn from `gossipfl.emulation` (`gossipfl.sim._async`).
 
 Randomness, chosen by ``sampling``: ``fast`` (default) draws minibatches, targets and the
 algorithm's own draws for all nodes at once from one generator on the device; ``exact``
@@ -38,6 +38,7 @@ it, and copies data to the host only at metric points and in ``exact`` sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -51,10 +52,11 @@ import torch
 from gossipfl.algorithms import Algorithm, Draws, Inbox, Send, State
 from gossipfl.algorithms._util import node_generator
 from gossipfl.algorithms.base import draw_targets
-from gossipfl.build import build_data, check_algorithm_fits
+from gossipfl.build import check_algorithm_fits
 from gossipfl.config import RunConfig
 from gossipfl.learning import Dataset
 from gossipfl.metrics import MetricsWriter
+from gossipfl.plan import Plan, resolve
 from gossipfl.sim import _record
 from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox
 from gossipfl.sim._learner import BatchedLearner
@@ -98,16 +100,19 @@ class VectorizedSim:
     node is still evaluated for the cluster rows. ``data``: a prebuilt dataset (else from cfg).
     """
 
-    def __init__(self, cfg: RunConfig, *, device: str | None = None, sampling: str = "fast",
+    def __init__(self, cfg: RunConfig | Plan, *, device: str | None = None, sampling: str = "fast",
                  kernel: str = "auto", block: int | None = None, node_rows: int = NODE_ROWS,
                  data: Dataset | None = None) -> None:
         from gossipfl.errors import ConfigError
 
         if sampling not in ("fast", "exact"):
             raise ConfigError(f"sampling: {sampling!r} is not one of fast, exact")
+        plan = resolve(cfg, data=data)
         if device is not None:
-            cfg = cfg.replace(device=device)
-        self.cfg = cfg
+            plan = dataclasses.replace(plan, cfg=plan.cfg.replace(device=device))
+        checked(plan)
+        self.plan = plan
+        self.cfg = cfg = plan.cfg
         self.device = dev = device_of(cfg.device)
         if dev.type == "cpu":
             keep_freed_memory()  # rounds re-allocate MB-sized buffers: no page faults for them
@@ -115,18 +120,17 @@ class VectorizedSim:
         self.ids = node_ids(n)
         self.sampling = sampling
         self.exact = sampling == "exact"
-        self.algorithm: Algorithm
-        self.algorithm, self.emulation, self.schedule = checked(cfg)
+        self.algorithm: Algorithm = plan.algorithm
+        self.emulation, self.schedule, self.data = plan.emulation, plan.schedule, plan.data
         req = self.algorithm.requirements
         self.trains = req.trains
-        self.time_varying = self.schedule.period != 1
-        self.data = data if data is not None else build_data(cfg)
+        self.time_varying = plan.time_varying
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + 17)
         self.links_at = LinkCache(self.schedule, n, weights=cfg.weights if req.weights == "symmetric" else None,
                                   device=dev, host_lists=self.exact)
         self.links = self.links_at.at(0)
         self.graph = self.links.graph
-        built = learning(cfg, self.data, n, dev, kernel, block, self.gen, exact=self.exact)
+        built = learning(plan, dev, kernel, block, self.gen, exact=self.exact)
         self.layout, self.model = built.layout, built.model
         self.x_test, self.y_test = built.x_test, built.y_test
         self.eval_block = built.eval_block
@@ -480,14 +484,15 @@ class VectorizedSim:
                 self.tick()
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Refuse a configuration the vectorised engine cannot run, before anything is built or written."""
-    checked(cfg)
+def check_config(cfg: RunConfig | Plan) -> None:
+    """Refuse a configuration the vectorised engine cannot run, before anything is written."""
+    checked(resolve(cfg))
 
 
-def run_vectorized(cfg: RunConfig, out: Path | None, *, progress: TextIO | None = sys.stderr,
+def run_vectorized(cfg: RunConfig | Plan, out: Path | None, *, progress: TextIO | None = sys.stderr,
                    **options: Any) -> dict[str, Any]:
-    """Run ``cfg`` in the vectorised engine; write ``out/metrics.jsonl`` and return the summary dict.
+    """Run ``cfg`` (a config or its resolved `gossipfl.plan.Plan`) in the vectorised engine; write
+    ``out/metrics.jsonl`` and return the summary dict.
 
     ``options`` go to `VectorizedSim` (``sampling``, ``kernel``, ``block``, ``node_rows``, ``device``).
     """

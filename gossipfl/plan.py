@@ -1,0 +1,80 @@
+"""A run resolved once: the algorithm, the emulation model, the data and its partition, and the
+topology schedule, checked against each other; every engine consumes a `Plan` as it is.
+
+`resolve` interprets a `RunConfig` once, cheap checks first: the algorithm and its parameters, the
+``[emulation]`` table, the data set and whether it can be split among the nodes, the partition,
+then the topology schedule (graph 0 is built here, once: seconds at 100 000 nodes), and last what
+the algorithm requires of them (an undirected graph, lossless delivery, a static topology). The
+CLI's preflight, the local cluster (`gossipfl.sim.cluster.run_cluster`) and the vectorised engine
+(`gossipfl.sim.vectorized.VectorizedSim`) take the same `Plan`, so none of them parses a table or
+builds a graph again; each also accepts a plain `RunConfig` and resolves it itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gossipfl.algorithms import Algorithm
+from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
+from gossipfl.config import RunConfig
+from gossipfl.emulation import Emulation, parse_emulation
+from gossipfl.errors import DataError
+from gossipfl.learning import Dataset, Trainer, partition
+from gossipfl.topology import Schedule, build_schedule
+
+__all__ = ["Plan", "resolve"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run's engines share, built once from ``cfg`` (see the module docstring).
+
+    ``shards``: the partition of the training set; node i trains on ``shards[i % len(shards)]``
+    (one shard per node unless ``cfg.shards`` is given). ``algorithm``: the run's algorithm; a
+    local cluster gives each `Node` its own (`new_algorithm`), the vectorised engine uses this one.
+    """
+
+    cfg: RunConfig
+    algorithm: Algorithm
+    emulation: Emulation
+    data: Dataset
+    shards: tuple[torch.Tensor, ...]
+    schedule: Schedule
+
+    @property
+    def time_varying(self) -> bool:
+        return self.schedule.period != 1
+
+    def new_algorithm(self) -> Algorithm:
+        """A fresh instance of the run's algorithm (same name and parameters)."""
+        return build_algorithm(self.cfg)
+
+    def shard(self, index: int) -> torch.Tensor:
+        """Training-set indices of node ``index``."""
+        return self.shards[index % len(self.shards)]
+
+    def trainer(self, index: int) -> Trainer:
+        """Node ``index``'s Trainer: its shard, its initial model, its batch order."""
+        return build_trainer(self.cfg, self.data, index, len(self.shards), shards=self.shards)
+
+
+def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
+    """The `Plan` of ``cfg`` (a Plan is returned as it is); ConfigError / DataError name what is wrong.
+
+    ``data``: a data set already loaded for ``cfg`` (else loaded here).
+    """
+    if isinstance(cfg, Plan):
+        return cfg
+    algorithm = build_algorithm(cfg)
+    emulation = parse_emulation(cfg.emulation)
+    data = data if data is not None else build_data(cfg)
+    if cfg.shards is None and len(data.y_train) < cfg.nodes:
+        raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
+                        "nodes; give shards = K (--shards K) and node i trains on shard i % K")
+    shards = tuple(partition(data.y_train, cfg.shards or cfg.nodes, cfg.partition, seed=cfg.seed))
+    schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)  # the graph, once
+    check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1,
+                       loss=emulation.loss)
+    return Plan(cfg=cfg, algorithm=algorithm, emulation=emulation, data=data, shards=shards, schedule=schedule)

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import random
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from gossipfl.errors import ConfigError
 from gossipfl.learning.trainer import Trainer
 from gossipfl.metrics import StalenessTally
 from gossipfl.node.checkpoint import Checkpoints
+from gossipfl.node.clock import Clock, as_clock
 from gossipfl.node.discovery import Discovery, _default_addresses
 from gossipfl.node.handlers import Handlers, Validator
 from gossipfl.node.learner import NodeLearning
@@ -50,7 +50,13 @@ __all__ = ["Node"]
 
 
 class Node:
-    """One gossip-learning node: ``async with Node(cfg, ...) as node: await node.finished.wait()``."""
+    """One gossip-learning node: ``async with Node(cfg, ...) as node: await node.finished.wait()``.
+
+    ``clock``: what the node reads time from and waits on (`gossipfl.node.clock`): the wall clock
+    by default; a plain ``now`` callable (waits stay real); or a `VirtualClock`, with which the
+    node's protocol -- steps, round waits, timeouts, pacing, peer expiry -- runs in virtual time
+    over an in-memory ``network``. Discovery (mDNS) always keeps real time.
+    """
 
     def __init__(
         self,
@@ -63,7 +69,7 @@ class Node:
         metrics: Callable[[dict[str, Any]], None] | None = None,
         secret: bytes | None = None,
         t0: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | Callable[[], float] | None = None,
         state_dir: str | Path | None = None,
         seed: int = 0,
         mdns: bool = False,
@@ -81,19 +87,19 @@ class Node:
         self.secret = secret
         self.log = logging.getLogger(f"gossipfl.node.{node_id}")
         self._network = network
+        self._clock = clock = as_clock(clock)
         if transport is None:
-            transport = network.transport() if network else HttpTransport()
+            transport = network.transport(clock=clock) if network else HttpTransport(clock=clock)
         self._transport = transport
         self.step_overruns = 0  # emulated steps whose real compute took longer than the emulated time
         # After its last step a lingering node keeps merging and gossiping (no more training) until
         # it is closed, so slower peers are not left to drift alone at the end of a simulation.
         linger = linger and not algorithm.requirements.rounds
         self._metrics = metrics or (lambda row: None)
-        self._clock = clock
         self._t0 = t0
         self._mdns = mdns
         self._mdns_interfaces = list(mdns_interfaces) if mdns_interfaces else None
-        self.membership = Membership(node_id, peer_timeout=cfg.peer_timeout, clock=clock)
+        self.membership = Membership(node_id, peer_timeout=cfg.peer_timeout, clock=clock.now)
         for addr in cfg.peers:
             self.membership.add_static(addr)
         self.address = ""
@@ -125,8 +131,8 @@ class Node:
             Path(state_dir), node_id=node_id, cluster=cfg.cluster, fingerprint=self.fingerprint,
             state=self.state, lock=self._worker.lock, log=self.log)
         self._peers = Peers(node_id=node_id, cfg=cfg, fingerprint=self.fingerprint, algorithm=algorithm.name,
-                            membership=self.membership, transport=transport, seed=seed, log=self.log,
-                            warn=self._warn)
+                            membership=self.membership, transport=transport, clock=clock, seed=seed,
+                            log=self.log, warn=self._warn)
         self._protocol = Protocol(self, worker=self._worker, view=self._view, peers=self._peers,
                                   validator=self._validator, transport=transport, checkpoints=self._checkpoints,
                                   clock=clock, warn=self._warn, min_step=min_step_seconds, linger=linger)
@@ -151,7 +157,7 @@ class Node:
         if self._stack is not None or self._closed:
             raise RuntimeError(f"node {self.id} was already started")
         if self._t0 is None:
-            self._t0 = self._clock()
+            self._t0 = self._clock.now()
         self._restore_checkpoint()
         stack = contextlib.AsyncExitStack()
         self._stack = stack
@@ -189,7 +195,7 @@ class Node:
         if stack is not None:
             await stack.aclose()
         if self._checkpoints is not None:
-            await asyncio.to_thread(self._checkpoints.save)
+            await self._clock.to_thread(self._checkpoints.save)
 
     async def _start_server(self, stack: contextlib.AsyncExitStack) -> None:
         if self._network is not None:
@@ -281,7 +287,7 @@ class Node:
 
     def _now(self) -> float:
         assert self._t0 is not None
-        return self._clock() - self._t0
+        return self._clock.now() - self._t0
 
     def merge_pending(self) -> int:
         """Merge every queued message now, without a local step; returns how many were merged."""
@@ -322,9 +328,9 @@ class Node:
         """
         self._view.refresh(self.state.step)
         pairwise = self.algorithm.requirements.pairwise
-        out = await asyncio.to_thread(self._worker.work, self.algorithm.requirements.trains, gossip and pairwise)
+        out = await self._clock.to_thread(self._worker.work, self.algorithm.requirements.trains, gossip and pairwise)
         if gossip and not pairwise:
-            out = await asyncio.to_thread(self._worker.gossip_message)
+            out = await self._clock.to_thread(self._worker.gossip_message)
         return out
 
     async def send_round(self, out: Outgoing | None) -> None:
@@ -340,7 +346,7 @@ class Node:
 
     async def evaluate_now(self) -> None:
         """Evaluate and write a metrics row (used by drivers of the synchronous schedule)."""
-        await asyncio.to_thread(self._evaluate_and_record)
+        await self._clock.to_thread(self._evaluate_and_record)
 
     async def probe_peers(self) -> None:
         """Probe every static peer once and refresh the neighbour view."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from gossipfl.config import RunConfig
 from gossipfl.errors import PeerError
+from gossipfl.node.clock import Clock
 from gossipfl.node.discovery import Discovery, PeerInfo
 from gossipfl.node.membership import Membership
 from gossipfl.node.transport import Transport
@@ -34,11 +35,12 @@ class Peers:
     """Keeps ``membership`` current by probing, pinging and exchanging views over ``transport``."""
 
     def __init__(self, *, node_id: str, cfg: RunConfig, fingerprint: str, algorithm: str,
-                 membership: Membership, transport: Transport, seed: int, log: logging.Logger,
-                 warn: WarnOnce) -> None:
+                 membership: Membership, transport: Transport, clock: Clock, seed: int,
+                 log: logging.Logger, warn: WarnOnce) -> None:
         self.id, self.cfg, self.fingerprint, self.algorithm = node_id, cfg, fingerprint, algorithm
         self.membership = membership
         self._transport = transport
+        self._clock = clock
         self._view_rng = random.Random(f"{seed}-views")  # whom to ask for its view of the members
         self.log = log
         self._warn = warn
@@ -49,7 +51,7 @@ class Peers:
         """The membership loop: one pass every ``PROBE_INTERVAL`` seconds, until cancelled."""
         passes = 0
         while True:
-            await asyncio.sleep(PROBE_INTERVAL)
+            await self._clock.sleep(PROBE_INTERVAL)
             await self.probe_once()
             passes += 1
             if passes % PEER_EXCHANGE_EVERY == 0 and self.membership.ids():

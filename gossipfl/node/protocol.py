@@ -11,12 +11,12 @@ instead of sending: the initiator takes no step until the reply is in.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gossipfl import wire
 from gossipfl.errors import PeerError, WireError
 from gossipfl.node.checkpoint import CHECKPOINT_EVERY, Checkpoints
+from gossipfl.node.clock import Clock
 from gossipfl.node.handlers import Validator
 from gossipfl.node.peers import Peers
 from gossipfl.node.transport import Reply, Transport
@@ -34,7 +34,7 @@ class Protocol:
     """The loops of ``node`` and its requests to peers; counts traffic on the node."""
 
     def __init__(self, node: Node, *, worker: Worker, view: NeighbourView, peers: Peers, validator: Validator,
-                 transport: Transport, checkpoints: Checkpoints | None, clock: Callable[[], float],
+                 transport: Transport, checkpoints: Checkpoints | None, clock: Clock,
                  warn: WarnOnce, min_step: float, linger: bool) -> None:
         self._node = node
         self._clock = clock
@@ -65,17 +65,17 @@ class Protocol:
         cfg, clock = node.cfg, self._clock
         trains = node.algorithm.requirements.trains
         pairwise = node.algorithm.requirements.pairwise
-        deadline = None if cfg.duration is None else clock() + cfg.duration
+        deadline = None if cfg.duration is None else clock.now() + cfg.duration
         target = cfg.steps if deadline is None else None
         await node.go.wait()
         await self._peers.probe_once()  # learn who is there before the first step
         await node.evaluate_now()
         done = 0
-        began = clock()
+        began = clock.now()
         while True:
             if target is not None and done >= target:
                 break
-            if deadline is not None and clock() >= deadline:
+            if deadline is not None and clock.now() >= deadline:
                 break
             self._view.refresh(node.state.step)
             if node.algorithm.requirements.rounds and node.state.step % cfg.gossip_every == 0:
@@ -84,40 +84,40 @@ class Protocol:
             gossip_now = (node.state.step + 1) % cfg.gossip_every == 0
             if pairwise:  # an initiator takes no step until its exchange's reply is in
                 await self._send_idle.wait()
-            started = clock()
-            out = await asyncio.to_thread(worker.work, trains, gossip_now and pairwise)
+            started = clock.now()
+            out = await clock.to_thread(worker.work, trains, gossip_now and pairwise)
             done += 1
             if self._min_step:
-                spare = self._min_step - (clock() - started)
+                spare = self._min_step - (clock.now() - started)
                 node.step_overruns += spare < -0.1 * self._min_step  # the emulated speed was not kept
-                await asyncio.sleep(max(0.0, spare))
+                await clock.sleep(max(0.0, spare))
             if gossip_now and not pairwise:
                 # This step's message waits for the previous send to finish (back-pressure, one send
                 # buffer); that send went on while this step computed, so a step lasts the longer
                 # of its compute and its slowest link, not their sum.
                 await self._send_idle.wait()
-                out = await asyncio.to_thread(worker.gossip_message)
+                out = await clock.to_thread(worker.gossip_message)
             if out is not None:
                 self._hand_off(out)
             if node.state.step % cfg.eval_every == 0:
                 await node.evaluate_now()
             if self._checkpoints is not None and node.state.step % CHECKPOINT_EVERY == 0:
-                await asyncio.to_thread(self._checkpoints.save)
+                await clock.to_thread(self._checkpoints.save)
             if not trains:
-                await asyncio.sleep(0)  # pure averaging does no compute; let messages arrive
+                await clock.sleep(0)  # pure averaging does no compute; let messages arrive
         await self._send_idle.wait()
         await node.evaluate_now()
         node.finished.set()
         node.log.info("finished %d steps: accuracy %.4f", node.state.step, node.accuracy)
         if self._linger and done:
-            await self._linger_loop(period=(clock() - began) / done * cfg.gossip_every)
+            await self._linger_loop(period=(clock.now() - began) / done * cfg.gossip_every)
 
     async def _linger_loop(self, *, period: float) -> None:
         """Keep merging what arrives and pushing the model at the pace training had; runs until closed."""
         while True:
-            await asyncio.sleep(max(period, 0.001))
+            await self._clock.sleep(max(period, 0.001))
             await self._send_idle.wait()
-            out = await asyncio.to_thread(self._worker.linger_work)
+            out = await self._clock.to_thread(self._worker.linger_work)
             if out is not None:
                 self._hand_off(out)
 
@@ -131,13 +131,13 @@ class Protocol:
             return
         node, clock = self._node, self._clock
         expected = set(node.algorithm.expected_senders(self._view.in_neighbours(r), round=r))
-        deadline = clock() + node.cfg.timeout
+        deadline = clock.now() + node.cfg.timeout
         while True:
             missing = expected - self._worker.senders_since(r)
             missing &= set(node.membership.ids())  # peers that left are not waited for
             if not missing:
                 return
-            remaining = deadline - clock()
+            remaining = deadline - clock.now()
             if remaining <= 0:
                 node.round_timeouts += 1
                 self._warn(f"round-timeout-{sorted(missing)}", "round %d: no message from %s within %.1f s; "
@@ -145,7 +145,7 @@ class Protocol:
                 return
             self._worker.arrived.clear()
             try:
-                async with asyncio.timeout(min(remaining, 0.5)):
+                async with clock.timeout(min(remaining, 0.5)):
                     await self._worker.arrived.wait()
             except TimeoutError:
                 pass

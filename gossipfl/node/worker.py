@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import Callable
 
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm, Message
 from gossipfl.algorithms.base import draw_targets
 from gossipfl.metrics import StalenessTally
 from gossipfl.node.buffers import BufferPool
+from gossipfl.node.clock import Clock
 from gossipfl.node.learner import NodeLearning
 from gossipfl.node.view import NeighbourView
 
@@ -36,7 +36,7 @@ class Worker:
 
     def __init__(self, *, node_id: str, cluster: str, fingerprint: str, secret: bytes | None,
                  state: NodeLearning, view: NeighbourView, staleness: StalenessTally, rng: random.Random,
-                 clock: Callable[[], float]) -> None:
+                 clock: Clock) -> None:
         self.id, self.cluster, self.fingerprint, self.secret = node_id, cluster, fingerprint, secret
         self.address = ""  # ours, as peers should reach us (set once the server is bound)
         self.state = state
@@ -70,11 +70,11 @@ class Worker:
 
     async def acquire(self, within: float) -> bool:
         """Take the state lock from the event loop without blocking it (cancellation-safe)."""
-        deadline = self._clock() + within
+        deadline = self._clock.now() + within
         while not self.lock.acquire(blocking=False):
-            if self._clock() > deadline:
+            if self._clock.now() > deadline:
                 return False
-            await asyncio.sleep(0.0005)
+            await self._clock.sleep(0.0005)
         return True
 
     def merge_pending(self) -> int:

@@ -62,10 +62,11 @@ def _receiver_node(mb: int, conn: Any) -> None:
                 # queue is emptied and the buffers recycled exactly as after a merge.
                 while True:
                     await asyncio.sleep(0.002)
-                    with node._lock:
-                        inbox, node._inbox = node._inbox, []
+                    worker = node._worker
+                    with worker.inbox_lock:
+                        inbox, worker.inbox = worker.inbox, []
                     for _, buf in inbox:
-                        node._rx_pool.give(buf)
+                        worker.rx_pool.give(buf)
                     del inbox
 
             merger = asyncio.create_task(merge_like_a_training_node())

@@ -19,7 +19,7 @@ from helpers import make_node
 
 from gossipfl.config import RunConfig
 from gossipfl.node import MemoryNetwork
-from gossipfl.node import node as node_module
+from gossipfl.node import peers as peers_module
 from gossipfl.node.membership import Membership
 from gossipfl.topology import graph_for_members, neighbours
 
@@ -286,8 +286,8 @@ def test_a_crashed_member_leaves_even_the_views_of_nodes_that_never_send_to_it(
     Members are fed in as discovery does (``membership.seen``), with no static address; only
     the quiet-member check can notice that ``c`` stopped answering, on the non-neighbour.
     """
-    monkeypatch.setattr(node_module, "RECENT_CONTACT", 0.3)
-    monkeypatch.setattr(node_module, "PROBE_INTERVAL", 0.1)
+    monkeypatch.setattr(peers_module, "RECENT_CONTACT", 0.3)
+    monkeypatch.setattr(peers_module, "PROBE_INTERVAL", 0.1)
     cfg = RunConfig(steps=1_000_000, eval_every=50, timeout=1.0, peer_timeout=0.5)
     ids = ["a", "b", "c", "d"]
 

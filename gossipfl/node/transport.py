@@ -7,7 +7,6 @@ Names mirror the server side: ``call_gossip`` here, ``rpc_gossip`` in the node.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from gossipfl.errors import PeerError, PeerTimeout
+from gossipfl.node.clock import Clock, WallClock
 
 __all__ = ["Handler", "HttpTransport", "MemoryNetwork", "MemoryTransport", "Reply", "Transport"]
 
@@ -50,10 +50,13 @@ class Transport(Protocol):
 
 
 class HttpTransport:
-    """aiohttp client with one pooled session; every call bounded by ``timeout``."""
+    """aiohttp client with one pooled session; every call bounded by ``timeout`` on ``clock``.
 
-    def __init__(self) -> None:
+    Sockets wait in real time: give it the wall clock (the default), not a virtual one."""
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._clock = clock or WallClock()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -71,7 +74,7 @@ class HttpTransport:
         # the remainder and shift it after every send, which is quadratic in the body size.
         data: Any = _slices(body) if len(body) > _SLICE else (body or None)
         try:
-            async with asyncio.timeout(timeout):
+            async with self._clock.timeout(timeout):
                 async with session.request(method, url, data=data, headers=headers) as resp:
                     return Reply(resp.status, await resp.read())
         except TimeoutError:
@@ -111,15 +114,17 @@ class MemoryNetwork:
     def unregister(self, address: str) -> None:
         self._handlers.pop(address, None)
 
-    def transport(self) -> MemoryTransport:
-        return MemoryTransport(self)
+    def transport(self, *, clock: Clock | None = None) -> MemoryTransport:
+        """A sender on this network; its timeouts run on ``clock`` (default: the wall clock)."""
+        return MemoryTransport(self, clock=clock)
 
 
 class MemoryTransport:
     """Delivers requests by calling the peer's handler directly (bytes are still copied)."""
 
-    def __init__(self, network: MemoryNetwork) -> None:
+    def __init__(self, network: MemoryNetwork, *, clock: Clock | None = None) -> None:
         self._network = network
+        self._clock = clock or WallClock()
 
     async def request(self, address: str, method: str, path: str, body: bytes | bytearray | memoryview = b"",
                       *, timeout: float) -> Reply:
@@ -127,7 +132,7 @@ class MemoryTransport:
         if handler is None:
             raise PeerError(f"{address}: connection refused (no node at this address)")
         try:
-            async with asyncio.timeout(timeout):
+            async with self._clock.timeout(timeout):
                 status, out = await handler(method, path, bytes(body))
         except TimeoutError:
             raise PeerTimeout(f"{address}: no answer to {method} {path} within {timeout:g} s") from None

@@ -1,0 +1,217 @@
+"""A node's server side: the request entry point, message validation and error responses.
+
+One handler (`Handlers.handle`) serves both transports: the aiohttp adapter (`http_entry`, which
+enforces the size limit before reading a body) and the in-memory network call it with the same
+bytes. ``POST /gossip`` (`rpc_gossip`) validates a message and queues it for the next merge;
+``POST /exchange`` (`rpc_exchange`) is the responder's side of a pairwise exchange; ``GET
+/status`` returns the node's status document. Whatever is refused gets a JSON body naming the
+reason (``{"error": ..., "reason": ...}``), is counted by reason, and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from aiohttp import web
+
+from gossipfl import wire
+from gossipfl.algorithms import Algorithm
+from gossipfl.config import RunConfig
+from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
+from gossipfl.node.buffers import BufferPool
+from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
+from gossipfl.node.worker import Worker
+
+if TYPE_CHECKING:
+    from gossipfl.node.node import Node
+
+__all__ = ["Handlers", "Rejected", "Validator", "read_body"]
+
+_REASONS: list[tuple[type[WireError], str]] = [
+    (MessageTooLarge, "too_large"),
+    (FingerprintMismatch, "fingerprint"),
+    (BadSignature, "signature"),
+]
+
+
+class Rejected(WireError):
+    """A well-formed message this node still refuses (other cluster or algorithm, bad shape)."""
+
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.http_status = status
+
+
+def _reason(exc: WireError) -> str:
+    return getattr(exc, "reason", None) or next((r for cls, r in _REASONS if isinstance(exc, cls)), "malformed")
+
+
+def _refusal(status: int, reason: str, message: str) -> tuple[int, bytes]:
+    return status, json_body({"error": message, "reason": reason})
+
+
+class Validator:
+    """Decodes a frame and checks it is for this node: cluster, algorithm, sender, tensors."""
+
+    def __init__(self, *, node_id: str, cfg: RunConfig, algorithm: Algorithm, fingerprint: str,
+                 secret: bytes | None, numel: int, dtype: torch.dtype) -> None:
+        self.id, self.cfg, self.algorithm = node_id, cfg, algorithm
+        self.fingerprint, self.secret = fingerprint, secret
+        self.templates = {
+            name: (torch.Size(shape), dt) for name, (shape, dt) in algorithm.tensor_specs(numel, dtype).items()
+        }
+
+    def accept(self, body: bytes | bytearray) -> wire.Envelope:
+        """The decoded envelope, or `WireError` (a `Rejected` for a well-formed refusal)."""
+        env = wire.decode(body, secret=self.secret, max_bytes=self.cfg.max_message_bytes,
+                          fingerprint=self.fingerprint)
+        if env.cluster != self.cfg.cluster:
+            raise Rejected("cluster", f"message for cluster {env.cluster!r}, this node is in "
+                           f"{self.cfg.cluster!r}", 409)
+        if env.algorithm != self.algorithm.name:
+            raise Rejected("algorithm", f"message from algorithm {env.algorithm!r}, this node runs "
+                           f"{self.algorithm.name!r}", 409)
+        if env.sender == self.id or not env.sender:
+            raise Rejected("sender", f"bad sender id {env.sender!r}")
+        unknown = set(env.tensors) - set(self.templates)
+        if unknown or not env.tensors:
+            raise Rejected("shape", f"expected tensors among {sorted(self.templates)}, got {sorted(env.tensors)}")
+        for name, t in env.tensors.items():
+            shape, dtype = self.templates[name]
+            if t.shape != shape or t.dtype != dtype:
+                raise Rejected("shape", f"tensor {name!r} is {t.dtype}{list(t.shape)}, "
+                               f"expected {dtype}{list(shape)}")
+        try:
+            wire.require_finite(env)
+        except WireError as exc:
+            raise Rejected("nonfinite", str(exc)) from None
+        return env
+
+
+class Handlers:
+    """The requests ``node`` serves; counts what it accepts and refuses on the node."""
+
+    def __init__(self, node: Node, *, validator: Validator, worker: Worker, warn: WarnOnce,
+                 linger: bool) -> None:
+        self._node = node
+        self._validator = validator
+        self._worker = worker
+        self._warn = warn
+        self._linger = linger
+
+    def closed_for_merges(self) -> bool:
+        """A node that finished training (and does not linger) merges nothing more."""
+        return self._node.finished.is_set() and not self._linger
+
+    async def http_entry(self, request: web.Request) -> web.Response:
+        """HTTP adapter around `handle`: enforce the size limit before reading the body."""
+        node = self._node
+        limit = node.cfg.max_message_bytes
+        if request.content_length is not None and request.content_length > limit:
+            node.rejected["too_large"] += 1
+            return _error_response(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
+        try:
+            body = await read_body(request, self._worker.rx_pool)
+        except web.HTTPRequestEntityTooLarge:
+            node.rejected["too_large"] += 1
+            return _error_response(413, "too_large", f"body exceeds {limit} bytes")
+        status, out = await self.handle(request.method, request.path, body)
+        binary = request.path == "/exchange" and status == 200
+        return web.Response(status=status, body=out,
+                            content_type="application/octet-stream" if binary else "application/json")
+
+    async def handle(self, method: str, path: str, body: bytes | bytearray) -> tuple[int, bytes]:
+        """The node's one entry point for requests, shared by HTTP and the in-memory network."""
+        if path == "/status" and method == "GET":
+            return 200, json_body(self._node.status())
+        if path in ("/gossip", "/exchange"):
+            if method != "POST":
+                return _refusal(405, "method", f"use POST for {path}")
+            return self.rpc_gossip(body) if path == "/gossip" else await self.rpc_exchange(body)
+        return _refusal(404, "not_found", f"no such endpoint: {method} {path}")
+
+    def rpc_gossip(self, body: bytes | bytearray) -> tuple[int, bytes]:
+        """Validate one message and queue it for the next merge; the model is untouched on error."""
+        node, worker = self._node, self._worker
+        try:
+            env = self._validator.accept(body)
+        except WireError as exc:
+            worker.rx_pool.give(body)
+            reason = _reason(exc)
+            node.rejected[reason] += 1
+            self._warn(f"reject-{reason}", "rejected a message (%s): %s", reason, exc)
+            return _refusal(exc.http_status, reason, str(exc))
+        if self.closed_for_merges():
+            del env
+            worker.rx_pool.give(body)
+            return _refusal(503, "finished", f"node {node.id} has finished training")
+        node.bytes_in += len(body)
+        node.msgs_in += 1
+        addr = env.meta.get("addr")
+        if isinstance(addr, str) and valid_address(addr):
+            if node.membership.seen(env.sender, addr):
+                node.log.info("peer %s joined at %s (it messaged us)", env.sender, addr)
+        msg = message_of(env)
+        del env
+        if worker.queue(msg, body):
+            node.dropped += 1
+        return 200, json_body({"ok": True})
+
+    async def rpc_exchange(self, body: bytes | bytearray) -> tuple[int, bytes]:
+        """The responder's side of a pairwise exchange: average atomically, return our part."""
+        node, worker = self._node, self._worker
+        if not node.algorithm.requirements.pairwise:
+            return _refusal(409, "algorithm", f"{node.algorithm.name} does not exchange pairwise")
+        try:
+            env = self._validator.accept(body)
+        except WireError as exc:
+            reason = _reason(exc)
+            node.rejected[reason] += 1
+            return _refusal(exc.http_status, reason, str(exc))
+        if self.closed_for_merges():
+            return _refusal(503, "finished", f"node {node.id} has finished training")
+        wait = node.cfg.timeout / 2
+        if not await worker.acquire(wait):  # a step outlasting timeout / 2
+            return _refusal(423, "busy", f"node {node.id} is busy (a local step held its state for {wait:g} s)")
+        try:
+            incoming = message_of(env)
+            worker.staleness.add(worker.state.step - incoming.step)
+            reply = worker.state.respond(incoming)
+            out = bytes(worker.encode_locked(reply, kind="reply"))
+        finally:
+            worker.lock.release()
+        node.bytes_in += len(body)
+        node.msgs_in += 1
+        node.bytes_out += len(out)  # the reply carries our model too: it counts as a message sent
+        node.msgs_out += 1
+        addr = env.meta.get("addr")
+        if isinstance(addr, str) and valid_address(addr):
+            node.membership.seen(env.sender, addr)
+        return 200, out
+
+
+async def read_body(request: web.Request, pool: BufferPool) -> bytes | bytearray:
+    """The request body, read straight into one buffer of the announced size when there is one.
+
+    One copy per byte instead of aiohttp's chunk list + join; the frame's tensors then alias a
+    writable buffer. A body longer or shorter than its Content-Length is malformed."""
+    n = request.content_length
+    if n is None or n < 1 << 16:
+        return await request.read()
+    buf = pool.take(n)
+    view = memoryview(buf)
+    off = 0
+    async for chunk in request.content.iter_any():
+        end = off + len(chunk)
+        if end > n:
+            return b""  # longer than announced: let the codec reject an empty frame
+        view[off:end] = chunk
+        off = end
+    return buf if off == n else b""
+
+
+def _error_response(status: int, reason: str, message: str) -> web.Response:
+    return web.Response(status=status, body=json_body({"error": message, "reason": reason}),
+                        content_type="application/json")

@@ -1,0 +1,167 @@
+"""A node's learner: the learning lock, the inbox, local steps, merges and outgoing frames.
+
+Steps run in a worker thread, so the learning state (`NodeLearning`) is guarded by one lock
+(``lock``). An exchange takes it from the event loop without blocking the loop (``acquire``);
+the inbox has its own lock (``inbox_lock``), never held across an await or a computation, so
+the event loop may take it while a step runs. Received messages wait in the inbox and are merged
+at the start of the next step, never during one, so a step sees a consistent model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+from gossipfl import wire
+from gossipfl.algorithms import Algorithm, Message
+from gossipfl.algorithms.base import draw_targets
+from gossipfl.metrics import StalenessTally
+from gossipfl.node.buffers import BufferPool
+from gossipfl.node.clock import Clock
+from gossipfl.node.learner import NodeLearning
+from gossipfl.node.view import NeighbourView
+
+__all__ = ["INBOX_PER_NEIGHBOUR", "Outgoing", "Worker"]
+
+INBOX_PER_NEIGHBOUR = 4  # queued messages per neighbour before the oldest is dropped (bounds memory)
+
+# A gossip point's hand-off to the sender: (encoded frame, targets), or (None, [partner]) for an
+# exchange the sender runs itself (pairwise algorithms).
+Outgoing = tuple[memoryview | None, list[str]]
+
+
+class Worker:
+    """Lock, inbox and the algorithm calls of one node (``rng``: the algorithm's target draws)."""
+
+    def __init__(self, *, node_id: str, cluster: str, fingerprint: str, secret: bytes | None,
+                 state: NodeLearning, view: NeighbourView, staleness: StalenessTally, rng: random.Random,
+                 clock: Clock) -> None:
+        self.id, self.cluster, self.fingerprint, self.secret = node_id, cluster, fingerprint, secret
+        self.address = ""  # ours, as peers should reach us (set once the server is bound)
+        self.state = state
+        self.algorithm: Algorithm = state.algorithm
+        self.view = view
+        self.staleness = staleness  # of every merged message, in local steps
+        self._rng = rng
+        self._clock = clock
+        self.lock = threading.Lock()
+        self.inbox_lock = threading.Lock()
+        self.inbox: list[tuple[Message, bytes | bytearray]] = []  # message, and the buffer it aliases
+        self.rx_pool = BufferPool(keep=4)
+        self._tx_buf = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
+        self.arrived = asyncio.Event()  # set on every queued message (neighbour-local rounds wait on it)
+        self.loss = float("nan")  # of the last local step
+
+    def queue(self, msg: Message, body: bytes | bytearray) -> bool:
+        """Queue an accepted message for the next merge; True if the oldest one was dropped for it."""
+        self.arrived.set()
+        with self.inbox_lock:
+            self.inbox.append((msg, body))
+            if len(self.inbox) > INBOX_PER_NEIGHBOUR * (len(self.view.neighbours) + 1):
+                del self.inbox[0]  # a slow node keeps the newest messages, not an ever-growing queue
+                return True
+        return False
+
+    def senders_since(self, r: int) -> set[str]:
+        """Who has a message of round ``r`` or later waiting in the inbox."""
+        with self.inbox_lock:
+            return {m.sender for m, _ in self.inbox if m.round >= r}
+
+    async def acquire(self, within: float) -> bool:
+        """Take the state lock from the event loop without blocking it (cancellation-safe)."""
+        deadline = self._clock.now() + within
+        while not self.lock.acquire(blocking=False):
+            if self._clock.now() > deadline:
+                return False
+            await self._clock.sleep(0.0005)
+        return True
+
+    def merge_pending(self) -> int:
+        with self.lock:
+            return self.merge_pending_locked()
+
+    def merge_pending_locked(self, max_round: int | None = None) -> int:
+        """Merge queued messages (for round algorithms, only those of rounds <= ``max_round``)."""
+        with self.inbox_lock:
+            if max_round is None:
+                inbox, self.inbox = self.inbox, []
+            else:
+                # a round's messages in (round, sender) order, not arrival order: the sum they
+                # enter is then rounded the same way whatever the timing, so a run is reproducible
+                # and equals the lock-step schedule's (which delivers in sender order)
+                inbox = sorted((item for item in self.inbox if item[0].round <= max_round),
+                               key=lambda item: (item[0].round, item[0].sender))
+                self.inbox = [item for item in self.inbox if item[0].round > max_round]
+        if inbox:
+            messages = [m for m, _ in inbox]
+            for m in messages:
+                self.staleness.add(self.state.step - m.step)
+            self.state.merge(messages, self.view.merge_weights(messages))
+            del messages
+        for _, body in inbox:  # merged: nothing references these buffers any more
+            self.rx_pool.give(body)
+        return len(inbox)
+
+    def work(self, trains: bool, exchange_now: bool) -> Outgoing | None:
+        """Merge what arrived and take one local step (worker thread).
+
+        With ``exchange_now`` (a pairwise algorithm's gossip point) returns (None, [peer]), the
+        partner of the exchange the gossip loop runs next; otherwise None.
+        """
+        with self.lock:
+            rounds = self.algorithm.requirements.rounds
+            self.merge_pending_locked(self.state.step if rounds else None)
+            if trains:
+                self.loss = self.state.local_step()
+            self.state.step += 1
+            if not exchange_now:
+                return None
+            self.view.set_round(self.state.step)
+            targets = draw_targets(self.algorithm.targets, self.view.neighbours, self._rng)
+            return (None, targets[:1]) if targets else None
+
+    def gossip_message(self) -> Outgoing | None:
+        """This gossip point's message and its targets, or None (worker thread, send buffer free).
+
+        Nothing merges between the step and this call (merges happen at step starts), so the
+        message carries the model the step left. Encoding copies the parameters into the send
+        buffer under the lock: that copy is the snapshot, so the next step may change the model
+        while the frame is on its way.
+        """
+        with self.lock:
+            self.view.set_round(self.state.step)
+            targets = draw_targets(self.algorithm.targets, self.view.neighbours, self._rng)
+            if not targets:
+                return None
+            body = self.encode_locked(self.state.message(len(targets)))
+        return body, targets
+
+    def linger_work(self) -> Outgoing | None:
+        """After training: merge what arrived and push the model on (pairwise: initiate nothing)."""
+        with self.lock:
+            self.merge_pending_locked()
+            self.view.set_round(self.state.step)
+            targets = draw_targets(self.algorithm.targets, self.view.neighbours, self._rng)
+            if not targets or self.algorithm.requirements.pairwise:
+                return None  # pairwise: peers still exchange with us; we initiate nothing
+            return self.encode_locked(self.state.message(len(targets))), targets
+
+    def encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
+        """Frame ``msg`` into the send buffer (a view of it: valid until the next encode)."""
+        env = wire.Envelope(
+            cluster=self.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
+            fingerprint=self.fingerprint, step=msg.step, round=msg.round,
+            meta={**msg.meta, "addr": self.address, "deg": self.view.degree},
+            tensors=dict(msg.tensors),
+        )
+        size = wire.encoded_size(env, secret=self.secret)
+        if len(self._tx_buf) < size:
+            self._tx_buf = bytearray(size)
+        n = wire.encode_into(env, self._tx_buf, secret=self.secret)
+        return memoryview(self._tx_buf)[:n]
+
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy of the model this node would deploy."""
+        with self.lock:
+            return self.state.trainer.evaluate(self.state.model())

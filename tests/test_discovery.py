@@ -374,19 +374,24 @@ def test_browse_rejects_negative_duration() -> None:
 
 # -- netns: real mDNS between hosts ----------------------------------------------------------
 
-# One node per namespace. Loads discovery.py by path: it needs neither the rest of
-# gossipfl.node nor torch, so it starts in a fraction of a second. Prints JSON lines:
-# {"t": monotonic, "view": {id: "ip:port"}} or {"t": ..., "event": ...}. Reads commands
-# ("forget ID") on stdin; closes gracefully on SIGTERM.
+# One node per namespace. Loads discovery.py by path, after the adverts.py it imports (under
+# its package name, so that gossipfl/node/__init__.py does not run): they need neither the
+# rest of gossipfl.node nor torch, so a node starts in a fraction of a second. Prints JSON
+# lines: {"t": monotonic, "view": {id: "ip:port"}} or {"t": ..., "event": ...}. Reads
+# commands ("forget ID") on stdin; closes gracefully on SIGTERM.
 LOAD = r"""
-import importlib.util, sys
+import importlib.util, pathlib, sys
 
-def load(path):
-    spec = importlib.util.spec_from_file_location("gossipfl_discovery_under_test", path)
+def exec_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+def load(path):
+    exec_file("gossipfl.node.adverts", pathlib.Path(path).with_name("adverts.py"))
+    return exec_file("gossipfl_discovery_under_test", path)
 """
 
 NODE = LOAD + r"""

@@ -42,10 +42,13 @@ def exponential(sim: VectorizedSim, k: int, mean: float) -> torch.Tensor:
     return torch.empty(k, dtype=torch.float64, device=sim.device).exponential_(generator=sim.gen) * mean
 
 
-def delay(sim: VectorizedSim, src: torch.Tensor, dst: torch.Tensor, nbytes: torch.Tensor | int) -> torch.Tensor:
-    """One message's delay on each link src -> dst: latency, jitter, transfer of ``nbytes``."""
+def delay(sim: VectorizedSim, src: torch.Tensor, dst: torch.Tensor, nbytes: torch.Tensor | int,
+          latency: torch.Tensor | None = None) -> torch.Tensor:
+    """One message's delay on each link src -> dst: latency, jitter, transfer of ``nbytes``.
+
+    ``latency``: the links' base latencies if already known (`gossipfl.sim._links.Links.latency`)."""
     emu = sim.emulation
-    d = emu.link_latency(src, dst, seed=sim.cfg.seed)
+    d = emu.link_latency(src, dst, seed=sim.cfg.seed) if latency is None else latency
     if emu.jitter:  # uniform in +-jitter, never negative
         u = torch.rand(src.shape[0], dtype=torch.float64, generator=sim.gen, device=src.device)
         d = (d + (2 * u - 1) * emu.jitter).clamp_min(0.0)
@@ -227,36 +230,36 @@ def _batch(sim: VectorizedSim, stepping: torch.Tensor, training: torch.Tensor, t
     sent_at = sent_at.index_copy(0, senders, out_at)
     linger_tick = torch.where(training[senders], 0.0, dur[senders] * cfg.gossip_every)
     sim.next_start.index_copy_(0, senders, out_at + linger_tick)
-    for links, group in _round_groups(sim, senders):  # each sender on its own step's graph
-        sim.links = links
-        out = sim.send(group, links)
-        if out is None:
-            continue
-        msg_senders = torch.unique(out.send)
-        slot, seq = ring.record(msg_senders, out.values, out.carried or None)
-        nbytes = sim.message_bytes(out.carried, out.which, out.senders)
-        arrive = sent_at[out.send] + delay(sim, out.send, out.recv, nbytes)
-        sim.send_done.scatter_reduce_(0, out.send, arrive, reduce="amax")  # all targets at once, lost ones too
-        keep = ~closed[out.recv]
-        if emu.loss:
-            lost = torch.rand(out.send.shape[0], generator=sim.gen, device=dev) < emu.loss
-            sim.lost += (lost & keep).sum()
-            keep &= ~lost
-        dropped = ~keep  # a lost message was not sent, as far as the counters go (the cluster's transport)
-        sim.msgs_out.index_add_(0, out.send, -dropped.long())
-        sim.bytes_out.index_add_(0, out.send, -(nbytes * dropped.long()))
-        new = Messages(out.recv, out.send, slot[out.which], seq[out.which], arrive, out.weight,
-                       sim.step.index_select(0, out.send), nbytes).select(keep)
-        inflight = inflight.extend(new)
-    return inflight
+    out = sim.send_on(_round_groups(sim, senders))  # each sender on its own step's graph
+    if out is None:
+        return inflight
+    msg_senders = torch.unique(out.send)
+    slot, seq = ring.record(msg_senders, out.values, out.carried or None)
+    nbytes = sim.message_bytes(out.carried, out.which, out.senders)
+    arrive = sent_at[out.send] + delay(sim, out.send, out.recv, nbytes, out.latency)
+    sim.send_done.scatter_reduce_(0, out.send, arrive, reduce="amax")  # all targets at once, lost ones too
+    keep = ~closed[out.recv]
+    if emu.loss:
+        lost = torch.rand(out.send.shape[0], generator=sim.gen, device=dev) < emu.loss
+        sim.lost += (lost & keep).sum()
+        keep &= ~lost
+    dropped = ~keep  # a lost message was not sent, as far as the counters go (the cluster's transport)
+    sim.msgs_out.index_add_(0, out.send, -dropped.long())
+    sim.bytes_out.index_add_(0, out.send, -(nbytes * dropped.long()))
+    new = Messages(out.recv, out.send, slot[out.which], seq[out.which], arrive, out.weight,
+                   sim.step.index_select(0, out.send), nbytes).select(keep)
+    return inflight.extend(new)
 
 
 def _round_groups(sim: VectorizedSim, senders: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
     """(links, senders) per graph the senders send on: one group for a static topology; for a
-    time-varying one a group per round, since a node sends round s's message on graph s."""
+    time-varying one a group per graph, since a node sends round s's message on graph s."""
     if not sim.time_varying:
         return [(sim.links_at.at(0), senders)]
     rounds = sim.step.index_select(0, senders)
+    period = sim.schedule.period
+    if period:  # rounds r and r + period share a graph: one group each (not one per round)
+        rounds = rounds % period
     return [(sim.links_at.at(r), senders[rounds == r]) for r in torch.unique(rounds).tolist()]
 
 
@@ -287,7 +290,7 @@ def run_rounds(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None]) -> 
         if r % cfg.gossip_every == 0 and links.send_col.numel():
             src, dst = links.send_src, links.send_col
             out = torch.maximum(end, send_done)  # the message waits for the previous send
-            arrive = out[src] + delay(sim, src, dst, sim.msg_bytes)
+            arrive = out[src] + delay(sim, src, dst, sim.msg_bytes, links.latency(emu, cfg.seed))
             start = out.scatter_reduce(0, dst, arrive, reduce="amax")  # the in-neighbours' messages
             send_done = out.scatter_reduce(0, src, arrive, reduce="amax")  # its own sends
         sim.sim_time = float(end.max())

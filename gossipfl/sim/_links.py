@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 import torch
 
+from gossipfl.emulation import Emulation
 from gossipfl.topology import Schedule, mixing_matrix_sparse
 
 __all__ = ["Fanout", "LinkCache", "Links", "csr", "csr_from"]
@@ -105,6 +106,13 @@ class Links:
         self.neighbour_weight = torch.from_numpy(wsum).to(device)  # sum_j W_ij over in-neighbours
         self._mixing: torch.Tensor | None = None
         self._fanout: Fanout | None = None
+        self._latency: tuple[object, int, torch.Tensor] | None = None
+
+    def latency(self, emulation: Emulation, seed: int) -> torch.Tensor:
+        """Base one-way latency of every link (float64; a pure function of its ends: computed once)."""
+        if self._latency is None or self._latency[0] is not emulation or self._latency[1] != seed:
+            self._latency = (emulation, seed, emulation.link_latency(self.send_src, self.send_col, seed=seed))
+        return self._latency[2]
 
     def fanout(self) -> Fanout:
         """Every node's messages when all send to all their out-neighbours (cached; see `Fanout`)."""

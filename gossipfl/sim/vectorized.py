@@ -88,6 +88,7 @@ class Outbox:
     everyone: bool  # every node sent to all its out-neighbours (the sync fused product applies)
     alias: frozenset[str] = frozenset()
     fan: Fanout | None = None  # the graph's fan-out, when these are its messages
+    latency: torch.Tensor | None = None  # per message, its link's base latency (float64)
 
 
 class VectorizedSim:
@@ -257,20 +258,30 @@ class VectorizedSim:
 
         ``everyone``: every node sends (a lock-step round); when the algorithm sends to every
         out-neighbour, the messages are the graph's `Fanout`, the same each round."""
-        fan = links.fanout() if everyone and self.algorithm.targets.kind == "all" else None
+        return self.send_on([(links, senders)], everyone)
+
+    def send_on(self, groups: list[tuple[Links, torch.Tensor]], everyone: bool = False) -> Outbox | None:
+        """`send` for senders on several graphs at once: ``(links, senders)`` per graph (a node in
+        at most one group; a time-varying topology's nodes at different rounds), one message
+        computation for all of them. The outbox's ``links`` is the first group's."""
+        links0 = groups[0][0]
+        fan = links0.fanout() if everyone and len(groups) == 1 and self.algorithm.targets.kind == "all" else None
+        latency = None
         if fan is not None and fan.every_sender:
-            which, link, n_targets = fan.which, fan.link, fan.n_targets
+            senders, which, n_targets = groups[0][1], fan.which, fan.n_targets
+            send, recv, weight = fan.send, fan.recv, fan.weight
         else:
             fan = None
-            which, link = self.targets(senders, links)
-            n_targets = torch.bincount(which, minlength=senders.shape[0])
+            senders, which, recv, weight, latency = self._targets_on(groups)
             if not which.numel():
                 return None
+            n_targets = torch.bincount(which, minlength=senders.shape[0])
             has = n_targets > 0
             if not bool(has.all()):  # a node with no target builds no message
                 everyone = False
                 pos = torch.cumsum(has.long(), 0) - 1
                 senders, n_targets, which = senders[has], n_targets[has], pos[which]
+            send = senders[which]
         full = everyone and senders.shape[0] == self.n
         rows = None if full else senders
         sub = self.rows_of(rows)
@@ -280,18 +291,34 @@ class VectorizedSim:
         alias = frozenset(k for k, v in out.items() if full and v is self.state.get(k))
         carried = {k: step % e == 0 for k, e in self.every.items() if k in out}
         values = self.algorithm.decode(out, self.layout.numel, self.params.dtype)
-        if fan is not None:
-            send, recv, weight = fan.send, fan.recv, fan.weight
-        else:
-            send, recv, weight = senders[which], links.send_col[link], links.send_weight64[link]
         if fan is not None and not carried:  # every sender, every message of the same size
             self.msgs_out.add_(n_targets)
             self.bytes_out.add_(n_targets, alpha=self.msg_bytes)
         else:
             self.msgs_out.index_add_(0, send, torch.ones_like(send))
             self.bytes_out.index_add_(0, send, self.message_bytes(carried, which, step.shape[0]))
-        return Outbox(send, recv, weight, which, values, carried, links, senders.shape[0], everyone and full, alias,
-                      fan)
+        return Outbox(send, recv, weight, which, values, carried, links0, senders.shape[0], everyone and full,
+                      alias, fan, latency)
+
+    def _targets_on(self, groups: list[tuple[Links, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """Senders (sorted) and, per message by sender, its sender's position, receiver, weight and
+        base latency, over every group's graph."""
+        parts = []
+        for links, grp in groups:
+            which, link = self.targets(grp, links)
+            parts.append((grp, which, links.send_col[link], links.send_weight64[link],
+                          links.latency(self.emulation, self.cfg.seed).index_select(0, link)))
+        if len(parts) == 1:
+            return parts[0]
+        sizes = torch.tensor([0] + [p[0].shape[0] for p in parts[:-1]], device=self.device).cumsum(0).tolist()
+        senders = torch.cat([p[0] for p in parts])
+        which = torch.cat([p[1] + off for p, off in zip(parts, sizes, strict=True)])
+        perm = torch.argsort(senders)
+        rank = torch.empty_like(perm)
+        rank[perm] = torch.arange(perm.shape[0], device=self.device)
+        which = rank[which]
+        by = torch.argsort(which, stable=True)  # messages by sender, each sender's in its targets' order
+        return (senders[perm], which[by], *(torch.cat([p[k] for p in parts])[by] for k in (2, 3, 4)))
 
     def message_bytes(self, carried: dict[str, torch.Tensor], which: torch.Tensor, senders: int) -> torch.Tensor:
         """Encoded size of each message (``which``: its sender's row): channels sent every k-th step

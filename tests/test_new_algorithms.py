@@ -8,8 +8,6 @@ with exact gradients, in float64, and compare with hand-written recursions.
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -399,21 +397,24 @@ def test_registered_with_their_hyperparameters() -> None:
 
 
 @pytest.mark.slow
-def test_on_label_skewed_shards_exact_diffusion_removes_dpsgds_bias_and_qgm_learns(tmp_path: Path) -> None:
-    """Two classes per node (heterogeneous data), same budget. Measured: exact diffusion 0.959
-    vs. momentum-free D-PSGD 0.862 at the same lr; QGM 0.943 (D-PSGD with momentum 0.905)."""
+def test_on_label_skewed_shards_exact_diffusion_removes_dpsgds_bias_and_qgm_learns() -> None:
+    """Two classes per node (heterogeneous data), same budget, lock-step rounds in the vectorised
+    engine with ``exact`` sampling (the local cluster's numbers, as the agreement matrix checks).
+    Measured: exact diffusion 0.959 vs. momentum-free D-PSGD 0.918 at the same lr; QGM 0.958
+    (D-PSGD with momentum 0.925). In the asynchronous cluster: 0.959, 0.862 and 0.943."""
     from gossipfl.config import RunConfig
-    from gossipfl.sim.cluster import run_cluster
+    from gossipfl.sim.vectorized import run_vectorized
 
-    base = RunConfig(nodes=8, topology="ring", partition="shards:2").replace(transport="memory", batch_size=64,
-                                                                              steps=700)
+    base = RunConfig(nodes=8, topology="ring", partition="shards:2", engine="vectorized", schedule="sync",
+                     batch_size=64, steps=700)
 
-    def run(name: str, **settings: Any) -> dict[str, Any]:
-        return asyncio.run(run_cluster(base.replace(**settings), tmp_path / name, progress=None))
+    def run(**settings: Any) -> dict[str, Any]:
+        return run_vectorized(base.replace(**settings), None, progress=None, sampling="exact")
 
-    ed = run("ed", algorithm="exact_diffusion", lr=0.2)
-    dp = run("dp", algorithm="dpsgd", lr=0.2, momentum=0.0)
-    qgm = run("qgm", algorithm="qgm", lr=0.1)
-    assert ed["mean_accuracy"] >= 0.93, ed["per_node"]
-    assert ed["mean_accuracy"] >= dp["mean_accuracy"] + 0.05, (ed["per_node"], dp["per_node"])
-    assert qgm["mean_accuracy"] >= 0.91, qgm["per_node"]
+    ed = run(algorithm="exact_diffusion", lr=0.2)
+    dp = run(algorithm="dpsgd", lr=0.2, momentum=0.0)
+    qgm = run(algorithm="qgm", lr=0.1)
+    assert ed["mean_accuracy"] >= 0.95, ed["per_node"]
+    assert ed["mean_accuracy"] >= dp["mean_accuracy"] + 0.03, (ed["per_node"], dp["per_node"])
+    assert ed["min_accuracy"] >= dp["min_accuracy"] + 0.05, (ed["per_node"], dp["per_node"])
+    assert qgm["mean_accuracy"] >= 0.94, qgm["per_node"]

@@ -7,13 +7,33 @@ vectorised engine's ``exact`` sampling, where float summation order must match t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from gossipfl.algorithms.base import Channel, Inbox, Message
 
-__all__ = ["combine", "latest_per_sender", "mix"]
+__all__ = ["combine", "count_tensor", "latest_per_sender", "mix"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _weight_tensor(x: float) -> torch.Tensor:
+    """``[x]`` in float64, shared: a node merges with the same few weights again and again, and a
+    new tiny tensor costs more than the merge's arithmetic. Inbox tensors are read, never written."""
+    return torch.tensor([x], dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=4096)
+def _weights_row(ws: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The mixing weights of one merge's senders, shared like `_weight_tensor`."""
+    return torch.tensor(ws, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def count_tensor(n: int) -> torch.Tensor:
+    """``[n]`` in int64, shared like `_weight_tensor` (counts of messages, of targets)."""
+    return torch.tensor([n], dtype=torch.int64)
 
 
 def mix(x: torch.Tensor, others: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -52,13 +72,12 @@ def combine(
     wire-to-channel decoding, applied to ``[1, ...]`` tensors."""
     if not messages:
         return []
-    nw = torch.tensor([neighbour_weight], dtype=torch.float64)
+    nw = _weight_tensor(float(neighbour_weight))
     decoded = [decode({k: t.unsqueeze(0) for k, t in m.tensors.items()}) for m in messages]
     if all(c.combine == "each" for c in channels):
         return [Inbox(values={c.key: d[c.key] for c in channels},
-                      count={c.key: torch.ones(1, dtype=torch.int64) for c in channels},
-                      weight={c.key: torch.tensor([weights.get(m.sender, 0.0)], dtype=torch.float64)
-                              for c in channels},
+                      count={c.key: count_tensor(1) for c in channels},
+                      weight={c.key: _weight_tensor(float(weights.get(m.sender, 0.0))) for c in channels},
                       neighbour_weight=nw)
                 for m, d in zip(messages, decoded, strict=True)]
     values: dict[str, torch.Tensor] = {}
@@ -74,8 +93,8 @@ def combine(
         else:
             entries = [(m.sender, v) for m, v in have]
         senders = {s for s, _ in entries}
-        count[c.key] = torch.tensor([len(entries)], dtype=torch.int64)
-        wsum[c.key] = torch.tensor([sum(weights.get(s, 0.0) for s in senders)], dtype=torch.float64)
+        count[c.key] = count_tensor(len(entries))
+        wsum[c.key] = _weight_tensor(float(sum(weights.get(s, 0.0) for s in senders)))
         values[c.key] = _combine_one(c, own, entries, weights)
     return [Inbox(values=values, count=count, weight=wsum, neighbour_weight=nw)]
 
@@ -94,7 +113,7 @@ def _combine_one(c: Channel, own: Mapping[str, torch.Tensor], entries: list[tupl
         return flat.sum(0, keepdim=True).reshape(1, *shape)
     if c.combine == "mean":
         return ((own[c.key].reshape(1, -1) + flat.sum(0, keepdim=True)) / (1 + flat.shape[0])).reshape(1, *shape)
-    w = torch.tensor([weights.get(s, 0.0) for s, _ in entries], dtype=others.dtype)
+    w = _weights_row(tuple(float(weights.get(s, 0.0)) for s, _ in entries), others.dtype)
     if c.combine == "weighted":
         return (w.unsqueeze(0) @ flat).reshape(1, *shape)
     return mix(own[c.key].reshape(-1), flat, w).reshape(1, *shape)  # "mix"

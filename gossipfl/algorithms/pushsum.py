@@ -57,11 +57,13 @@ def push_share(n_targets: int, self_weight: float = 0.0) -> tuple[float, float]:
 
 
 def push_shares(n_targets: torch.Tensor, self_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`push_share` for a tensor of target counts: (kept ``[n]``, sent per target ``[n]``), float64."""
+    """`push_share` for a tensor of target counts: (kept ``[n]``, sent per target ``[n]``), float64.
+
+    With no target nothing is sent: the "sent" share of such a node is not used (not 0 here)."""
     d = n_targets.to(torch.float64)
-    if self_weight <= 0.0:
-        share = 1.0 / (d + 1.0)
-        return share, torch.where(d > 0, share, torch.zeros_like(d))
+    if self_weight <= 0.0:  # a node with no target keeps 1 / (0 + 1) = all; what it "sends" goes nowhere
+        share = (d + 1.0).reciprocal_()
+        return share, share
     keep = torch.where(d > 0, torch.full_like(d, self_weight), torch.ones_like(d))
     return keep, torch.where(d > 0, (1.0 - self_weight) / d.clamp_min(1.0), torch.zeros_like(d))
 
@@ -111,8 +113,9 @@ class PushSum(AlgorithmBase):
     def message(self, state: State, send: Send) -> dict[str, torch.Tensor]:
         keep, share = push_shares(send.targets, self.self_weight)
         p, dt = state["params"], state["params"].dtype
-        out = p * share.to(dt).unsqueeze(1)
-        p.mul_(keep.to(dt).unsqueeze(1))
+        sent = share.to(dt).unsqueeze(1)
+        out = p * sent
+        p.mul_(sent if keep is share else keep.to(dt).unsqueeze(1))
         w_out = state["weight"] * share
         state["weight"] = state["weight"] * keep
         return {"params": out, "weight": w_out}

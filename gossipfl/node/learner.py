@@ -16,7 +16,7 @@ import torch
 
 from gossipfl.algorithms import Algorithm, Draws, Inbox, Message, Send, State
 from gossipfl.algorithms._util import node_generator
-from gossipfl.algorithms.inbox import combine
+from gossipfl.algorithms.inbox import combine, count_tensor
 from gossipfl.learning import Trainer, TrainerLearner
 
 __all__ = ["NodeLearning"]
@@ -80,7 +80,7 @@ class NodeLearning:
 
     def message(self, n_targets: int) -> Message:
         """This gossip point's message to ``n_targets`` targets (may update the state: push-sum)."""
-        send = Send(targets=torch.tensor([n_targets]), step=torch.tensor([self.step]), rng=self._draws)
+        send = Send(targets=count_tensor(n_targets), step=torch.tensor([self.step]), rng=self._draws)
         out = self.algorithm.message(self.state, send)
         self._realias()
         tensors = {k: v[0] for k, v in out.items() if self.step % self._every.get(k, 1) == 0}

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tomllib
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="digits (default), synthetic, or pkg.mod:load_data")
     p.add_argument("--model", help="mlp (default), logreg, cnn, or pkg.mod:make_model")
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="MLP hidden layer sizes")
+    p.add_argument("--algorithm-param", dest="algorithm_param", action="append", metavar="KEY=VALUE",
+                   help="one [algorithm_params] entry, e.g. aggregator=median or tau=0.5 (repeatable)")
     p.add_argument("--partition", help="iid, dirichlet:ALPHA or shards:K")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="local steps per node")
@@ -130,10 +133,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
     if "hidden" in out:
         out["hidden"] = tuple(out["hidden"])
+    if "algorithm_param" in out:
+        out["algorithm_params"] = dict(_key_value(item) for item in out.pop("algorithm_param"))
     for key in ("peers", "mdns_interfaces"):
         if key in out:
             out[key] = tuple(out[key])
     return out
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a TOML value (number, true/false, "string"), else as text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--algorithm-param: expected KEY=VALUE, got {item!r}")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
 
 
 def _setup_logging(verbose: int, default: int = logging.WARNING) -> None:

@@ -213,7 +213,10 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"config: {p} is not valid TOML: {exc}") from None
         cfg = from_mapping(data, base=cfg, source=str(p))
     if overrides:
-        cfg = from_mapping(overrides, base=cfg, source="command line")
+        # a table given on the command line adds keys to the file's (--algorithm-param KEY=VALUE)
+        merged = {k: ({**getattr(cfg, k), **v} if isinstance(v, Mapping) and isinstance(getattr(cfg, k, None), dict)
+                      else v) for k, v in overrides.items()}
+        cfg = from_mapping(merged, base=cfg, source="command line")
     return cfg
 
 

@@ -271,3 +271,19 @@ def test_two_node_processes_find_each_other_and_stop_on_sigterm(tmp_path: Path) 
                 proc.wait()
             if proc is not None and proc.stderr is not None:
                 proc.stderr.close()
+
+
+def test_algorithm_params_from_flags_add_to_the_files_table(tmp_path: Path, capsys) -> None:
+    """--algorithm-param KEY=VALUE (a TOML value) adds to / overrides [algorithm_params] of --config."""
+    conf = tmp_path / "run.toml"
+    conf.write_text('algorithm = "dpsgd"\nsame_init = true\n[algorithm_params]\naggregator = "trimmed_mean"\nb = 2\n')
+    out = tmp_path / "run"
+    assert main(["sim", "--quiet", "--config", str(conf), "--algorithm-param", "b=1", "--engine", "vectorized",
+                 "--schedule", "sync", "--nodes", "6", "--steps", "5", "--out", str(out)]) == 0
+    saved = tomllib.loads((out / "config.toml").read_text())
+    assert saved["algorithm_params"] == {"aggregator": "trimmed_mean", "b": 1}
+    assert main(["sim", "--algorithm-param", "aggregator=median", "--algorithm-param", "tau=0.5",
+                 "--nodes", "2"]) == 2
+    assert "tau is not a parameter of aggregator 'median'" in capsys.readouterr().err
+    assert main(["sim", "--algorithm-param", "tau", "--nodes", "2"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

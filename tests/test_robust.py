@@ -121,3 +121,48 @@ def test_every_rule_is_registered_and_checks_shapes() -> None:
     with pytest.raises(ValueError, match="tau"):
         clipped_gossip(torch.zeros(1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool),
                        torch.zeros(1, 1), tau=0.0)
+
+
+def test_the_vectorised_gather_equals_the_nodes_loop() -> None:
+    """``gather`` channels: the engine's batched slots (sim._combine) hold what the node's loop
+    (algorithms.inbox, used by exact sampling) puts there, sender by sender, weights included."""
+    from gossipfl.algorithms.base import Channel
+    from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox
+
+    g = torch.Generator().manual_seed(4)
+    rows, n, d = 5, 12, 3
+    r = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4, 4, 4])
+    send = torch.tensor([7, 1, 11, 3, 9, 0, 2, 10, 5, 8])
+    col = torch.arange(r.shape[0])
+    w = torch.rand(r.shape[0], generator=g, dtype=F64)
+    values = {"params": torch.randn(r.shape[0], d, generator=g, dtype=F64)}
+    own = {"params": torch.randn(rows, d, generator=g, dtype=F64)}
+    channels = [Channel("params", "gather")]
+    arrivals = {"params": Arrivals(r, col, w, send)}
+    nw = torch.rand(rows, generator=g, dtype=F64)
+    fast = combine_inbox(channels, own, arrivals, values, nw, n)
+    exact = exact_inbox(channels, own, arrivals, values, nw)
+    assert fast["params"].shape == (rows, 4, d)
+    assert torch.equal(fast.count["params"], torch.tensor([2, 1, 2, 1, 4]))
+    assert torch.equal(fast["params"], exact["params"])
+    assert torch.equal(fast.weight["params"], exact.weight["params"])
+    # receiver 0 got senders 7 and 1: slot 0 is sender 1's model (message 1), slot 1 sender 7's
+    assert torch.equal(fast["params"][0, 0], values["params"][1])
+    assert float(fast.weight["params"][0, 1]) == float(w[0])
+
+
+@pytest.mark.slow
+def test_dpsgd_learns_with_each_robust_aggregator_in_the_vectorised_engine() -> None:
+    """From one shared initial model (coordinate-wise rules on independently initialised networks
+    mix unrelated hidden units: median then stays at chance, 0.10). Measured: median 0.936,
+    trimmed mean 0.945, clipped gossip 0.946 (as the plain mix), Krum 0.852 (it keeps one
+    candidate, so it averages little: close to local training)."""
+    from gossipfl.config import RunConfig
+    from gossipfl.sim.vectorized import run_vectorized
+
+    base = RunConfig(nodes=16, topology="random_regular", algorithm="dpsgd", engine="vectorized", schedule="sync",
+                     steps=200, eval_every=100, same_init=True)
+    for params, least in (({"aggregator": "median"}, 0.9), ({"aggregator": "trimmed_mean", "b": 1}, 0.9),
+                          ({"aggregator": "krum", "f": 1}, 0.8), ({"aggregator": "clipped_gossip", "tau": 1.0}, 0.9)):
+        s = run_vectorized(base.replace(algorithm_params=params), None, progress=None)
+        assert s["mean_accuracy"] >= least, (params, s["mean_accuracy"])

@@ -109,6 +109,13 @@ AGREEMENT = [
     pytest.param("exact_diffusion", "erdos_renyi", "iid", 32, 2, {}, id="exact_diffusion-erdos_renyi-every2"),
     pytest.param("qgm", "erdos_renyi", "dirichlet:0.3", 64, 1, {}, id="qgm-erdos_renyi-dirichlet"),
     pytest.param("qgm", "star", "iid", 32, 2, {"beta": 0.5}, id="qgm-star-every2"),
+    # robust aggregation in place of D-PSGD's mix: every neighbour's model gathered, the rule applied
+    pytest.param("dpsgd", "erdos_renyi", "iid", 32, 1, {"aggregator": "clipped_gossip", "tau": 0.5},
+                 id="dpsgd-clipped_gossip-erdos_renyi"),
+    pytest.param("dpsgd", "star", "dirichlet:0.3", 64, 2, {"aggregator": "median"}, id="dpsgd-median-star"),
+    pytest.param("dpsgd", "exponential", "iid", 32, 1, {"aggregator": "trimmed_mean", "b": 1},
+                 id="dpsgd-trimmed_mean-exponential"),
+    pytest.param("dpsgd", "complete", "iid", 32, 1, {"aggregator": "krum", "f": 1, "m": 2}, id="dpsgd-krum-complete"),
 ]
 
 

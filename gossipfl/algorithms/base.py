@@ -33,6 +33,10 @@ w_ij (what the topology gives the receiver; engines pass 0 where an algorithm de
 ``sum``       ``sum_j m_j``
 ``mean``      ``(s_i + sum_j m_j) / (1 + count)``, the plain average with the node's own value
 ``each``      no combining: ``merge`` is called once per message, in arrival order
+``gather``    no combining, all at once: ``values[key]`` is ``[R, K, ...]``, the K messages of each
+              receiver in slots 0 .. count - 1 (sender order; the rest zero), and ``weight[key]``
+              the ``[R, K]`` mixing weight of each slot (0 where empty): for robust aggregation
+              (`gossipfl.algorithms.robust`), which must see every neighbour's value
 
 With ``latest`` only each sender's newest message enters (D-PSGD mixes the freshest model of
 each neighbour); otherwise every message counts exactly once (push-sum mass, CHOCO's deltas).
@@ -58,8 +62,8 @@ State = dict[str, torch.Tensor]
 # name -> (shape, dtype) of every tensor one node's message may carry (no node axis)
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
-Combine = Literal["mix", "weighted", "sum", "mean", "each"]
-COMBINES: tuple[str, ...] = ("mix", "weighted", "sum", "mean", "each")
+Combine = Literal["mix", "weighted", "sum", "mean", "each", "gather"]
+COMBINES: tuple[str, ...] = ("mix", "weighted", "sum", "mean", "each", "gather")
 
 
 @dataclass(frozen=True, kw_only=True)

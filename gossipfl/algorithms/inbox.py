@@ -94,6 +94,13 @@ def combine(
             entries = [(m.sender, v) for m, v in have]
         senders = {s for s, _ in entries}
         count[c.key] = count_tensor(len(entries))
+        if c.combine == "gather":  # the slots as they are, in sender order
+            entries.sort(key=lambda e: e[0])
+            like = own[c.key] if c.key in own else own["params"]
+            values[c.key] = torch.cat([v for _, v in entries]).unsqueeze(0) if entries else \
+                like.new_zeros(1, 0, *like.shape[1:])
+            wsum[c.key] = torch.tensor([[float(weights.get(s, 0.0)) for s, _ in entries]], dtype=torch.float64)
+            continue
         wsum[c.key] = _weight_tensor(float(sum(weights.get(s, 0.0) for s in senders)))
         values[c.key] = _combine_one(c, own, entries, weights)
     return [Inbox(values=values, count=count, weight=wsum, neighbour_weight=nw)]

@@ -64,6 +64,22 @@ def _product(a: Arrivals, values: torch.Tensor, rows: int, weighted: bool) -> to
     return torch.sparse.mm(m, flat).reshape(rows, *shape)
 
 
+def _gather(a: Arrivals, values: torch.Tensor, rows: int, count: torch.Tensor,
+            n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each receiver's messages in slots by sender order: ``[rows, K, ...]`` and their weights ``[rows, K]``."""
+    k = int(count.max()) if count.numel() else 0
+    stack = values.new_zeros(rows, k, *values.shape[1:])
+    w = torch.zeros(rows, k, dtype=torch.float64, device=values.device)
+    if a.r.numel():
+        order = torch.argsort(a.r * n + a.send)  # by receiver, then by sender
+        r, col = a.r[order], a.col[order]
+        first = torch.cumsum(count, 0) - count
+        slot = torch.arange(r.shape[0], device=r.device) - first[r]
+        stack[r, slot] = values.index_select(0, col)
+        w[r, slot] = a.w[order].double()
+    return stack, w
+
+
 def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, Arrivals],
                   values: dict[str, torch.Tensor], neighbour_weight: torch.Tensor, n: int, *,
                   fused: dict[str, torch.Tensor] | None = None) -> Inbox:
@@ -84,6 +100,9 @@ def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, A
             out[c.key] = fused[c.key]
             continue
         v = values[c.key]
+        if c.combine == "gather":
+            out[c.key], weight[c.key] = _gather(a, v, rows, count[c.key], n)
+            continue
         if c.combine == "mix":
             wsum = torch.zeros(rows, dtype=a.w.dtype, device=a.w.device).index_add_(0, a.r, a.w)
             base = own[c.key]
@@ -114,15 +133,22 @@ def exact_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, Arr
     for k, a in arrivals.items():
         for rr, cc, ww, ss in zip(a.r.tolist(), a.col.tolist(), a.w.double().tolist(), a.send.tolist(), strict=True):
             per_receiver[rr].setdefault((ss, cc), {})[k] = values[k][cc]
-            weights[rr][str(ss)] = ww
+            weights[rr][f"{ss:012d}"] = ww  # zero-padded: names sort as indices, as node ids do
     per: list[Inbox] = []
     for i in range(rows):
-        messages = [Message(sender=str(s), tensors=t) for (s, _), t in sorted(per_receiver[i].items())]
+        messages = [Message(sender=f"{s:012d}", tensors=t) for (s, _), t in sorted(per_receiver[i].items())]
         mine = {k: v[i:i + 1] for k, v in own.items()}
         got = node_combine(channels, mine, messages, weights[i], float(neighbour_weight[i]), lambda t: t)
         per.append(got[0])
     dev = neighbour_weight.device
     keys = [c.key for c in channels]
+    for c in channels:  # gather: pad every receiver's slots to the widest
+        if c.combine == "gather":
+            k = max(b.values[c.key].shape[1] for b in per)
+            for b in per:
+                v, w = b.values[c.key], b.weight[c.key]
+                b.values[c.key] = torch.cat([v, v.new_zeros(1, k - v.shape[1], *v.shape[2:])], 1)
+                b.weight[c.key] = torch.cat([w, w.new_zeros(1, k - w.shape[1])], 1)
     return Inbox(values={k: torch.cat([b.values[k] for b in per]).to(dev) for k in keys},
                  count={k: torch.cat([b.count[k] for b in per]).to(dev) for k in keys},
                  weight={k: torch.cat([b.weight[k] for b in per]).to(dev) for k in keys},

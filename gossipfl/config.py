@@ -59,6 +59,7 @@ class RunConfig:
     engine: str = "cluster"
     device: str = "cpu"  # vectorised engine: "cpu" or "cuda"
     emulation: dict[str, Any] = field(default_factory=dict)  # compute speeds, latency, loss, churn (emulation.py)
+    attack: dict[str, Any] = field(default_factory=dict)  # malicious peers: kind, fraction, placement (attacks.py)
     schedule: str = "async"  # "sync": lock-step rounds driven by the simulator (engines agree exactly)
     nodes: int = 8
     transport: str = "http"

@@ -4,7 +4,8 @@ topology schedule, checked against each other; every engine consumes a `Plan` as
 `resolve` interprets a `RunConfig` once, cheap checks first: the algorithm and its parameters, the
 ``[emulation]`` table, the data set and whether it can be split among the nodes, the partition,
 then the topology schedule (graph 0 is built here, once: seconds at 100 000 nodes), and last what
-the algorithm requires of them (an undirected graph, lossless delivery, a static topology). The
+the algorithm requires of them (an undirected graph, lossless delivery, a static topology), and
+which nodes attack (``[attack]``, `gossipfl.attacks`). The
 CLI's preflight, the local cluster (`gossipfl.sim.cluster.run_cluster`) and the vectorised engine
 (`gossipfl.sim.vectorized.VectorizedSim`) take the same `Plan`, so none of them parses a table or
 builds a graph again; each also accepts a plain `RunConfig` and resolves it itself.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from gossipfl.algorithms import Algorithm
+from gossipfl.attacks import Attack, parse_attack
 from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
 from gossipfl.config import RunConfig
 from gossipfl.emulation import Emulation, parse_emulation
@@ -42,6 +44,7 @@ class Plan:
     data: Dataset
     shards: tuple[torch.Tensor, ...]
     schedule: Schedule
+    attack: Attack | None = None
 
     @property
     def time_varying(self) -> bool:
@@ -77,4 +80,6 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
     schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)  # the graph, once
     check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1,
                        loss=emulation.loss)
-    return Plan(cfg=cfg, algorithm=algorithm, emulation=emulation, data=data, shards=shards, schedule=schedule)
+    attack = parse_attack(cfg.attack, schedule(0), seed=cfg.seed)  # hubs: by graph 0's degrees
+    return Plan(cfg=cfg, algorithm=algorithm, emulation=emulation, data=data, shards=shards, schedule=schedule,
+                attack=attack)

@@ -98,6 +98,10 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
     ``cfg``: a config or its resolved `gossipfl.plan.Plan` (then nothing is parsed or built again)."""
     plan = resolve(cfg)
     cfg = plan.cfg
+    if plan.attack is not None:
+        from gossipfl.errors import ConfigError
+
+        raise ConfigError("attack: the local cluster does not run attackers yet; use engine = \"vectorized\"")
     network = MemoryNetwork() if cfg.transport == "memory" else None
     ids = node_ids(cfg.nodes)
     # node i trains on shard i % shards, as in the vectorised engine (one shard per node by default);

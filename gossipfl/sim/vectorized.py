@@ -52,6 +52,7 @@ import torch
 from gossipfl.algorithms import Algorithm, Draws, Inbox, Send, State
 from gossipfl.algorithms._util import node_generator
 from gossipfl.algorithms.base import draw_targets
+from gossipfl.attacks import poison
 from gossipfl.build import check_algorithm_fits
 from gossipfl.config import RunConfig
 from gossipfl.learning import Dataset
@@ -170,6 +171,9 @@ class VectorizedSim:
         if self.exact:
             self.rngs = [random.Random(cfg.seed * 31 + i) for i in range(n)]
             self.algo_gens = [node_generator(self.algorithm.seed, cfg.seed * 31 + i) for i in range(n)]
+        self.attack = plan.attack
+        self.attackers = (plan.attack.mask(n, dev) if plan.attack is not None
+                          else torch.zeros(n, dtype=torch.bool, device=dev))
         self.pairwise = None
         if req.pairwise:
             from gossipfl.sim._pairwise import Pairwise
@@ -288,6 +292,9 @@ class VectorizedSim:
         step = self.step.index_select(0, senders)
         out = self.algorithm.message(sub, Send(targets=n_targets, step=step, rng=self.draws(rows)))
         self.keep(rows, sub)
+        if self.attack is not None and "params" in out:  # attackers send a poisoned model
+            attacking = self.attackers.index_select(0, senders) & (step >= self.attack.start)
+            out["params"] = poison(self.attack, out["params"], attacking, self.gen)
         alias = frozenset(k for k, v in out.items() if full and v is self.state.get(k))
         carried = {k: step % e == 0 for k, e in self.every.items() if k in out}
         values = self.algorithm.decode(out, self.layout.numel, self.params.dtype)

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run mDNS on this interface address only (repeatable)")
     node.add_argument("--node-index", type=int, help="which data shard this node trains on")
     node.add_argument("--shards", type=int, help="how many shards the training data is cut into")
+    node.add_argument("--attack", metavar="KIND", help="red-team runs: this node sends poisoned models "
+                      "(sign_flip, scaled, gaussian; strength and start in the [attack] table)")
 
     sweep = sub.add_parser("sweep", help="run every combination of a grid of settings, spread over cores")
     sweep.add_argument("--config", metavar="FILE.toml", help="base settings for every run")
@@ -133,6 +135,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
     if "hidden" in out:
         out["hidden"] = tuple(out["hidden"])
+    if "attack" in out:  # gossipfl node --attack KIND: the kind of the [attack] table
+        out["attack"] = {"kind": out["attack"]}
     if "algorithm_param" in out:
         out["algorithm_params"] = dict(_key_value(item) for item in out.pop("algorithm_param"))
     for key in ("peers", "mdns_interfaces"):
@@ -271,6 +275,15 @@ async def _serve_node(cfg: RunConfig) -> int:
     if cfg.shards is None:
         log.info("no --shards given: this node trains on the whole training set")
     trainer = build_trainer(cfg, data, index, shards)
+    attack = None
+    if cfg.attack:  # this node is the attacker (the table's placement keys do not apply to one node)
+        import networkx as nx
+
+        from gossipfl.attacks import parse_attack
+
+        table = {k: v for k, v in cfg.attack.items() if k not in ("fraction", "placement", "nodes", "seed")}
+        attack = parse_attack({**table, "nodes": [0]}, nx.empty_graph(1), seed=cfg.seed)
+        log.warning("node %s is an attacker: it sends %s models", node_id, attack.kind)
     check_model_fits(cfg, data, trainer)
     check_algorithm_fits(build_algorithm(cfg), trainer.params)
     metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)
@@ -282,7 +295,7 @@ async def _serve_node(cfg: RunConfig) -> int:
         async with Node(cfg, node_id=node_id, trainer=trainer, algorithm=build_algorithm(cfg),
                         metrics=metrics, secret=secret, state_dir=cfg.state_dir,
                         seed=stable_index(node_id, 2**31), mdns=cfg.mdns,
-                        mdns_interfaces=cfg.mdns_interfaces) as node:
+                        mdns_interfaces=cfg.mdns_interfaces, attack=attack) as node:
             print(f"gossipfl node {node_id} on {node.address} (cluster {cfg.cluster}, shard {index}/{shards})",
                   file=sys.stderr, flush=True)
             finished = asyncio.create_task(node.finished.wait())

@@ -31,8 +31,6 @@ def preflight(cfg: RunConfig) -> Plan:
     trainer = plan.trainer(0)  # the partition and initial model the engines will use
     check_model_fits(cfg, plan.data, trainer)
     check_algorithm_fits(plan.algorithm, trainer.params)
-    if plan.attack is not None and cfg.engine != "vectorized":
-        raise ConfigError("attack: the local cluster does not run attackers yet; use engine = \"vectorized\"")
     if cfg.engine == "vectorized":
         from gossipfl.sim.vectorized import check_config
 

@@ -17,6 +17,7 @@ import torch
 from gossipfl.algorithms import Algorithm, Draws, Inbox, Message, Send, State
 from gossipfl.algorithms._util import node_generator
 from gossipfl.algorithms.inbox import combine, count_tensor
+from gossipfl.attacks import Attack, poison
 from gossipfl.learning import Trainer, TrainerLearner
 
 __all__ = ["NodeLearning"]
@@ -25,8 +26,9 @@ __all__ = ["NodeLearning"]
 class NodeLearning:
     """State, step counter and algorithm of one node (``seed``: the node's own, for its draws)."""
 
-    def __init__(self, algorithm: Algorithm, trainer: Trainer, *, seed: int = 0) -> None:
+    def __init__(self, algorithm: Algorithm, trainer: Trainer, *, seed: int = 0, attack: Attack | None = None) -> None:
         self.algorithm = algorithm
+        self.attack = attack  # this node is an attacker: its messages carry a poisoned model
         self.trainer = trainer
         self.learner = TrainerLearner(trainer)
         self.step = 0
@@ -83,6 +85,8 @@ class NodeLearning:
         send = Send(targets=count_tensor(n_targets), step=torch.tensor([self.step]), rng=self._draws)
         out = self.algorithm.message(self.state, send)
         self._realias()
+        if self.attack is not None and "params" in out and self.step >= self.attack.start:
+            out["params"] = poison(self.attack, out["params"], torch.ones(1, dtype=torch.bool), self.generator)
         tensors = {k: v[0] for k, v in out.items() if self.step % self._every.get(k, 1) == 0}
         return Message(tensors=tensors, step=self.step, round=self.step)
 

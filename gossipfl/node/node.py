@@ -29,6 +29,7 @@ from aiohttp import web
 
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm, Message
+from gossipfl.attacks import Attack
 from gossipfl.config import RunConfig, parse_address
 from gossipfl.errors import ConfigError
 from gossipfl.learning.trainer import Trainer
@@ -77,12 +78,14 @@ class Node:
         transport: Transport | None = None,
         min_step_seconds: float = 0.0,
         linger: bool = False,
+        attack: Attack | None = None,
     ) -> None:
         self.cfg = cfg
         self.id = node_id
         self.trainer = trainer
         self.algorithm = algorithm
-        self.state = NodeLearning(algorithm, trainer, seed=seed)  # learning state, the algorithm calls on it
+        # learning state, the algorithm calls on it; ``attack``: this node sends poisoned models (red-team runs)
+        self.state = NodeLearning(algorithm, trainer, seed=seed, attack=attack)
         self.fingerprint = trainer.layout.fingerprint
         self.secret = secret
         self.log = logging.getLogger(f"gossipfl.node.{node_id}")

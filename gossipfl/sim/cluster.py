@@ -98,10 +98,6 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
     ``cfg``: a config or its resolved `gossipfl.plan.Plan` (then nothing is parsed or built again)."""
     plan = resolve(cfg)
     cfg = plan.cfg
-    if plan.attack is not None:
-        from gossipfl.errors import ConfigError
-
-        raise ConfigError("attack: the local cluster does not run attackers yet; use engine = \"vectorized\"")
     network = MemoryNetwork() if cfg.transport == "memory" else None
     ids = node_ids(cfg.nodes)
     # node i trains on shard i % shards, as in the vectorised engine (one shard per node by default);
@@ -118,7 +114,8 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
              transport=None if emulation.ideal else EmulatedTransport(
                  network.transport() if network else HttpTransport(), src=i, index_of=index_of,
                  emulation=emulation, seed=cfg.seed),
-             min_step_seconds=step_seconds[i] if step_seconds else 0.0, linger=cfg.schedule == "async")
+             min_step_seconds=step_seconds[i] if step_seconds else 0.0, linger=cfg.schedule == "async",
+             attack=plan.attack if plan.attack is not None and i in plan.attack.nodes else None)
         for i, nid in enumerate(ids)
     ]
     monitor = _Monitor(nodes, writer, t0)
@@ -199,6 +196,13 @@ def _staleness(nodes: list[Node]) -> dict[str, float | int | None]:
             "staleness_max": max(highs) if highs else None}
 
 
+def _honest(accs: list[float], attackers: set[int]) -> dict[str, Any]:
+    """Accuracy of the nodes that do not attack (the vectorised engine's keys)."""
+    honest = [a for i, a in enumerate(accs) if i not in attackers]
+    return {"honest_mean_accuracy": sum(honest) / len(honest) if honest else None,
+            "honest_min_accuracy": min(honest) if honest else None, "attackers": len(attackers)}
+
+
 def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
              wall: float) -> dict[str, Any]:
     cfg = plan.cfg
@@ -210,6 +214,7 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         "mean_accuracy": sum(accs) / len(accs),
         "min_accuracy": min(accs),
         "max_accuracy": max(accs),
+        **_honest(accs, set(plan.attack.nodes) if plan.attack is not None else set()),
         "avg_model_accuracy": final["avg_model_accuracy"],
         "consensus_distance": final["consensus_distance"],
         "initial_consensus_distance": monitor.history[0]["consensus_distance"],

@@ -143,6 +143,28 @@ def test_sync_schedule_agrees_with_the_local_cluster(
             assert getattr(sim, key).tolist() == ref[key], key
 
 
+ATTACK_CASES = [({}, "sign_flip"), ({"aggregator": "clipped_gossip", "tau": 0.5}, "sign_flip"),
+                ({"aggregator": "median"}, "gaussian")]
+
+
+@pytest.mark.parametrize(("params", "kind"), ATTACK_CASES)
+def test_attackers_agree_with_the_local_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                params: dict[str, Any], kind: str) -> None:
+    """Two attackers (nodes 1 and 5, from step 3): the poisoned messages (Gaussian noise from each
+    attacker's own generator) and what the honest nodes make of them are the same in both engines."""
+    cfg = RunConfig(nodes=8, topology="erdos_renyi", algorithm="dpsgd", steps=20, eval_every=10, schedule="sync",
+                    transport="memory", batch_size=32, seed=3, same_init=True, algorithm_params=params,
+                    attack={"kind": kind, "nodes": [1, 5], "start": 3, "scale": 2.0, "sigma": 0.5})
+    ref = cluster_state(cfg, tmp_path / "cluster", monkeypatch)
+    sim = VectorizedSim(cfg, sampling="exact")
+    summary = sim.run(tmp_path / "vec")
+    assert_states_agree(sim.state, ref["state"], 1e-5)
+    assert summary["attackers"] == 2
+    clean = VectorizedSim(cfg.replace(attack={}), sampling="exact")
+    clean.run(None)
+    assert float((clean.params - sim.params).abs().max()) > 1e-2  # the attack changed the run
+
+
 def test_shared_shards_agree_with_the_local_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``shards = 3`` for 8 nodes: node i trains on shard i % 3 in both engines (the cluster once
     ignored the setting and cut one shard per node)."""

@@ -294,7 +294,12 @@ class VectorizedSim:
         self.keep(rows, sub)
         if self.attack is not None and "params" in out:  # attackers send a poisoned model
             attacking = self.attackers.index_select(0, senders) & (step >= self.attack.start)
-            out["params"] = poison(self.attack, out["params"], attacking, self.gen)
+            if self.exact and self.attack.kind == "gaussian":  # each attacker's noise from its own generator
+                m = out["params"]
+                out["params"] = torch.cat([poison(self.attack, m[k:k + 1], attacking[k:k + 1], self.algo_gens[i])
+                                           for k, i in enumerate(senders.tolist())]) if len(m) else m
+            else:
+                out["params"] = poison(self.attack, out["params"], attacking, self.gen)
         alias = frozenset(k for k, v in out.items() if full and v is self.state.get(k))
         carried = {k: step % e == 0 for k, e in self.every.items() if k in out}
         values = self.algorithm.decode(out, self.layout.numel, self.params.dtype)

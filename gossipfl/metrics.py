@@ -21,9 +21,17 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["MetricsWriter", "StalenessTally", "consensus_distance", "read_metrics"]
+__all__ = ["MetricsWriter", "StalenessTally", "consensus_distance", "honest_accuracy", "read_metrics"]
 
 log = logging.getLogger("gossipfl.metrics")
+
+
+def honest_accuracy(accuracies: list[float], attackers: set[int]) -> dict[str, Any]:
+    """The summary's honest-node keys: mean and minimum accuracy of the nodes (by index) that do
+    not attack (all nodes without an ``[attack]`` table), and how many attack; every engine alike."""
+    honest = [a for i, a in enumerate(accuracies) if i not in attackers]
+    return {"honest_mean_accuracy": sum(honest) / len(honest) if honest else None,
+            "honest_min_accuracy": min(honest) if honest else None, "attackers": len(attackers)}
 
 
 def consensus_distance(params: torch.Tensor) -> float:

@@ -46,12 +46,11 @@ def csr_from(row: np.ndarray, col: np.ndarray, val: np.ndarray, n: int, dev: tor
 class Fanout:
     """Every node sending to all its out-neighbours (a lock-step gossip round): the same messages
     each round of one graph, so they are computed once (`Links.fanout`). Per message, by sender:
-    the sender's position ``which`` (= its index), the link, sender, receiver and the receiver's
+    the sender's position ``which`` (= its index), sender, receiver and the receiver's
     float64 weight for the sender; per node the number of messages sent and received; ``covers``:
     every node receives at least one."""
 
     which: torch.Tensor
-    link: torch.Tensor
     send: torch.Tensor
     recv: torch.Tensor
     weight: torch.Tensor
@@ -118,7 +117,7 @@ class Links:
         """Every node's messages when all send to all their out-neighbours (cached; see `Fanout`)."""
         if self._fanout is None:
             which, link = self.out_links(torch.arange(self.n, device=self.device))
-            self._fanout = Fanout(which=which, link=link, send=which, recv=self.send_col[link],
+            self._fanout = Fanout(which=which, send=which, recv=self.send_col[link],
                                   weight=self.send_weight64[link], n_targets=self.send_deg,
                                   in_count=self.recv_deg, every_sender=bool((self.send_deg > 0).all()),
                                   covers=bool((self.recv_deg > 0).all()))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gossipfl.errors import ConfigError
+from gossipfl.metrics import honest_accuracy
 from gossipfl.topology import graph_spectral_gap
 
 if TYPE_CHECKING:
@@ -163,14 +164,6 @@ def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: floa
     return row
 
 
-def _honest(acc: torch.Tensor, attackers: torch.Tensor) -> dict[str, Any]:
-    """Accuracy of the nodes that do not attack (all nodes without an ``[attack]``), and who attacks."""
-    honest = acc[~attackers]
-    return {"honest_mean_accuracy": float(honest.mean()) if honest.numel() else None,
-            "honest_min_accuracy": float(honest.min()) if honest.numel() else None,
-            "attackers": int(attackers.sum())}
-
-
 def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
     """The run's summary, with the local cluster's keys (and the engine's own: lost, expired, ...)."""
     final = sim.history[-1]
@@ -188,7 +181,7 @@ def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
         "mean_accuracy": float(acc.mean()),
         "min_accuracy": float(acc.min()),
         "max_accuracy": float(acc.max()),
-        **_honest(acc, sim.attackers.cpu()),
+        **honest_accuracy(acc.tolist(), set(sim.attack.nodes) if sim.attack is not None else set()),
         "avg_model_accuracy": final["avg_model_accuracy"],
         "consensus_distance": final["consensus_distance"],
         "initial_consensus_distance": sim.history[0]["consensus_distance"],

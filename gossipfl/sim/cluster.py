@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import torch
 
 from gossipfl.config import RunConfig
-from gossipfl.metrics import MetricsWriter, consensus_distance
+from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
@@ -196,13 +196,6 @@ def _staleness(nodes: list[Node]) -> dict[str, float | int | None]:
             "staleness_max": max(highs) if highs else None}
 
 
-def _honest(accs: list[float], attackers: set[int]) -> dict[str, Any]:
-    """Accuracy of the nodes that do not attack (the vectorised engine's keys)."""
-    honest = [a for i, a in enumerate(accs) if i not in attackers]
-    return {"honest_mean_accuracy": sum(honest) / len(honest) if honest else None,
-            "honest_min_accuracy": min(honest) if honest else None, "attackers": len(attackers)}
-
-
 def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
              wall: float) -> dict[str, Any]:
     cfg = plan.cfg
@@ -214,7 +207,7 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         "mean_accuracy": sum(accs) / len(accs),
         "min_accuracy": min(accs),
         "max_accuracy": max(accs),
-        **_honest(accs, set(plan.attack.nodes) if plan.attack is not None else set()),
+        **honest_accuracy(accs, set(plan.attack.nodes) if plan.attack is not None else set()),
         "avg_model_accuracy": final["avg_model_accuracy"],
         "consensus_distance": final["consensus_distance"],
         "initial_consensus_distance": monitor.history[0]["consensus_distance"],

@@ -4,13 +4,38 @@ An attacker follows the protocol (it trains, receives and merges like any node) 
 model it sends with a poisoned one from its step ``start`` on. The table::
 
     [attack]
-    kind = "sign_flip"     # sign_flip: -scale x; scaled: scale x; gaussian: x + N(0, sigma^2)
+    kind = "sign_flip"     # one of ATTACKS (below)
     fraction = 0.1         # share of the nodes that attack (or nodes = [3, 17, ...])
     placement = "random"   # random, hubs (highest degree first) or given (with nodes)
     start = 0              # first step whose message is poisoned
     scale = 1.0            # sign_flip / scaled: the factor
     sigma = 1.0            # gaussian: the noise's standard deviation
+    z = 1.0                # alie: how many standard deviations (default: Baruch et al.'s z_max)
+    eps = 0.1              # ipm / dissensus: the strength
     seed = 0               # which nodes a random placement picks (default: the run's seed)
+
+A strength key another kind takes is ignored, so one table can serve a sweep over kinds.
+
+The kinds, for an attacker with model x and honest neighbours' models x_1 .. x_k (mean mu,
+coordinate-wise population standard deviation sigma):
+
+``sign_flip``   sends -scale x.            ``scaled``  sends scale x.
+``gaussian``    sends x + N(0, sigma^2 I).
+``alie``        "A little is enough" (Baruch, Baruch, Goldberg, NeurIPS 2019): mu - z sigma,
+                coordinate-wise; inside the honest spread, so distance and median filters pass it.
+                z defaults to z_max = Phi^-1((n - s) / n), s = floor(n / 2 + 1) - f (n nodes, f attackers).
+``ipm``         Inner-product manipulation (Xie, Koyejo, Gupta, UAI 2020): -eps mu.
+``dissensus``   (He, Karimireddy, Jaggi 2022) crafted per receiver i from i's inbox: every attacking
+                neighbour j sends x_i - eps (sum_{k honest} W_ik (x_k - x_i)) / (sum_{j attacking} W_ij),
+                so that under the plain mix x_i moves by (1 - eps) of its honest mixing step (eps > 1
+                pushes the honest nodes apart). Only an omniscient adversary sees every receiver's
+                inbox: the vectorised engine models it; a node service cannot (refused there).
+``label_flip``  data poisoning: the attacker trains on labels C - 1 - y; what it sends is its model.
+``free_rider``  contributes nothing of its own: it echoes its neighbours, sending mu.
+
+ALIE, IPM and the free rider are omniscient about their neighbours: in the vectorised engine
+mu and sigma are over the honest neighbours' current models; a node service (``gossipfl node
+--attack alie``) uses the newest model each neighbour sent it, all it can know.
 
 `poison` is a pure batched function of the messages' model rows, so every engine calls the same
 code; `Attack.nodes` are node indices (the vectorised engine's rows, the cluster's n00, n01, ...).
@@ -21,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import networkx as nx
@@ -28,11 +54,15 @@ import torch
 
 from gossipfl.errors import ConfigError
 
-__all__ = ["ATTACKS", "Attack", "parse_attack", "poison"]
+__all__ = ["ATTACKS", "NEIGHBOURS", "Attack", "alie_z", "dissensus_mix", "dissensus_slots", "flip_labels",
+           "neighbour_stats", "parse_attack", "poison"]
 
-ATTACKS = ("sign_flip", "scaled", "gaussian")
+ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm", "dissensus", "label_flip", "free_rider")
+NEIGHBOURS = frozenset({"alie", "ipm", "free_rider"})  # kinds whose message is built from the neighbours' models
+MESSAGE = frozenset({"sign_flip", "scaled", "gaussian"}) | NEIGHBOURS  # kinds that rewrite the sent model
 PLACEMENTS = ("random", "hubs", "given")
-_KEYS = {"kind", "fraction", "nodes", "placement", "start", "scale", "sigma", "seed"}
+_KEYS = {"kind", "fraction", "nodes", "placement", "start", "scale", "sigma", "z", "eps", "seed"}
+_DEFAULT_EPS = {"ipm": 0.1, "dissensus": 1.5}
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,8 @@ class Attack:
     start: int = 0
     scale: float = 1.0
     sigma: float = 1.0
+    z: float = 1.0
+    eps: float = 0.1
 
     def mask(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """``[n]`` bool: the attackers."""
@@ -51,6 +83,19 @@ class Attack:
         if self.nodes:
             out[list(self.nodes)] = True
         return out
+
+    @property
+    def rewrites_message(self) -> bool:
+        """The attacker's sent model is replaced (not so for label flipping and dissensus)."""
+        return self.kind in MESSAGE
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al.'s z_max for n workers of which f attack: the largest z whose mu - z sigma still
+    has more than half the honest values on its far side (s = floor(n/2 + 1) - f of them)."""
+    s = math.floor(n / 2 + 1) - f
+    p = (n - s) / n
+    return NormalDist().inv_cdf(min(max(p, 1e-6), 1 - 1e-6)) if n else 1.0
 
 
 def _number(key: str, value: Any, *, low: float, high: float = math.inf) -> float:
@@ -93,22 +138,78 @@ def parse_attack(table: Mapping[str, Any] | None, graph: nx.Graph, *, seed: int)
     start = t.get("start", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ConfigError(f"attack.start: expected a step >= 0, got {start!r}")
+    z = _number("z", t["z"], low=0.0) if "z" in t else alie_z(n, len(chosen))
     return Attack(kind=kind, nodes=tuple(chosen), start=start, scale=_number("scale", t.get("scale", 1.0), low=0.0),
-                  sigma=_number("sigma", t.get("sigma", 1.0), low=0.0))
+                  sigma=_number("sigma", t.get("sigma", 1.0), low=0.0), z=z,
+                  eps=_number("eps", t.get("eps", _DEFAULT_EPS.get(kind, 0.1)), low=0.0))
+
+
+def neighbour_stats(values: torch.Tensor, owner: torch.Tensor,
+                    rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row r < ``rows``, over the ``values`` ``[M, D]`` whose ``owner`` ``[M]`` is r: the mean and
+    the coordinate-wise population standard deviation (``[rows, D]``, zeros for a row with none)
+    and how many there are (``[rows]``). Two passes, so no cancellation in the variance."""
+    count = torch.bincount(owner, minlength=rows)
+    c = count.clamp_min(1).to(values.dtype).unsqueeze(1)
+    mu = values.new_zeros(rows, values.shape[1]).index_add_(0, owner, values) / c
+    var = values.new_zeros(rows, values.shape[1]).index_add_(0, owner, (values - mu[owner]) ** 2) / c
+    return mu, var.sqrt(), count
 
 
 def poison(attack: Attack, models: torch.Tensor, attacking: torch.Tensor,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, *, mu: torch.Tensor | None = None,
+           std: torch.Tensor | None = None, heard: torch.Tensor | None = None) -> torch.Tensor:
     """The models ``[S, D]`` to send, with the rows where ``attacking`` (``[S]`` bool) poisoned.
 
-    A new tensor: the senders' own models are left as they are (an attacker still learns)."""
-    if not bool(attacking.any()):
+    ``mu``, ``std`` ``[S, D]`` and ``heard`` ``[S]`` (how many honest neighbours they are over):
+    `neighbour_stats` of each sender's honest neighbours, for the kinds in `NEIGHBOURS`; a row that
+    heard no one sends its own model. A new tensor: the senders' own models are left as they are
+    (an attacker still learns). Kinds that do not rewrite the message return ``models``."""
+    if not attack.rewrites_message or not bool(attacking.any()):
         return models
     if attack.kind == "sign_flip":
         bad = models * -attack.scale
     elif attack.kind == "scaled":
         bad = models * attack.scale
-    else:
+    elif attack.kind == "gaussian":
         noise = torch.randn(models.shape, generator=generator, dtype=models.dtype, device=models.device)
         bad = models + attack.sigma * noise
+    else:
+        if mu is None or std is None or heard is None:
+            raise ValueError(f"attack {attack.kind!r} needs the neighbours' mean, deviation and count")
+        mu, std = mu.to(models.dtype), std.to(models.dtype)
+        if attack.kind == "alie":
+            bad = mu - attack.z * std
+        elif attack.kind == "ipm":
+            bad = -attack.eps * mu
+        else:  # free_rider
+            bad = mu.clone()
+        attacking = attacking & (heard > 0)
     return torch.where(attacking.unsqueeze(1), bad, models)
+
+
+def dissensus_slots(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+                    byzantine: torch.Tensor, eps: float) -> torch.Tensor:
+    """The gathered inbox ``others`` ``[R, K, D]`` with every attacking slot (``byzantine`` ``[R, K]``)
+    replaced by He et al.'s dissensus message for its receiver:
+    ``x_i - eps * sum_{k honest} W_ik (x_k - x_i) / sum_{j attacking} W_ij``."""
+    honest = mask & ~byzantine
+    bad = mask & byzantine
+    w = weights.to(own.dtype)
+    step = ((w * honest).unsqueeze(2) * (others - own.unsqueeze(1))).sum(1)  # [R, D]
+    b = (w * bad).sum(1, keepdim=True).clamp_min(torch.finfo(own.dtype).tiny)
+    crafted = own - eps * step / b
+    return torch.where(bad.unsqueeze(2), crafted.unsqueeze(1).expand_as(others), others)
+
+
+def dissensus_mix(own: torch.Tensor, honest_mix: torch.Tensor, hit: torch.Tensor, eps: float) -> torch.Tensor:
+    """D-PSGD's mix when dissensus messages arrive: ``honest_mix`` is the mix over the honest
+    arrivals alone (x_i + d_i); a receiver with an attacking arrival (``hit`` ``[R]``) gets
+    x_i + (1 - eps) d_i, the closed form of mixing `dissensus_slots`' messages."""
+    moved = own + (1.0 - eps) * (honest_mix - own)
+    return torch.where(hit.view(-1, *([1] * (own.dim() - 1))), moved, honest_mix)
+
+
+def flip_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Label flipping's labels: class c becomes C - 1 - c."""
+    return (n_classes - 1) - y

@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run mDNS on this interface address only (repeatable)")
     node.add_argument("--node-index", type=int, help="which data shard this node trains on")
     node.add_argument("--shards", type=int, help="how many shards the training data is cut into")
-    node.add_argument("--attack", metavar="KIND", help="red-team runs: this node sends poisoned models "
-                      "(sign_flip, scaled, gaussian; strength and start in the [attack] table)")
+    node.add_argument("--attack", metavar="KIND", help="red-team runs: this node attacks (sign_flip, scaled, "
+                      "gaussian, alie, ipm, label_flip, free_rider; strength and start in the [attack] table)")
 
     sweep = sub.add_parser("sweep", help="run every combination of a grid of settings, spread over cores")
     sweep.add_argument("--config", metavar="FILE.toml", help="base settings for every run")
@@ -274,16 +274,23 @@ async def _serve_node(cfg: RunConfig) -> int:
     index = cfg.node_index if cfg.node_index is not None else stable_index(node_id, shards)
     if cfg.shards is None:
         log.info("no --shards given: this node trains on the whole training set")
-    trainer = build_trainer(cfg, data, index, shards)
     attack = None
     if cfg.attack:  # this node is the attacker (the table's placement keys do not apply to one node)
+        import dataclasses
+
         import networkx as nx
 
-        from gossipfl.attacks import parse_attack
+        from gossipfl.attacks import flip_labels, parse_attack
 
         table = {k: v for k, v in cfg.attack.items() if k not in ("fraction", "placement", "nodes", "seed")}
         attack = parse_attack({**table, "nodes": [0]}, nx.empty_graph(1), seed=cfg.seed)
-        log.warning("node %s is an attacker: it sends %s models", node_id, attack.kind)
+        if attack.kind == "dissensus":
+            raise ConfigError("attack.kind: dissensus crafts each receiver's message from that receiver's whole "
+                              "inbox, which a node service cannot see; run it in the vectorised engine")
+        if attack.kind == "label_flip":  # data poisoning: this node learns from flipped labels
+            data = dataclasses.replace(data, y_train=flip_labels(data.y_train, data.n_classes))
+        log.warning("node %s is an attacker: %s", node_id, attack.kind)
+    trainer = build_trainer(cfg, data, index, shards)
     check_model_fits(cfg, data, trainer)
     check_algorithm_fits(build_algorithm(cfg), trainer.params)
     metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)

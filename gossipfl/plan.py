@@ -13,16 +13,17 @@ builds a graph again; each also accepts a plain `RunConfig` and resolves it itse
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from gossipfl.algorithms import Algorithm
-from gossipfl.attacks import Attack, parse_attack
+from gossipfl.attacks import Attack, flip_labels, parse_attack
 from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
 from gossipfl.config import RunConfig
 from gossipfl.emulation import Emulation, parse_emulation
-from gossipfl.errors import DataError
+from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning import Dataset, Trainer, partition
 from gossipfl.topology import Schedule, build_schedule
 
@@ -81,5 +82,28 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
     check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1,
                        loss=emulation.loss)
     attack = parse_attack(cfg.attack, schedule(0), seed=cfg.seed)  # hubs: by graph 0's degrees
+    if attack is not None and attack.kind == "label_flip":
+        data, shards = _flipped(data, shards, attack, cfg.nodes)
     return Plan(cfg=cfg, algorithm=algorithm, emulation=emulation, data=data, shards=shards, schedule=schedule,
                 attack=attack)
+
+
+def _flipped(data: Dataset, shards: tuple[torch.Tensor, ...], attack: Attack,
+             n: int) -> tuple[Dataset, tuple[torch.Tensor, ...]]:
+    """Label flipping: each attacker trains on a copy of its shard with labels C - 1 - y, appended
+    to the training set (the honest nodes' samples keep their labels); one shard entry per node."""
+    if attack.start:
+        raise ConfigError("attack.start: label_flip poisons the attackers' data from step 0 (start = 0)")
+    own = [shards[i % len(shards)] for i in attack.nodes]
+    if not own:
+        return data, shards
+    idx = torch.cat(own)
+    base = data.y_train.shape[0]
+    flipped = dataclasses.replace(data, x_train=torch.cat([data.x_train, data.x_train[idx]]),
+                                  y_train=torch.cat([data.y_train, flip_labels(data.y_train[idx], data.n_classes)]))
+    per_node = [shards[i % len(shards)] for i in range(n)]
+    offset = base
+    for i, s in zip(attack.nodes, own, strict=True):
+        per_node[i] = torch.arange(offset, offset + s.shape[0])
+        offset += s.shape[0]
+    return flipped, tuple(per_node)

@@ -34,7 +34,10 @@ def preflight(cfg: RunConfig) -> Plan:
     if cfg.engine == "vectorized":
         from gossipfl.sim.vectorized import check_config
 
-        check_config(plan)  # device, schedule and duration, per-node speeds
+        check_config(plan)  # device, schedule and duration, per-node speeds, what the attack needs
+    elif plan.attack is not None and plan.attack.kind == "dissensus" and plan.attack.nodes:
+        raise ConfigError("attack.kind: dissensus crafts each receiver's message from that receiver's whole inbox, "
+                          "which only the vectorised engine's omniscient adversary sees (--engine vectorized)")
     return plan
 
 

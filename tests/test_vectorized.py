@@ -144,17 +144,19 @@ def test_sync_schedule_agrees_with_the_local_cluster(
 
 
 ATTACK_CASES = [({}, "sign_flip"), ({"aggregator": "clipped_gossip", "tau": 0.5}, "sign_flip"),
-                ({"aggregator": "median"}, "gaussian")]
+                ({"aggregator": "median"}, "gaussian"), ({}, "label_flip")]
 
 
 @pytest.mark.parametrize(("params", "kind"), ATTACK_CASES)
 def test_attackers_agree_with_the_local_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 params: dict[str, Any], kind: str) -> None:
     """Two attackers (nodes 1 and 5, from step 3): the poisoned messages (Gaussian noise from each
-    attacker's own generator) and what the honest nodes make of them are the same in both engines."""
+    attacker's own generator; label flipping: the attackers' flipped shards) and what the honest
+    nodes make of them are the same in both engines."""
     cfg = RunConfig(nodes=8, topology="erdos_renyi", algorithm="dpsgd", steps=20, eval_every=10, schedule="sync",
                     transport="memory", batch_size=32, seed=3, same_init=True, algorithm_params=params,
-                    attack={"kind": kind, "nodes": [1, 5], "start": 3, "scale": 2.0, "sigma": 0.5})
+                    attack={"kind": kind, "nodes": [1, 5], "start": 0 if kind == "label_flip" else 3, "scale": 2.0,
+                            "sigma": 0.5})
     ref = cluster_state(cfg, tmp_path / "cluster", monkeypatch)
     sim = VectorizedSim(cfg, sampling="exact")
     summary = sim.run(tmp_path / "vec")

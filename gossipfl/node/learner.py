@@ -17,7 +17,7 @@ import torch
 from gossipfl.algorithms import Algorithm, Draws, Inbox, Message, Send, State
 from gossipfl.algorithms._util import node_generator
 from gossipfl.algorithms.inbox import combine, count_tensor
-from gossipfl.attacks import Attack, poison
+from gossipfl.attacks import NEIGHBOURS, Attack, neighbour_stats, poison
 from gossipfl.learning import Trainer, TrainerLearner
 
 __all__ = ["NodeLearning"]
@@ -39,6 +39,8 @@ class NodeLearning:
         self._numel, self._dtype = trainer.layout.numel, trainer.params.dtype
         self._update = any(c.local_update for c in algorithm.channels)
         self._every = {c.key: c.every for c in algorithm.channels if c.every > 1}
+        # an attacker built on its neighbours' models (ALIE, IPM, free rider): the newest each sent
+        self._heard: dict[str, torch.Tensor] | None = {} if attack is not None and attack.kind in NEIGHBOURS else None
 
     @property
     def params(self) -> torch.Tensor:
@@ -60,11 +62,22 @@ class NodeLearning:
         """Fold ``messages`` in (in the order given); ``weights``: sender -> mixing weight."""
         inboxes = combine(self.algorithm.channels, self.state, messages, weights, sum(weights.values()),
                           self._decode)
+        if self._heard is not None:
+            self._listen(messages, weights)
         for inbox in inboxes:
             if self._update:
                 self._update_arrival(inbox)
             self.algorithm.merge(self.state, inbox)
             self._realias()
+
+    def _listen(self, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
+        """Keep the newest model each current neighbour sent (what an ALIE/IPM attacker knows)."""
+        assert self._heard is not None
+        for m in messages:
+            if "params" in m.tensors:
+                self._heard[m.sender] = self._decode({"params": m.tensors["params"].unsqueeze(0)})["params"][0]
+        for gone in [s for s in self._heard if s not in weights]:
+            del self._heard[gone]
 
     def _update_arrival(self, inbox: Inbox) -> None:
         """Gossip learning's update-merge order: one plain SGD step of the arrived model on our data."""
@@ -86,7 +99,15 @@ class NodeLearning:
         out = self.algorithm.message(self.state, send)
         self._realias()
         if self.attack is not None and "params" in out and self.step >= self.attack.start:
-            out["params"] = poison(self.attack, out["params"], torch.ones(1, dtype=torch.bool), self.generator)
+            stats = {}
+            if self._heard is not None:
+                heard = list(self._heard.values())
+                values = torch.stack(heard) if heard else out["params"][:0]
+                mu, std, count = neighbour_stats(values.to(out["params"].dtype),
+                                                 torch.zeros(len(heard), dtype=torch.int64), 1)
+                stats = {"mu": mu, "std": std, "heard": count}
+            out["params"] = poison(self.attack, out["params"], torch.ones(1, dtype=torch.bool), self.generator,
+                                   **stats)
         tensors = {k: v[0] for k, v in out.items() if self.step % self._every.get(k, 1) == 0}
         return Message(tensors=tensors, step=self.step, round=self.step)
 

@@ -19,7 +19,7 @@ from gossipfl.algorithms.base import Channel, Inbox, Message, State
 from gossipfl.algorithms.inbox import combine as node_combine
 from gossipfl.sim._links import csr
 
-__all__ = ["Arrivals", "combine_inbox", "exact_inbox"]
+__all__ = ["Arrivals", "combine_inbox", "exact_inbox", "gather_slots"]
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _product(a: Arrivals, values: torch.Tensor, rows: int, weighted: bool) -> to
     return torch.sparse.mm(m, flat).reshape(rows, *shape)
 
 
-def _gather(a: Arrivals, values: torch.Tensor, rows: int, count: torch.Tensor,
+def gather_slots(a: Arrivals, values: torch.Tensor, rows: int, count: torch.Tensor,
             n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each receiver's messages in slots by sender order: ``[rows, K, ...]`` and their weights ``[rows, K]``."""
     k = int(count.max()) if count.numel() else 0
@@ -101,7 +101,7 @@ def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, A
             continue
         v = values[c.key]
         if c.combine == "gather":
-            out[c.key], weight[c.key] = _gather(a, v, rows, count[c.key], n)
+            out[c.key], weight[c.key] = gather_slots(a, v, rows, count[c.key], n)
             continue
         if c.combine == "mix":
             wsum = torch.zeros(rows, dtype=a.w.dtype, device=a.w.device).index_add_(0, a.r, a.w)

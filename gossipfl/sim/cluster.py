@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import torch
 
 from gossipfl.config import RunConfig
+from gossipfl.errors import ConfigError
 from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
@@ -98,6 +99,9 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
     ``cfg``: a config or its resolved `gossipfl.plan.Plan` (then nothing is parsed or built again)."""
     plan = resolve(cfg)
     cfg = plan.cfg
+    if plan.attack is not None and plan.attack.kind == "dissensus" and plan.attack.nodes:
+        raise ConfigError("attack.kind: dissensus crafts each receiver's message from that receiver's whole inbox, "
+                          "which only the vectorised engine's omniscient adversary sees (--engine vectorized)")
     network = MemoryNetwork() if cfg.transport == "memory" else None
     ids = node_ids(cfg.nodes)
     # node i trains on shard i % shards, as in the vectorised engine (one shard per node by default);

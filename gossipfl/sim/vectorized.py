@@ -52,14 +52,15 @@ import torch
 from gossipfl.algorithms import Algorithm, Draws, Inbox, Send, State
 from gossipfl.algorithms._util import node_generator
 from gossipfl.algorithms.base import draw_targets
-from gossipfl.attacks import poison
+from gossipfl.attacks import NEIGHBOURS, dissensus_mix, dissensus_slots, neighbour_stats, poison
 from gossipfl.build import check_algorithm_fits
 from gossipfl.config import RunConfig
+from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset
 from gossipfl.metrics import MetricsWriter
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim import _record
-from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox
+from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox, gather_slots
 from gossipfl.sim._learner import BatchedLearner
 from gossipfl.sim._links import Fanout, LinkCache, Links
 from gossipfl.sim._memory import keep_freed_memory
@@ -105,8 +106,6 @@ class VectorizedSim:
     def __init__(self, cfg: RunConfig | Plan, *, device: str | None = None, sampling: str = "fast",
                  kernel: str = "auto", block: int | None = None, node_rows: int = NODE_ROWS,
                  data: Dataset | None = None) -> None:
-        from gossipfl.errors import ConfigError
-
         if sampling not in ("fast", "exact"):
             raise ConfigError(f"sampling: {sampling!r} is not one of fast, exact")
         plan = resolve(cfg, data=data)
@@ -174,6 +173,7 @@ class VectorizedSim:
         self.attack = plan.attack
         self.attackers = (plan.attack.mask(n, dev) if plan.attack is not None
                           else torch.zeros(n, dtype=torch.bool, device=dev))
+        self.dissensus = dissensus_combine(plan, exact=self.exact)  # "mix" | "gather" under dissensus, else ""
         self.pairwise = None
         if req.pairwise:
             from gossipfl.sim._pairwise import Pairwise
@@ -292,14 +292,8 @@ class VectorizedSim:
         step = self.step.index_select(0, senders)
         out = self.algorithm.message(sub, Send(targets=n_targets, step=step, rng=self.draws(rows)))
         self.keep(rows, sub)
-        if self.attack is not None and "params" in out:  # attackers send a poisoned model
-            attacking = self.attackers.index_select(0, senders) & (step >= self.attack.start)
-            if self.exact and self.attack.kind == "gaussian":  # each attacker's noise from its own generator
-                m = out["params"]
-                out["params"] = torch.cat([poison(self.attack, m[k:k + 1], attacking[k:k + 1], self.algo_gens[i])
-                                           for k, i in enumerate(senders.tolist())]) if len(m) else m
-            else:
-                out["params"] = poison(self.attack, out["params"], attacking, self.gen)
+        if self.attack is not None and self.attack.rewrites_message and "params" in out:  # poisoned models
+            out["params"] = self._poisoned(out["params"], senders, step, groups)
         alias = frozenset(k for k, v in out.items() if full and v is self.state.get(k))
         carried = {k: step % e == 0 for k, e in self.every.items() if k in out}
         values = self.algorithm.decode(out, self.layout.numel, self.params.dtype)
@@ -311,6 +305,33 @@ class VectorizedSim:
             self.bytes_out.index_add_(0, send, self.message_bytes(carried, which, step.shape[0]))
         return Outbox(send, recv, weight, which, values, carried, links0, senders.shape[0], everyone and full,
                       alias, fan, latency)
+
+    def _poisoned(self, models: torch.Tensor, senders: torch.Tensor, step: torch.Tensor,
+                  groups: list[tuple[Links, torch.Tensor]]) -> torch.Tensor:
+        """The senders' models ``[S, D]`` with the attackers' rows poisoned (`gossipfl.attacks.poison`)."""
+        attack = self.attack
+        assert attack is not None
+        attacking = self.attackers.index_select(0, senders) & (step >= attack.start)
+        if not bool(attacking.any()):
+            return models
+        if self.exact and attack.kind == "gaussian":  # each attacker's noise from its own generator
+            return torch.cat([poison(attack, models[k:k + 1], attacking[k:k + 1], self.algo_gens[i])
+                              for k, i in enumerate(senders.tolist())])
+        stats = {}
+        if attack.kind in NEIGHBOURS:  # omniscient: the honest neighbours' current models
+            owner_l, rows_l = [], []
+            for links, grp in groups:  # each sender's neighbours on the graph it sends on
+                pos = torch.searchsorted(senders, grp).clamp_max(senders.shape[0] - 1)
+                bad = self.attackers.index_select(0, grp) & (senders.index_select(0, pos) == grp)  # still sending
+                which, link = links.out_links(grp[bad])
+                nb = links.send_col[link]
+                honest = ~self.attackers.index_select(0, nb)
+                owner_l.append(pos[bad][which][honest])
+                rows_l.append(nb[honest])
+            owner, nbrs = torch.cat(owner_l), torch.cat(rows_l)
+            mu, std, heard = neighbour_stats(self.params.index_select(0, nbrs), owner, senders.shape[0])
+            stats = {"mu": mu, "std": std, "heard": heard}
+        return poison(attack, models, attacking, self.gen, **stats)
 
     def _targets_on(self, groups: list[tuple[Links, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         """Senders (sorted) and, per message by sender, its sender's position, receiver, weight and
@@ -386,23 +407,61 @@ class VectorizedSim:
         present = torch.zeros(receivers.shape[0], dtype=torch.bool, device=r.device)
         for a in arrivals.values():
             present[a.r] = True
+        dissent = self._dissent(arrivals, receivers.shape[0]) if self.dissensus else None
         if not bool(present.all()):  # merge only the receivers that got something
             idx = present.nonzero().squeeze(1)
             remap = torch.cumsum(present.long(), 0) - 1
             arrivals = {k: Arrivals(remap[a.r], a.col, a.w, a.send) for k, a in arrivals.items()}
             receivers, nw, rows, fused = receivers.index_select(0, idx), nw.index_select(0, idx), \
                 receivers.index_select(0, idx), None
+            if dissent is not None and dissent[0] == "mix":
+                dissent = ("mix", dissent[1].index_select(0, idx))
         sub = self.rows_of(rows)
         if self.exact:
             inbox = exact_inbox(alg.channels, sub, arrivals, values, nw)
         else:
             inbox = combine_inbox(alg.channels, sub, arrivals, values, nw, self.n, fused=fused)
+        if dissent is not None:
+            self._craft_dissensus(sub["params"], inbox, dissent, arrivals["params"])
         before = {k: sub[k] for k in (fused or {})}
         alg.merge(sub, inbox)
         self.keep(rows, sub)
         for k, old in before.items():  # the fused product's input buffer serves the next round's output
             if rows is None and self.state.get(k) is inbox.values[k]:
                 self._spare[k] = old
+
+    def _dissent(self, arrivals: dict[str, Arrivals], rows: int) -> tuple[str, torch.Tensor]:
+        """Dissensus: which of the model arrivals come from attackers. For the mix, they leave the
+        arrivals (`dissensus_mix` adds their closed form) and the result marks the receivers they
+        reached ``[rows]``; for a gathered inbox it flags each arrival ``[M]``."""
+        attack = self.attack
+        assert attack is not None
+        a = arrivals["params"]
+        byz = self.attackers.index_select(0, a.send) & (self.step.index_select(0, a.send) >= attack.start)
+        if self.dissensus == "gather":
+            return "gather", byz
+        hit = torch.zeros(rows, dtype=torch.bool, device=a.r.device)
+        hit[a.r[byz]] = True
+        keep = (~byz).nonzero().squeeze(1)
+        arrivals["params"] = Arrivals(a.r[keep], a.col[keep], a.w[keep], a.send[keep])
+        return "mix", hit
+
+    def _craft_dissensus(self, own: torch.Tensor, inbox: Inbox, dissent: tuple[str, torch.Tensor],
+                         a: Arrivals) -> None:
+        """Put the omniscient attackers' per-receiver dissensus messages into ``inbox`` (module
+        docstring of `gossipfl.attacks`)."""
+        attack = self.attack
+        assert attack is not None
+        kind, flags = dissent
+        if kind == "mix":
+            inbox.values["params"] = dissensus_mix(own, inbox.values["params"], flags, attack.eps)
+            return
+        others, weights = inbox.values["params"], inbox.weight["params"]
+        count = inbox.count["params"]
+        slots = torch.arange(others.shape[1], device=own.device).unsqueeze(0) < count.unsqueeze(1)
+        where = Arrivals(a.r, torch.arange(a.r.shape[0], device=a.r.device), a.w, a.send)
+        byz = gather_slots(where, flags.to(own.dtype).unsqueeze(1), own.shape[0], count, self.n)[0].squeeze(2) > 0
+        inbox.values["params"] = dissensus_slots(own, others, slots, weights, byz, attack.eps)
 
     # ------------------------------------------------------------------ sync schedule
 
@@ -453,7 +512,7 @@ class VectorizedSim:
         receivers = self._everyone if full else torch.unique(out.recv)
         r = out.recv if full else torch.searchsorted(receivers, out.recv)
         fused = None
-        if out.everyone and full and not self.exact:
+        if out.everyone and full and not self.exact and not self.dissensus:
             fused = {}
             for c in self.algorithm.channels:  # one product with M: the neighbours' mix and the own term
                 if c.combine == "mix" and c.key in out.alias and c.key not in carried:
@@ -525,7 +584,26 @@ class VectorizedSim:
 
 def check_config(cfg: RunConfig | Plan) -> None:
     """Refuse a configuration the vectorised engine cannot run, before anything is written."""
-    checked(resolve(cfg))
+    plan = resolve(cfg)
+    checked(plan)
+    dissensus_combine(plan, exact=False)
+
+
+def dissensus_combine(plan: Plan, *, exact: bool) -> str:
+    """How the model channel combines when the run's attackers craft dissensus messages ("" when
+    they do not): those enter each receiver's inbox, so only the mix and a gathered inbox take them."""
+    attack, algorithm = plan.attack, plan.algorithm
+    if attack is None or attack.kind != "dissensus" or not attack.nodes:
+        return ""
+    combine = next((c.combine for c in algorithm.channels if c.key == "params"), "")
+    if combine not in ("mix", "gather") or algorithm.requirements.pairwise:
+        raise ConfigError(f"attack.kind: dissensus crafts each receiver's model message, which needs an "
+                          f"algorithm that mixes models (dpsgd and its orders, averaging); "
+                          f"{algorithm.name!r} does not")
+    if exact:
+        raise ConfigError("attack.kind: dissensus runs with sampling = \"fast\" (exact sampling combines "
+                          "each receiver's messages as a node does, and no node sees the others' inboxes)")
+    return combine
 
 
 def run_vectorized(cfg: RunConfig | Plan, out: Path | None, *, progress: TextIO | None = sys.stderr,

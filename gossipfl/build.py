@@ -78,7 +78,30 @@ def check_algorithm_fits(algorithm: Algorithm, params: torch.Tensor) -> None:
 
 
 def build_algorithm(cfg: RunConfig) -> Algorithm:
-    return get_algorithm(cfg.algorithm, **cfg.algorithm_params)
+    """The run's algorithm with its parameters; the top-level ``aggregator`` and
+    ``[aggregator_params]`` join them (for the algorithms that take a robust rule)."""
+    params = dict(cfg.algorithm_params)
+    if cfg.aggregator is not None or cfg.aggregator_params:
+        import inspect
+
+        from gossipfl.algorithms import ALGORITHMS
+
+        cls = ALGORITHMS.get(cfg.algorithm)
+        if cls is not None and "aggregator" not in inspect.signature(cls).parameters:
+            takes = sorted(n for n, c in ALGORITHMS.items() if "aggregator" in inspect.signature(c).parameters)
+            raise ConfigError(f"aggregator: {cfg.algorithm} has no robust merge; {', '.join(takes)} take one")
+        if cfg.aggregator is not None:
+            if params.get("aggregator", cfg.aggregator) != cfg.aggregator:
+                raise ConfigError(f"aggregator: {cfg.aggregator!r} and algorithm_params.aggregator = "
+                                  f"{params['aggregator']!r} disagree; give one")
+            params["aggregator"] = cfg.aggregator
+        for k, v in cfg.aggregator_params.items():
+            if k in params and params[k] != v:
+                raise ConfigError(f"aggregator_params.{k}: {v!r} and algorithm_params.{k} = {params[k]!r} disagree")
+            params[k] = v
+    if params.get("aggregator") == "balance" and "horizon" not in params:
+        params["horizon"] = cfg.steps  # BALANCE's T: the run's steps
+    return get_algorithm(cfg.algorithm, **params)
 
 
 def stable_index(node_id: str, modulo: int) -> int:

@@ -42,6 +42,10 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="MLP hidden layer sizes")
     p.add_argument("--algorithm-param", dest="algorithm_param", action="append", metavar="KEY=VALUE",
                    help="one [algorithm_params] entry, e.g. aggregator=median or tau=0.5 (repeatable)")
+    p.add_argument("--aggregator", help="robust merge: mean, median, trimmed_mean, krum, clipped_gossip, balance "
+                   "(dpsgd, averaging, epidemic, gossip)")
+    p.add_argument("--aggregator-param", dest="aggregator_param", action="append", metavar="KEY=VALUE",
+                   help="one [aggregator_params] entry, e.g. tau=0.3, tau=\"auto\", b=1, f=1 (repeatable)")
     p.add_argument("--partition", help="iid, dirichlet:ALPHA or shards:K")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="local steps per node")
@@ -137,19 +141,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["hidden"] = tuple(out["hidden"])
     if "attack" in out:  # gossipfl node --attack KIND: the kind of the [attack] table
         out["attack"] = {"kind": out["attack"]}
-    if "algorithm_param" in out:
-        out["algorithm_params"] = dict(_key_value(item) for item in out.pop("algorithm_param"))
+    for flag, table in (("algorithm_param", "algorithm_params"), ("aggregator_param", "aggregator_params")):
+        if flag in out:
+            out[table] = dict(_key_value(item, flag) for item in out.pop(flag))
     for key in ("peers", "mdns_interfaces"):
         if key in out:
             out[key] = tuple(out[key])
     return out
 
 
-def _key_value(item: str) -> tuple[str, Any]:
+def _key_value(item: str, flag: str = "algorithm_param") -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as a TOML value (number, true/false, "string"), else as text."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--algorithm-param: expected KEY=VALUE, got {item!r}")
+        raise ConfigError(f"--{flag.replace('_', '-')}: expected KEY=VALUE, got {item!r}")
     try:
         return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:

@@ -49,6 +49,8 @@ class RunConfig:
     # gossip
     algorithm: str = "dpsgd"
     algorithm_params: dict[str, Any] = field(default_factory=dict)
+    aggregator: str | None = None  # robust merge rule (algorithms/aggregation.py); None: the algorithm's own
+    aggregator_params: dict[str, Any] = field(default_factory=dict)  # the rule's parameters (b, f, m, tau, ...)
     topology: str = "ring"
     weights: str = "metropolis"
     gossip_every: int = 1  # local steps between gossip points

@@ -16,12 +16,13 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["MetricsWriter", "StalenessTally", "consensus_distance", "honest_accuracy", "read_metrics"]
+__all__ = ["MetricsWriter", "StalenessTally", "consensus_distance", "honest_accuracy", "read_metrics", "robust_counts"]
 
 log = logging.getLogger("gossipfl.metrics")
 
@@ -32,6 +33,12 @@ def honest_accuracy(accuracies: list[float], attackers: set[int]) -> dict[str, A
     honest = [a for i, a in enumerate(accuracies) if i not in attackers]
     return {"honest_mean_accuracy": sum(honest) / len(honest) if honest else None,
             "honest_min_accuracy": min(honest) if honest else None, "attackers": len(attackers)}
+
+
+def robust_counts(state: Mapping[str, torch.Tensor], row: int = 0) -> dict[str, int]:
+    """Node ``row``'s cumulative counts of neighbour contributions its robust rule clipped and
+    discarded (`gossipfl.algorithms.aggregation`); empty when it merges by the plain average."""
+    return {k: int(state[k][row]) for k in ("clipped", "discarded") if k in state}
 
 
 def consensus_distance(params: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from gossipfl.algorithms.robust import AGGREGATORS, clipped_gossip, krum, mean, median, trimmed_mean
+from gossipfl.algorithms.robust import AGGREGATORS, balance, clipped_gossip, krum, mean, median, trimmed_mean
 
 F64 = torch.float64
 
@@ -114,7 +114,7 @@ def test_clipped_gossip_keeps_the_average_on_symmetric_weights() -> None:
 
 
 def test_every_rule_is_registered_and_checks_shapes() -> None:
-    assert set(AGGREGATORS) == {"mean", "median", "trimmed_mean", "krum", "clipped_gossip"}
+    assert set(AGGREGATORS) == {"mean", "median", "trimmed_mean", "krum", "clipped_gossip", "balance"}
     for rule in AGGREGATORS.values():
         with pytest.raises(ValueError, match="expected own"):
             rule(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3))
@@ -166,3 +166,109 @@ def test_dpsgd_learns_with_each_robust_aggregator_in_the_vectorised_engine() -> 
                           ({"aggregator": "krum", "f": 1}, 0.8), ({"aggregator": "clipped_gossip", "tau": 1.0}, 0.9)):
         s = run_vectorized(base.replace(algorithm_params=params), None, progress=None)
         assert s["mean_accuracy"] >= least, (params, s["mean_accuracy"])
+
+
+# ---------------------------------------------------------------- BALANCE, the adaptive radius, the counters
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("progress", [0.0, 0.7])
+def test_balance_equals_its_definition(seed: int, progress: float) -> None:
+    """Fang et al. 2024: accept x_j when |x_j - x_i| <= gamma exp(-kappa t/T) |x_i|; then
+    x_i <- alpha x_i + (1 - alpha) mean(accepted), or x_i kept when none is."""
+    own, others, mask, weights = _batch(seed)
+    own = own * 4
+    others[:, 0] = own * 1.05  # one close neighbour each (accepted), the others drawn far and wide
+    gamma, kappa, alpha = 1.2, 1.5, 0.3
+    stats: dict[str, torch.Tensor] = {}
+    got = balance(own, others, mask, weights, gamma=gamma, kappa=kappa, alpha=alpha, progress=progress, stats=stats)
+    accepted_any = False
+    for i in range(own.shape[0]):
+        x = own[i]
+        bound = gamma * torch.exp(torch.tensor(-kappa * progress, dtype=F64)) * x.norm()
+        ok = [others[i, j] for j in range(others.shape[1]) if mask[i, j] and (others[i, j] - x).norm() <= bound]
+        want = alpha * x + (1 - alpha) * torch.stack(ok).mean(0) if ok else x
+        accepted_any |= bool(ok)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-12)
+        assert int(stats["discarded"][i]) == int(mask[i].sum()) - len(ok)
+    assert accepted_any
+    assert int(stats["discarded"].sum()) > 0
+
+
+def test_clipped_gossip_auto_radius_clips_the_farthest_delta_share_of_weight() -> None:
+    own = torch.zeros(1, 2, dtype=F64)
+    dist = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0], dtype=F64)
+    others = torch.stack([dist, torch.zeros(5, dtype=F64)], 1).unsqueeze(0)  # |x_j - x_i| = dist
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    weights = torch.full((1, 5), 0.1, dtype=F64)
+    stats: dict[str, torch.Tensor] = {}
+    # delta = 0.2: the farthest neighbour holds 0.2 of the weight -> radius = the 4th distance, 4
+    got = clipped_gossip(own, others, mask, weights, tau="auto", delta=0.2, stats=stats)
+    torch.testing.assert_close(got, clipped_gossip(own, others, mask, weights, tau=4.0), rtol=0, atol=0)
+    assert int(stats["clipped"][0]) == 1
+    clipped_gossip(own, others, mask, weights, tau="auto", delta=0.45, stats=stats)  # radius 3: two clipped
+    assert int(stats["clipped"][0]) == 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rules_count_what_they_clip_and_discard(seed: int) -> None:
+    own, others, mask, weights = _batch(seed)
+    stats: dict[str, torch.Tensor] = {}
+    clipped_gossip(own, others, mask, weights, tau=2.0, stats=stats)
+    far = ((others - own.unsqueeze(1)).norm(dim=2) > 2.0) & mask
+    assert torch.equal(stats["clipped"], far.sum(1))
+    assert int(stats["discarded"].sum()) == 0
+    krum(own, others, mask, weights, f=1, m=2, stats=stats)
+    for i in range(own.shape[0]):  # neighbours among the candidates left out of the m chosen
+        c = int(mask[i].sum()) + 1
+        if c - 1 - 2 >= 1:
+            cands = _sets(own, others, mask)[i]
+            d2 = torch.cdist(cands, cands).square()
+            scores = [float(torch.sort(torch.cat([d2[a, :a], d2[a, a + 1:]])).values[: c - 3].sum()) for a in range(c)]
+            chosen = set(sorted(range(c), key=lambda a: scores[a])[:2])
+            assert int(stats["discarded"][i]) == len(set(range(1, c)) - chosen)
+    trimmed_mean(own, others, mask, weights, b=1, stats=stats)
+    for i, vals in enumerate(_sets(own, others, mask)):
+        order = vals.argsort(0)  # [c, D]: by rank, which candidate
+        c = vals.shape[0]
+        kept = torch.zeros(c, vals.shape[1])
+        for r in range(1, c - 1):
+            kept[order[r], torch.arange(vals.shape[1])] = 1
+        assert int(stats["discarded"][i]) == int((kept[1:].mean(1) < 0.5).sum())
+    mean(own, others, mask, weights, stats=stats)
+    assert int(stats["clipped"].sum()) == int(stats["discarded"].sum()) == 0
+
+
+def test_top_level_aggregator_joins_the_algorithms_parameters() -> None:
+    from gossipfl.build import build_algorithm
+    from gossipfl.config import RunConfig
+    from gossipfl.errors import ConfigError
+
+    alg = build_algorithm(RunConfig(aggregator="clipped_gossip", aggregator_params={"tau": 0.3}))
+    assert (alg.aggregator, alg.rule.params) == ("clipped_gossip", {"tau": 0.3})
+    assert build_algorithm(RunConfig(aggregator="balance", steps=77)).rule.params["horizon"] == 77
+    epi = build_algorithm(RunConfig(algorithm="epidemic", aggregator="median"))
+    assert epi.channels[0].combine == "gather"
+    for cfg, match in ((RunConfig(algorithm="pushsum", aggregator="median"), "no robust merge"),
+                       (RunConfig(aggregator="median", algorithm_params={"aggregator": "krum"}), "disagree"),
+                       (RunConfig(algorithm="gossip", aggregator="krum"), "does not compose"),
+                       (RunConfig(aggregator="krum", aggregator_params={"tau": 1}), "not a parameter")):
+        with pytest.raises(ConfigError, match=match):
+            build_algorithm(cfg)
+
+
+@pytest.mark.slow
+def test_epidemic_and_gossip_learning_take_clipped_gossip_against_sign_flippers() -> None:
+    """10 % sign flippers on 32 nodes. Measured (honest mean accuracy, plain -> clipped tau 0.3):
+    epidemic learning 0.572 (worst 0.100) -> 0.936 (0.906), gossip learning 0.628 (0.161) -> 0.927 (0.872)."""
+    from gossipfl.config import RunConfig
+    from gossipfl.sim.vectorized import run_vectorized
+
+    base = RunConfig(nodes=32, topology="random_regular", engine="vectorized", schedule="sync", steps=200,
+                     eval_every=100, same_init=True, attack={"kind": "sign_flip", "fraction": 0.1})
+    for algorithm in ("epidemic", "gossip"):
+        plain = run_vectorized(base.replace(algorithm=algorithm), None, progress=None)
+        clipped = run_vectorized(base.replace(algorithm=algorithm, aggregator="clipped_gossip",
+                                              aggregator_params={"tau": 0.3}), None, progress=None)
+        assert clipped["honest_mean_accuracy"] >= 0.85, algorithm
+        assert clipped["honest_mean_accuracy"] >= plain["honest_mean_accuracy"] + 0.2, algorithm
+        assert clipped["clipped"] > 0

@@ -74,7 +74,12 @@ def get_algorithm(name: str, **params: Any) -> Algorithm:
     cls = ALGORITHMS.get(name)
     if cls is None:
         raise ConfigError(f"algorithm: unknown {name!r}; choose one of {', '.join(sorted(ALGORITHMS))}")
-    accepted = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    sig = inspect.signature(cls).parameters.values()
+    accepted = [p.name for p in sig if p.kind is p.KEYWORD_ONLY]
+    if any(p.kind is p.VAR_KEYWORD for p in sig):  # a robust aggregator's parameters (its rule checks them)
+        from gossipfl.algorithms.aggregation import RULE_PARAMS
+
+        accepted += sorted({k for rule in RULE_PARAMS.values() for k in rule})
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ConfigError(

@@ -13,8 +13,9 @@ folds into the self weight, so the rule stays a convex combination. With every n
 in every round it is exactly synchronous D-PSGD.
 
 ``aggregator``: a robust rule of `gossipfl.algorithms.robust` in place of the mix (``median``,
-``trimmed_mean`` with ``b``, ``krum`` with ``f`` and ``m``, ``clipped_gossip`` with ``tau``); the
-channel then gathers every fresh neighbour's model (``gather``) and the rule folds them in.
+``trimmed_mean`` with ``b``, ``krum`` with ``f`` and ``m``, ``clipped_gossip`` with ``tau`` and
+``delta``, ``balance`` with ``gamma``, ``kappa``, ``alpha``, ``horizon``); the channel then gathers
+every fresh neighbour's model (``gather``) and the rule folds them in (`gossipfl.algorithms.aggregation`).
 ``mean`` (default) is the mix above. The coordinate-wise rules and Krum compare models entry by
 entry: start the nodes from one model (``same_init = true``), or they mix unrelated hidden units
 (median from independent initial models stays at chance on digits).
@@ -22,24 +23,13 @@ entry: start the nodes from one model (``same_init = true``), or they mix unrela
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 
-from gossipfl.algorithms._util import check_choice, check_int, check_real
+from gossipfl.algorithms.aggregation import RobustRule
 from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State
 from gossipfl.algorithms.inbox import latest_per_sender, mix
-from gossipfl.algorithms.robust import AGGREGATORS
-
-# each rule's parameters: name -> (checker, default)
-_RULE_PARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
-    "mean": {}, "median": {},
-    "trimmed_mean": {"b": (lambda k, v: check_int(k, v, minimum=0), 1)},
-    "krum": {"f": (lambda k, v: check_int(k, v, minimum=0), 1), "m": (lambda k, v: check_int(k, v, minimum=1), 1)},
-    "clipped_gossip": {"tau": (lambda k, v: math.inf if v in ("inf", math.inf) else check_real(k, v, low=0.0,
-                                                                                               low_open=True), 1.0)},
-}
 
 __all__ = ["DPSGD", "Averaging", "latest_per_sender", "mix"]
 
@@ -51,30 +41,22 @@ class DPSGD(AlgorithmBase):
     requirements: ClassVar[Requirements] = Requirements(weights="symmetric", undirected=True)
     channels = (Channel("params", "mix"),)
 
-    def __init__(self, *, aggregator: str = "mean", b: int | None = None, f: int | None = None,
-                 m: int | None = None, tau: float | str | None = None) -> None:
-        self.aggregator = check_choice("aggregator", aggregator, list(AGGREGATORS))
-        given = {k: v for k, v in (("b", b), ("f", f), ("m", m), ("tau", tau)) if v is not None}
-        known = _RULE_PARAMS[aggregator]
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise ValueError(f"{unknown[0]} is not a parameter of aggregator {aggregator!r}"
-                             + (f" (it takes {', '.join(known)})" if known else " (it takes none)"))
-        self.rule_params = {k: check(k, given.get(k, default)) for k, (check, default) in known.items()}
-        if aggregator != "mean":
+    def __init__(self, *, aggregator: str = "mean", **rule_params: Any) -> None:
+        self.rule = RobustRule(aggregator, rule_params, algorithm=self.name)
+        self.aggregator = aggregator
+        if not self.rule.plain:
             self.channels = (Channel("params", "gather"),)
+
+    def init_state(self, state: State) -> None:
+        super().init_state(state)
+        self.rule.init_state(state)
 
     @torch.no_grad()
     def merge(self, state: State, inbox: Inbox) -> None:
-        if self.aggregator == "mean":
+        if self.rule.plain:
             state["params"] = inbox["params"]
             return
-        own, others = state["params"], inbox["params"]  # [R, D], [R, K, D]
-        if others.shape[1] == 0:
-            return
-        mask = torch.arange(others.shape[1], device=own.device).unsqueeze(0) < inbox.count["params"].unsqueeze(1)
-        weights = inbox.weight["params"].to(own.dtype)
-        state["params"] = AGGREGATORS[self.aggregator](own, others, mask, weights, **self.rule_params)
+        self.rule.merge(state, inbox)
 
 
 class Averaging(DPSGD):

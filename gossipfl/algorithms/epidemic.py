@@ -10,18 +10,21 @@ its model by the plain average of its own and every model that arrived since its
     x_i <- (x_i + sum_{j in arrived} x_j) / (1 + |arrived|)
 
 The communication graph is a fresh random s-out graph every round: no fixed topology, no
-mixing weights, nothing to keep symmetric. ``fanout`` 0 picks ``s = ceil(log2 n)`` for ``n`` the
-node count seen (the value the paper recommends).
+mixing weights, nothing to keep symmetric. ``aggregator``: a robust rule in place of the plain
+average (`gossipfl.algorithms.aggregation`), each arrival and the node's own model weighing
+1 / (1 + |arrived|) where the rule uses weights (clipped gossip, mean). ``fanout`` 0 picks
+``s = ceil(log2 n)`` for ``n`` the node count seen (the value the paper recommends).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_int
+from gossipfl.algorithms.aggregation import RobustRule
 from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State, Targets
 
 __all__ = ["EpidemicLearning", "plain_average"]
@@ -39,9 +42,17 @@ class EpidemicLearning(AlgorithmBase):
     requirements: ClassVar[Requirements] = Requirements(weights="none", undirected=False)
     channels = (Channel("params", "mean"),)
 
-    def __init__(self, *, fanout: int = 0) -> None:
+    def __init__(self, *, fanout: int = 0, aggregator: str = "mean", **rule_params: Any) -> None:
         self.fanout = check_int("fanout", fanout, minimum=0)
         self.targets = Targets("sample", self.fanout)
+        self.rule = RobustRule(aggregator, rule_params, algorithm=self.name)
+        self.aggregator = aggregator
+        if not self.rule.plain:
+            self.channels = (Channel("params", "gather"),)
+
+    def init_state(self, state: State) -> None:
+        super().init_state(state)
+        self.rule.init_state(state)
 
     def fanout_for(self, n_peers: int) -> int:
         s = self.fanout or max(1, math.ceil(math.log2(n_peers + 1)))
@@ -49,4 +60,7 @@ class EpidemicLearning(AlgorithmBase):
 
     @torch.no_grad()
     def merge(self, state: State, inbox: Inbox) -> None:
-        state["params"] = inbox["params"]
+        if self.rule.plain:
+            state["params"] = inbox["params"]
+        else:
+            self.rule.merge(state, inbox, uniform=True)

@@ -32,11 +32,12 @@ receiver merges messages one at a time (``each`` channels). Ages live in ``state
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from gossipfl.algorithms._util import check_choice, check_int
+from gossipfl.algorithms.aggregation import RobustRule
 from gossipfl.algorithms.base import (
     AlgorithmBase,
     Channel,
@@ -115,16 +116,21 @@ class GossipLearning(AlgorithmBase):
     requirements: ClassVar[Requirements] = Requirements(weights="none", undirected=False)
     targets = Targets("one")
 
-    def __init__(self, *, order: str = "merge_update") -> None:
+    def __init__(self, *, order: str = "merge_update", aggregator: str = "mean", **rule_params: Any) -> None:
         self.order = check_choice("order", order, ORDERS)
         update = self.order == "update_merge"
         self.channels = (Channel("params", "each", local_update=update), Channel("age", "each"))
+        # one model per merge: only the rules that act on one neighbour apply
+        self.rule = RobustRule(aggregator, rule_params, allowed=("mean", "clipped_gossip", "balance"),
+                               algorithm=self.name)
+        self.aggregator = aggregator
 
     def tensor_specs(self, numel: int, dtype: torch.dtype) -> TensorSpecs:
         return {"params": ((numel,), dtype), "age": ((), torch.float64)}
 
     def init_state(self, state: State) -> None:
         state["age"] = torch.zeros(state["params"].shape[0], dtype=torch.float64, device=state["params"].device)
+        self.rule.init_state(state)
 
     def local_step(self, state: State, learner: Learner) -> torch.Tensor:
         loss = learner.sgd_step(state["params"])
@@ -138,7 +144,13 @@ class GossipLearning(AlgorithmBase):
     def merge(self, state: State, inbox: Inbox) -> None:
         # update-merge: the arrival took one step on our data (the engine's local_update), which its age counts
         age_y = inbox["age"] + 1 if self.order == "update_merge" else inbox["age"]
-        merged, _ = age_weighted_merge(state["params"], state["age"], inbox["params"], age_y)
+        if self.rule.plain:
+            merged, _ = age_weighted_merge(state["params"], state["age"], inbox["params"], age_y)
+        else:  # the arrival's age weight w: x + w (y - x) becomes the rule on the one slot y
+            x = state["params"]
+            w = age_weighted_merge(torch.zeros_like(x[:, :1]), state["age"], torch.ones_like(x[:, :1]), age_y)[0]
+            one = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+            merged = self.rule.apply(state, x, inbox["params"].unsqueeze(1), one, w)
         state["params"].copy_(merged)
         state["age"] = torch.maximum(state["age"], age_y.to(torch.float64))
 

@@ -22,7 +22,19 @@ receiver's arrivals into the padded stack. The rules:
                     (He, Karimireddy, Jaggi, "Byzantine-robust decentralized learning via
                     ClippedGossip", 2022). A neighbour moves x_i by at most w_ij tau; with tau = inf
                     it is ``mean``. clip is odd, so on symmetric weights the rule keeps the nodes'
-                    average exactly, as D-PSGD's mix does.
+                    average exactly, as D-PSGD's mix does. ``tau = "auto"``: each receiver picks its
+                    own radius, the weighted (1 - ``delta``) quantile of its neighbours' distances
+                    |x_j - x_i|, so that the farthest neighbours holding a ``delta`` share of the
+                    weight are clipped (the adaptive choice of He et al.'s experiments).
+``balance``         BALANCE (Fang, Liu, Jia, Gong, CCS 2024): a neighbour is accepted when
+                    |x_j - x_i| <= gamma exp(-kappa t / T) |x_i| (t: the receiver's step, T: the
+                    run's steps); x_i <- alpha x_i + (1 - alpha) mean(accepted x_j), or x_i kept when
+                    none is.
+
+Every rule can also report, per receiver, how many neighbour contributions it ``clipped`` (clipped
+gossip) and how many it ``discarded`` (Krum: not chosen; BALANCE: not accepted; trimmed mean and
+median: trimmed in more than half of the coordinates; the median is the trimmed mean with the
+largest b), into a ``stats`` dict the caller passes.
 """
 
 from __future__ import annotations
@@ -32,7 +44,11 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["AGGREGATORS", "clipped_gossip", "krum", "mean", "median", "trimmed_mean"]
+__all__ = ["AGGREGATORS", "balance", "clipped_gossip", "krum", "mean", "median", "trimmed_mean"]
+
+
+Stats = dict[str, torch.Tensor]
+"""Per-receiver counts a rule reports: ``clipped`` and ``discarded``, ``[N]`` int64 each."""
 
 
 def _check(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor) -> None:
@@ -42,13 +58,6 @@ def _check(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"mask must be [N, K] = {list(others.shape[:2])}, got {list(mask.shape)}")
 
 
-def mean(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """D-PSGD's mix: ``x_i + sum_j w_ij (x_j - x_i)`` over the slots that hold a message."""
-    _check(own, others, mask)
-    w = torch.where(mask, weights, torch.zeros_like(weights)).to(own.dtype)
-    return own + (w.unsqueeze(2) * (others - own.unsqueeze(1))).sum(1)
-
-
 def _candidates(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """{x_i} and the x_j as one ``[N, 1 + K, D]`` stack, and its validity ``[N, 1 + K]`` (own first)."""
     stack = torch.cat([own.unsqueeze(1), others], 1)
@@ -56,16 +65,53 @@ def _candidates(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor) -> 
     return stack, valid
 
 
-def median(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def mean(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+         stats: Stats | None = None) -> torch.Tensor:
+    """D-PSGD's mix: ``x_i + sum_j w_ij (x_j - x_i)`` over the slots that hold a message."""
+    _check(own, others, mask)
+    _report(stats, own, clipped=None, discarded=None)
+    w = torch.where(mask, weights, torch.zeros_like(weights)).to(own.dtype)
+    return own + (w.unsqueeze(2) * (others - own.unsqueeze(1))).sum(1)
+
+
+def _report(stats: Stats | None, own: torch.Tensor, *, clipped: torch.Tensor | None,
+            discarded: torch.Tensor | None) -> None:
+    """Write the per-receiver counts ``[N]`` (int64) a rule produced into ``stats``."""
+    if stats is None:
+        return
+    zero = torch.zeros(own.shape[0], dtype=torch.int64, device=own.device)
+    stats["clipped"] = zero if clipped is None else clipped.to(torch.int64)
+    stats["discarded"] = zero if discarded is None else discarded.to(torch.int64)
+
+
+def _mostly_trimmed(keep_rank: torch.Tensor, order: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per receiver, how many neighbours (candidates 1..) were trimmed in more than half of the
+    coordinates; ``order`` ``[N, C, D]``: the candidate at each sorted position, ``keep_rank``
+    ``[N, C]``: which sorted positions are kept."""
+    kept = torch.zeros(order.shape, dtype=torch.float32, device=order.device)
+    kept.scatter_(1, order, keep_rank.unsqueeze(2).expand_as(order).to(torch.float32))
+    share = kept.mean(2)  # [N, C]: the share of coordinates where candidate c was kept
+    trimmed = (share < 0.5) & valid
+    return trimmed[:, 1:].sum(1)
+
+
+def median(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+           stats: Stats | None = None) -> torch.Tensor:
     """Coordinate-wise median of the receiver's own model and what arrived (``weights`` unused)."""
     _check(own, others, mask)
     stack, valid = _candidates(own, others, mask)
     stack = torch.where(valid.unsqueeze(2), stack, torch.full_like(stack, math.nan))
-    return stack.nanmedian(1).values
+    med = stack.nanmedian(1)
+    if stats is not None:  # the lower median's position is the one value kept per coordinate
+        kept = torch.zeros(stack.shape, dtype=torch.float32, device=own.device)
+        kept.scatter_(1, med.indices.unsqueeze(1), 1.0)
+        trimmed = (kept.mean(2) < 0.5) & valid  # one value kept per coordinate: the rest trimmed
+        _report(stats, own, clipped=None, discarded=trimmed[:, 1:].sum(1))
+    return med.values
 
 
 def trimmed_mean(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
-                 b: int = 1) -> torch.Tensor:
+                 b: int = 1, stats: Stats | None = None) -> torch.Tensor:
     """Coordinate-wise mean after dropping the ``b`` largest and ``b`` smallest values."""
     _check(own, others, mask)
     if b < 0:
@@ -74,16 +120,18 @@ def trimmed_mean(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, we
     count = valid.sum(1)  # [N]
     big = torch.finfo(stack.dtype).max
     # invalid slots sort last (+max) so the valid values take ranks 0 .. count - 1
-    ordered = torch.where(valid.unsqueeze(2), stack, torch.full_like(stack, big)).sort(1).values
+    ordered, order = torch.where(valid.unsqueeze(2), stack, torch.full_like(stack, big)).sort(1)
     rank = torch.arange(stack.shape[1], device=stack.device).unsqueeze(0)  # [1, 1 + K]
     keep = (rank >= b) & (rank < (count - b).unsqueeze(1))  # [N, 1 + K]
     kept = keep.sum(1, keepdim=True)
     total = torch.where(keep.unsqueeze(2), ordered, torch.zeros_like(ordered)).sum(1)
+    if stats is not None:
+        _report(stats, own, clipped=None, discarded=_mostly_trimmed(keep, order, valid))
     return torch.where(kept > 0, total / kept.clamp_min(1).to(stack.dtype), own)
 
 
 def krum(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
-         f: int = 1, m: int = 1) -> torch.Tensor:
+         f: int = 1, m: int = 1, stats: Stats | None = None) -> torch.Tensor:
     """(Multi-)Krum among the receiver's own model and what arrived; needs c >= f + 3 candidates
     (c - f - 2 >= 1 neighbours in each score), else the node keeps its own model."""
     _check(own, others, mask)
@@ -108,24 +156,70 @@ def krum(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: t
     ok_pick = valid.gather(1, best)  # fewer valid candidates than m: average the valid ones only
     agg = (chosen * ok_pick.unsqueeze(2)).sum(1) / ok_pick.sum(1, keepdim=True).clamp_min(1).to(stack.dtype)
     enough = (near >= 1).unsqueeze(1)
+    if stats is not None:  # neighbours (candidates 1..) left out of the chosen m
+        picked = torch.zeros_like(valid).scatter_(1, best, ok_pick)
+        left = (valid & ~picked)[:, 1:].sum(1)
+        _report(stats, own, clipped=None, discarded=torch.where(enough.squeeze(1), left, torch.zeros_like(left)))
     return torch.where(enough, agg, own)
 
 
+def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> torch.Tensor:
+    """Per row of ``values`` ``[N, K]`` (``weights`` ``[N, K]``, 0 for absent slots): the smallest value
+    whose cumulative weight reaches the share ``q`` of the row's weight (+inf for a row without weight)."""
+    ordered, idx = torch.where(weights > 0, values, torch.full_like(values, math.inf)).sort(1)
+    w = weights.gather(1, idx)
+    cum = w.cumsum(1)
+    total = cum[:, -1:] if cum.shape[1] else cum.new_zeros(cum.shape[0], 1)
+    reach = cum >= q * total - 1e-12 * total
+    first = torch.where(reach, torch.arange(values.shape[1], device=values.device).expand_as(reach),
+                        torch.full_like(idx, values.shape[1])).min(1).values
+    out = ordered.gather(1, first.clamp_max(max(values.shape[1] - 1, 0)).unsqueeze(1)).squeeze(1) \
+        if values.shape[1] else values.new_full((values.shape[0],), math.inf)
+    return torch.where(total.squeeze(1) > 0, out, torch.full_like(out, math.inf))
+
+
 def clipped_gossip(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
-                   tau: float = 1.0) -> torch.Tensor:
-    """ClippedGossip: ``x_i + sum_j w_ij clip_tau(x_j - x_i)``; ``tau`` > 0 (inf: `mean`)."""
+                   tau: float | str = 1.0, delta: float = 0.1, stats: Stats | None = None) -> torch.Tensor:
+    """ClippedGossip: ``x_i + sum_j w_ij clip_tau(x_j - x_i)``; ``tau`` > 0 (inf: `mean`), or
+    ``"auto"``: per receiver the weighted (1 - ``delta``) quantile of its neighbours' distances."""
     _check(own, others, mask)
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
     diff = others - own.unsqueeze(1)  # [N, K, D]
     norm = diff.norm(dim=2, keepdim=True)
-    scale = torch.clamp(tau / norm.clamp_min(torch.finfo(own.dtype).tiny), max=1.0)
     w = torch.where(mask, weights, torch.zeros_like(weights)).to(own.dtype)
+    if tau == "auto":
+        if not 0 <= delta < 1:
+            raise ValueError(f"delta must be in [0, 1), got {delta}")
+        radius = _weighted_quantile(norm.squeeze(2), w, 1.0 - delta).view(-1, 1, 1)
+    else:
+        if not isinstance(tau, int | float) or not tau > 0:
+            raise ValueError(f"tau must be > 0 or \"auto\", got {tau!r}")
+        radius = torch.full((own.shape[0], 1, 1), float(tau), dtype=own.dtype, device=own.device)
+    scale = torch.clamp(radius / norm.clamp_min(torch.finfo(own.dtype).tiny), max=1.0)
+    if stats is not None:
+        _report(stats, own, clipped=((norm.squeeze(2) > radius.view(-1, 1)) & mask).sum(1), discarded=None)
     return own + (w.unsqueeze(2) * diff * scale).sum(1)
+
+
+def balance(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
+            gamma: float = 0.5, kappa: float = 1.0, alpha: float = 0.5, progress: torch.Tensor | float = 0.0,
+            stats: Stats | None = None) -> torch.Tensor:
+    """BALANCE: accept x_j when |x_j - x_i| <= gamma exp(-kappa lambda) |x_i| (``progress`` lambda =
+    t / T, per receiver ``[N]`` or one number), then x_i <- alpha x_i + (1 - alpha) mean(accepted)."""
+    _check(own, others, mask)
+    lam = torch.as_tensor(progress, dtype=own.dtype, device=own.device).expand(own.shape[0])
+    bound = gamma * torch.exp(-kappa * lam) * own.norm(dim=1)  # [N]
+    dist = (others - own.unsqueeze(1)).norm(dim=2)  # [N, K]
+    ok = mask & (dist <= bound.unsqueeze(1))
+    n_ok = ok.sum(1, keepdim=True)
+    accepted = (others * ok.unsqueeze(2)).sum(1) / n_ok.clamp_min(1).to(own.dtype)
+    if stats is not None:
+        _report(stats, own, clipped=None, discarded=(mask & ~ok).sum(1))
+    return torch.where(n_ok > 0, alpha * own + (1.0 - alpha) * accepted, own)
 
 
 Aggregator = Callable[..., torch.Tensor]
 AGGREGATORS: dict[str, Aggregator] = {
     "mean": mean, "median": median, "trimmed_mean": trimmed_mean, "krum": krum, "clipped_gossip": clipped_gossip,
+    "balance": balance,
 }
 """Every rule by the name a run configuration gives (``aggregator = "..."``)."""

@@ -33,7 +33,7 @@ from gossipfl.attacks import Attack
 from gossipfl.config import RunConfig, parse_address
 from gossipfl.errors import ConfigError
 from gossipfl.learning.trainer import Trainer
-from gossipfl.metrics import StalenessTally
+from gossipfl.metrics import StalenessTally, robust_counts
 from gossipfl.node.checkpoint import Checkpoints
 from gossipfl.node.clock import Clock, as_clock
 from gossipfl.node.discovery import Discovery, _default_addresses
@@ -283,6 +283,7 @@ class Node:
             "dropped": self.dropped,
             "rejected": dict(self.rejected),
             "staleness": self.staleness.mean,
+            **robust_counts(self.state.state),  # clipped / discarded, with a robust aggregator
             "finished": self.finished.is_set(),
         }
 
@@ -306,6 +307,7 @@ class Node:
             "loss": loss, "train_loss": self.loss, "accuracy": acc,
             "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
             "msgs_out": self.msgs_out, "msgs_in": self.msgs_in, "staleness": self.staleness.since_row(),
+            **robust_counts(self.state.state),
         })
 
     async def model_snapshot(self) -> torch.Tensor:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 import torch.nn.functional as F
 
+from gossipfl.algorithms.aggregation import COUNTERS
 from gossipfl.errors import ConfigError
-from gossipfl.metrics import honest_accuracy
+from gossipfl.metrics import honest_accuracy, robust_counts
 from gossipfl.topology import graph_spectral_gap
 
 if TYPE_CHECKING:
@@ -109,22 +110,26 @@ def evaluate_all(sim: VectorizedSim) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def mean_model(sim: VectorizedSim) -> torch.Tensor:
-    """The average of every node's deployed model, float64, a block at a time."""
+def mean_model(sim: VectorizedSim, among: torch.Tensor | None = None) -> torch.Tensor:
+    """The average of every node's deployed model (``among``: ``[N]`` bool, those nodes only),
+    float64, a block at a time."""
     total = torch.zeros(sim.layout.numel, dtype=torch.float64, device=sim.device)
     for a in range(0, sim.n, sim.eval_block):
-        total += sim.models(a, a + sim.eval_block).double().sum(0)
-    return total / sim.n
+        block = sim.models(a, a + sim.eval_block).double()
+        total += block.sum(0) if among is None else block[among[a:a + sim.eval_block]].sum(0)
+    return total / (sim.n if among is None else max(int(among.sum()), 1))
 
 
 @torch.no_grad()
-def consensus_distance(sim: VectorizedSim) -> float:
-    """(1/N) sum_i ||x_i - x_bar||^2 in float64, in blocks (as `gossipfl.metrics.consensus_distance`)."""
-    mean = mean_model(sim)
+def consensus_distance(sim: VectorizedSim, among: torch.Tensor | None = None) -> float:
+    """(1/N) sum_i ||x_i - x_bar||^2 in float64, in blocks (as `gossipfl.metrics.consensus_distance`);
+    ``among``: over those nodes only (and their own average)."""
+    mean = mean_model(sim, among)
     acc = torch.zeros((), dtype=torch.float64, device=sim.device)
     for a in range(0, sim.n, sim.eval_block):
-        acc += ((sim.models(a, a + sim.eval_block).double() - mean) ** 2).sum()
-    return float(acc / sim.n)
+        d = ((sim.models(a, a + sim.eval_block).double() - mean) ** 2).sum(1)
+        acc += d.sum() if among is None else d[among[a:a + sim.eval_block]].sum()
+    return float(acc / (sim.n if among is None else max(int(among.sum()), 1)))
 
 
 @torch.no_grad()
@@ -145,11 +150,13 @@ def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: floa
         cols = [sim.step, sim.test_loss, sim.last_loss, sim.accuracy, sim.msgs_out, sim.msgs_in,
                 sim.bytes_out, sim.bytes_in, stale_sum, stale_count]
         step, loss, train_loss, acc, mo, mi, bo, bi, ss, sc = (c[idx].tolist() for c in cols)
+        counts = {k: sim.state[k][idx].tolist() for k in COUNTERS if k in sim.state}
         for k, i in enumerate(sim.sample):
             writer({
                 "node": sim.ids[i], "t": round(t, 6), "step": step[k], "loss": loss[k],
                 "train_loss": train_loss[k], "accuracy": acc[k], "bytes_out": bo[k], "bytes_in": bi[k],
                 "msgs_out": mo[k], "msgs_in": mi[k], "staleness": ss[k] / sc[k] if sc[k] else None,
+                **{c: v[k] for c, v in counts.items()},
             })
     evaluated = bool(torch.isfinite(sim.accuracy).any())
     row = {
@@ -159,6 +166,8 @@ def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: floa
         "avg_model_accuracy": average_model_accuracy(sim),
         "mean_accuracy": float(sim.accuracy.nanmean()) if evaluated else None,
     }
+    if sim.attack is not None:  # an attack: how far apart the honest models are
+        row["honest_consensus_distance"] = consensus_distance(sim, ~sim.attackers)
     writer(row)
     sim.history.append(row)
     return row
@@ -185,6 +194,9 @@ def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
         "avg_model_accuracy": final["avg_model_accuracy"],
         "consensus_distance": final["consensus_distance"],
         "initial_consensus_distance": sim.history[0]["consensus_distance"],
+        **({"honest_consensus_distance": final["honest_consensus_distance"]}
+           if "honest_consensus_distance" in final else {}),
+        **{k: int(sim.state[k].sum()) for k in COUNTERS if k in sim.state},
         "messages": int(mo.sum()),
         "bytes": int(bo.sum()),
         "rejected": 0,
@@ -203,6 +215,7 @@ def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
                 "accuracy": float(acc[i]), "loss": float(loss[i]), "steps": int(steps[i]),
                 "msgs_out": int(mo[i]), "msgs_in": int(mi[i]), "bytes_out": int(bo[i]), "bytes_in": int(bi[i]),
                 "staleness": stale_sum[i] / stale_count[i] if stale_count[i] else None,
+                **robust_counts(sim.state, i),
             }
             for i in sim.sample
         },

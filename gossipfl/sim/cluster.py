@@ -23,7 +23,7 @@ import torch
 
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError
-from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy
+from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy, robust_counts
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
@@ -42,9 +42,11 @@ def node_ids(n: int) -> list[str]:
 class _Monitor:
     """Samples all nodes: consensus distance, averaged-model accuracy, mean accuracy."""
 
-    def __init__(self, nodes: list[Node], metrics: Callable[[dict[str, Any]], None], t0: float) -> None:
+    def __init__(self, nodes: list[Node], metrics: Callable[[dict[str, Any]], None], t0: float,
+                 attackers: frozenset[int] = frozenset()) -> None:
         self.nodes, self.metrics, self.t0 = nodes, metrics, t0
         self.history: list[dict[str, Any]] = []
+        self.honest = [i for i in range(len(nodes)) if i not in attackers] if attackers else None
 
     async def snapshot(self) -> torch.Tensor:
         return torch.stack([await n.model_snapshot() for n in self.nodes])
@@ -61,6 +63,8 @@ class _Monitor:
             "avg_model_accuracy": avg_acc,
             "mean_accuracy": sum(accs) / len(accs) if accs else None,
         }
+        if self.honest is not None:  # an attack: how far apart the honest models are
+            row["honest_consensus_distance"] = consensus_distance(params[self.honest]) if self.honest else None
         self.metrics(row)
         self.history.append(row)
         return row
@@ -122,7 +126,7 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
              attack=plan.attack if plan.attack is not None and i in plan.attack.nodes else None)
         for i, nid in enumerate(ids)
     ]
-    monitor = _Monitor(nodes, writer, t0)
+    monitor = _Monitor(nodes, writer, t0, frozenset(plan.attack.nodes) if plan.attack is not None else frozenset())
     is_tty = progress is not None and progress.isatty()
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -200,6 +204,12 @@ def _staleness(nodes: list[Node]) -> dict[str, float | int | None]:
             "staleness_max": max(highs) if highs else None}
 
 
+def _robust_totals(nodes: list[Node]) -> dict[str, int]:
+    """Every node's neighbour contributions its robust rule clipped and discarded, summed."""
+    counts = [robust_counts(n.state.state) for n in nodes]
+    return {k: sum(c[k] for c in counts) for k in counts[0]} if counts else {}
+
+
 def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, Any],
              wall: float) -> dict[str, Any]:
     cfg = plan.cfg
@@ -215,6 +225,9 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         "avg_model_accuracy": final["avg_model_accuracy"],
         "consensus_distance": final["consensus_distance"],
         "initial_consensus_distance": monitor.history[0]["consensus_distance"],
+        **({"honest_consensus_distance": final["honest_consensus_distance"]}
+           if "honest_consensus_distance" in final else {}),
+        **_robust_totals(nodes),
         "messages": sum(n.msgs_out for n in nodes),
         "bytes": sum(n.bytes_out for n in nodes),
         "rejected": sum(sum(n.rejected.values()) for n in nodes),
@@ -230,6 +243,7 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
                 "accuracy": n.accuracy, "loss": n.loss, "steps": n.state.step,
                 "msgs_out": n.msgs_out, "msgs_in": n.msgs_in,
                 "bytes_out": n.bytes_out, "bytes_in": n.bytes_in, "staleness": n.staleness.mean,
+                **robust_counts(n.state.state),
             }
             for n in nodes
         },

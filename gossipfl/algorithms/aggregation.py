@@ -21,7 +21,7 @@ from gossipfl.algorithms._util import check_int, check_real
 from gossipfl.algorithms.base import Inbox, State
 from gossipfl.algorithms.robust import AGGREGATORS
 
-__all__ = ["COUNTERS", "RULE_PARAMS", "RobustRule"]
+__all__ = ["COUNTERS", "RULE_PARAMS", "RobustRule", "gathering"]
 
 COUNTERS = ("clipped", "discarded")
 
@@ -112,3 +112,15 @@ class RobustRule:
         for name in COUNTERS:
             state[name] = state[name] + stats[name].to(state[name].device)
         return out
+
+
+def gathering(algorithm: Any, aggregator: str, rule_params: Mapping[str, Any]) -> RobustRule:
+    """Give ``algorithm`` its checked rule (``.rule``, ``.aggregator``); a rule other than the plain
+    average makes its model channel gather every fresh neighbour's model."""
+    from gossipfl.algorithms.base import Channel
+
+    rule = RobustRule(aggregator, rule_params, algorithm=algorithm.name)
+    algorithm.rule, algorithm.aggregator = rule, aggregator
+    if not rule.plain:
+        algorithm.channels = (Channel("params", "gather"),)
+    return rule

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gossipfl.algorithms.aggregation import RobustRule
+from gossipfl.algorithms.aggregation import gathering
 from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State
 from gossipfl.algorithms.inbox import latest_per_sender, mix
 
@@ -42,10 +42,7 @@ class DPSGD(AlgorithmBase):
     channels = (Channel("params", "mix"),)
 
     def __init__(self, *, aggregator: str = "mean", **rule_params: Any) -> None:
-        self.rule = RobustRule(aggregator, rule_params, algorithm=self.name)
-        self.aggregator = aggregator
-        if not self.rule.plain:
-            self.channels = (Channel("params", "gather"),)
+        gathering(self, aggregator, rule_params)
 
     def init_state(self, state: State) -> None:
         super().init_state(state)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from gossipfl.algorithms._util import check_int
-from gossipfl.algorithms.aggregation import RobustRule
+from gossipfl.algorithms.aggregation import gathering
 from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State, Targets
 
 __all__ = ["EpidemicLearning", "plain_average"]
@@ -45,10 +45,7 @@ class EpidemicLearning(AlgorithmBase):
     def __init__(self, *, fanout: int = 0, aggregator: str = "mean", **rule_params: Any) -> None:
         self.fanout = check_int("fanout", fanout, minimum=0)
         self.targets = Targets("sample", self.fanout)
-        self.rule = RobustRule(aggregator, rule_params, algorithm=self.name)
-        self.aggregator = aggregator
-        if not self.rule.plain:
-            self.channels = (Channel("params", "gather"),)
+        gathering(self, aggregator, rule_params)
 
     def init_state(self, state: State) -> None:
         super().init_state(state)

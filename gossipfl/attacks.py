@@ -4,9 +4,10 @@ An attacker follows the protocol (it trains, receives and merges like any node) 
 model it sends with a poisoned one from its step ``start`` on. The table::
 
     [attack]
-    kind = "sign_flip"     # one of ATTACKS (below)
+    kind = "sign_flip"     # one of ATTACKS (below), or "none"
     fraction = 0.1         # share of the nodes that attack (or nodes = [3, 17, ...])
-    placement = "random"   # random, hubs (highest degree first) or given (with nodes)
+    placement = "random"   # random, hubs (most central first) or given (with nodes)
+    hubs_by = "degree"     # hubs: rank by "degree" or "betweenness" (sampled beyond 2000 nodes)
     start = 0              # first step whose message is poisoned
     scale = 1.0            # sign_flip / scaled: the factor
     sigma = 1.0            # gaussian: the noise's standard deviation
@@ -61,7 +62,8 @@ ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm", "dissensus", "label
 NEIGHBOURS = frozenset({"alie", "ipm", "free_rider"})  # kinds whose message is built from the neighbours' models
 MESSAGE = frozenset({"sign_flip", "scaled", "gaussian"}) | NEIGHBOURS  # kinds that rewrite the sent model
 PLACEMENTS = ("random", "hubs", "given")
-_KEYS = {"kind", "fraction", "nodes", "placement", "start", "scale", "sigma", "z", "eps", "seed"}
+_KEYS = {"kind", "fraction", "nodes", "placement", "hubs_by", "start", "scale", "sigma", "z", "eps", "seed"}
+HUBS_BY = ("degree", "betweenness")
 _DEFAULT_EPS = {"ipm": 0.1, "dissensus": 1.5}
 
 
@@ -113,8 +115,10 @@ def parse_attack(table: Mapping[str, Any] | None, graph: nx.Graph, *, seed: int)
     if unknown:
         raise ConfigError(f"attack: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_KEYS))}")
     kind = t.get("kind")
+    if kind == "none":  # no attack (a sweep's baseline column)
+        return None
     if kind not in ATTACKS:
-        raise ConfigError(f"attack.kind: expected one of {', '.join(ATTACKS)}, got {kind!r}")
+        raise ConfigError(f"attack.kind: expected one of {', '.join(ATTACKS)} or none, got {kind!r}")
     n = graph.number_of_nodes()
     placement = t.get("placement", "given" if "nodes" in t else "random")
     if placement not in PLACEMENTS:
@@ -129,8 +133,9 @@ def parse_attack(table: Mapping[str, Any] | None, graph: nx.Graph, *, seed: int)
         if "nodes" in t:
             raise ConfigError("attack.nodes: give the nodes with placement = \"given\" (or fraction alone)")
         count = round(_number("fraction", t.get("fraction", 0.1), low=0.0, high=1.0) * n)
-        if placement == "hubs":  # highest degree first, then lowest index
-            order = sorted(range(n), key=lambda i: (-graph.degree(i), i))
+        if placement == "hubs":  # most central first, then lowest index
+            centrality = _centrality(graph, t.get("hubs_by", "degree"), seed=int(t.get("seed", seed)))
+            order = sorted(range(n), key=lambda i: (-centrality[i], i))
         else:
             g = torch.Generator().manual_seed(int(t.get("seed", seed)))
             order = torch.randperm(n, generator=g).tolist()
@@ -142,6 +147,17 @@ def parse_attack(table: Mapping[str, Any] | None, graph: nx.Graph, *, seed: int)
     return Attack(kind=kind, nodes=tuple(chosen), start=start, scale=_number("scale", t.get("scale", 1.0), low=0.0),
                   sigma=_number("sigma", t.get("sigma", 1.0), low=0.0), z=z,
                   eps=_number("eps", t.get("eps", _DEFAULT_EPS.get(kind, 0.1)), low=0.0))
+
+
+def _centrality(graph: nx.Graph, by: Any, *, seed: int) -> dict[int, float]:
+    """Each node's rank key for a hubs placement: its degree, or its betweenness (exact up to 2000
+    nodes; estimated from 256 sampled sources beyond, as exact betweenness is O(n m))."""
+    if by not in HUBS_BY:
+        raise ConfigError(f"attack.hubs_by: expected one of {', '.join(HUBS_BY)}, got {by!r}")
+    if by == "degree":
+        return {i: float(d) for i, d in graph.degree()}
+    n = graph.number_of_nodes()
+    return nx.betweenness_centrality(graph, k=None if n <= 2000 else 256, seed=seed)
 
 
 def neighbour_stats(values: torch.Tensor, owner: torch.Tensor,

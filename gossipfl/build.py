@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -77,6 +78,22 @@ def check_algorithm_fits(algorithm: Algorithm, params: torch.Tensor) -> None:
         raise ConfigError(f"algorithm_params: {exc}") from None
 
 
+def _rule_params(table: dict[str, Any], chosen: str) -> dict[str, Any]:
+    """``[aggregator_params]``: the chosen rule's keys, plainly or in a sub-table named by the rule
+    (``[aggregator_params.clipped_gossip]``), so that one file serves a sweep over rules."""
+    from gossipfl.algorithms.robust import AGGREGATORS
+
+    out = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    for name, sub in table.items():
+        if isinstance(sub, dict):
+            if name not in AGGREGATORS:
+                raise ConfigError(f"aggregator_params.{name}: not a rule; sub-tables are named by one of "
+                                  f"{', '.join(AGGREGATORS)}")
+            if name == chosen:
+                out.update(sub)
+    return out
+
+
 def build_algorithm(cfg: RunConfig) -> Algorithm:
     """The run's algorithm with its parameters; the top-level ``aggregator`` and
     ``[aggregator_params]`` join them (for the algorithms that take a robust rule)."""
@@ -95,7 +112,8 @@ def build_algorithm(cfg: RunConfig) -> Algorithm:
                 raise ConfigError(f"aggregator: {cfg.aggregator!r} and algorithm_params.aggregator = "
                                   f"{params['aggregator']!r} disagree; give one")
             params["aggregator"] = cfg.aggregator
-        for k, v in cfg.aggregator_params.items():
+        chosen = params.get("aggregator", "mean")
+        for k, v in _rule_params(cfg.aggregator_params, chosen).items():
             if k in params and params[k] != v:
                 raise ConfigError(f"aggregator_params.{k}: {v!r} and algorithm_params.{k} = {params[k]!r} disagree")
             params[k] = v

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs in parallel (default: half the cores)")
     sweep.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<time>)")
     sweep.add_argument("--plot", metavar="FILE.png", help="convergence plot of all runs")
+    sweep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy, "
+                       "e.g. aggregator,attack.kind")
     sweep.add_argument("-v", "--verbose", action="count", default=0)
 
     topo = sub.add_parser("topology", help="describe (and plot) a topology")
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--plot", metavar="FILE.png", help="accuracy and consensus distance over time")
     rep.add_argument("--detail", action="store_true", help="also print each run's per-node table")
+    rep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy over "
+                     "seeds, e.g. aggregator,attack.kind")
     return parser
 
 
@@ -334,11 +338,12 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from gossipfl.report import check_plot_path, comparison_table, load_run, plot_runs
+    from gossipfl.report import check_plot_path, comparison_table, load_run, parse_pivot, pivot_table, plot_runs
     from gossipfl.sweep import parse_grid, run_sweep
 
     if args.plot:
         check_plot_path(args.plot)
+    pivot = parse_pivot(args.pivot) if args.pivot else None
     base = load_config(args.config)
     grid = parse_grid(args.grid)
     try:
@@ -358,6 +363,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     done = [load_run(out / r["name"]) for r in records if "summary" in r]
     if done:
         print(comparison_table(done))
+        if pivot:
+            print("\n" + pivot_table(done, *pivot))
     if args.plot and done:
         try:
             plot_runs(done, args.plot)
@@ -391,10 +398,13 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gossipfl.report import comparison_table, load_run, plot_runs
+    from gossipfl.report import comparison_table, load_run, parse_pivot, pivot_table, plot_runs
 
+    pivot = parse_pivot(args.pivot) if args.pivot else None
     runs = [load_run(r) for r in args.runs]
     print(comparison_table(runs))
+    if pivot:
+        print("\n" + pivot_table(runs, *pivot))
     if args.detail:
         for run in runs:
             print(f"\n== {run.path}")

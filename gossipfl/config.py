@@ -231,9 +231,13 @@ def config_to_toml(cfg: RunConfig) -> str:
         v = getattr(cfg, f.name)
         if v is None:
             continue
-        if isinstance(v, dict):
+        if isinstance(v, dict):  # a table; its sub-tables (aggregator_params.krum) after its own keys
             tables.append(f"[{f.name}]")
-            tables += [f"{k} = {_toml_value(x)}" for k, x in v.items()]
+            tables += [f"{k} = {_toml_value(x)}" for k, x in v.items() if not isinstance(x, dict)]
+            for k, sub in v.items():
+                if isinstance(sub, dict):
+                    tables.append(f"[{f.name}.{k}]")
+                    tables += [f"{kk} = {_toml_value(x)}" for kk, x in sub.items()]
             continue
         lines.append(f"{f.name} = {_toml_value(v)}")
     return "\n".join(lines + ([""] + tables if tables else [])) + "\n"

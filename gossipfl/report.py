@@ -17,12 +17,14 @@ from typing import Any
 from gossipfl.errors import ConfigError
 from gossipfl.metrics import read_metrics
 
-__all__ = ["Run", "check_plot_path", "comparison_table", "load_run", "plot_runs"]
+__all__ = ["Run", "check_plot_path", "comparison_table", "load_run", "parse_pivot", "pivot_table", "plot_runs"]
 
 # summary.json figures the table and `--detail` format as numbers (null allowed)
 _SUMMARY_NUMBERS = ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
                     "initial_consensus_distance", "messages", "bytes", "wall_seconds", "node_steps",
-                    "consensus_rate", "predicted_rate", "staleness_mean", "staleness_max")
+                    "consensus_rate", "predicted_rate", "staleness_mean", "staleness_max",
+                    "honest_mean_accuracy", "honest_min_accuracy", "honest_consensus_distance", "attackers",
+                    "clipped", "discarded")
 _NODE_NUMBERS = ("steps", "accuracy", "loss", "msgs_out", "msgs_in", "bytes_out")
 
 
@@ -104,19 +106,72 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def comparison_table(runs: list[Run]) -> str:
-    """One line per run: what it was, and where it ended."""
-    head = (f"{'run':<44}{'engine':>11}{'mean acc':>10}{'min acc':>9}{'avg model':>10}"
-            f"{'consensus':>11}{'stale':>7}{'MB':>9}{'node-steps':>11}{'wall s':>8}")
+    """One line per run: what it was, and where it ended. With attackers in any run, the honest
+    nodes' mean and min accuracy and the attacker count get columns of their own."""
+    attacked = any((r.summary.get("attackers") or 0) > 0 for r in runs)
+    head = (f"{'run':<44}{'engine':>11}{'mean acc':>10}{'min acc':>9}"
+            + (f"{'honest':>8}{'h. min':>8}{'att.':>5}" if attacked else "")
+            + f"{'avg model':>10}{'consensus':>11}{'stale':>7}{'MB':>9}{'node-steps':>11}{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in runs:
         s = r.summary
+        honest = (f"{_fmt(s.get('honest_mean_accuracy'), '.4f'):>8}{_fmt(s.get('honest_min_accuracy'), '.4f'):>8}"
+                  f"{_fmt(s.get('attackers'), 'd'):>5}") if attacked else ""
         lines.append(
             f"{r.label[:43]:<44}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
-            f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
+            f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{honest}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt(s.get('staleness_mean'), '.2f'):>7}"
             f"{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}"
             f"{_fmt(s.get('node_steps'), '.0f'):>11}{_fmt(s.get('wall_seconds'), '.1f'):>8}"
         )
+    return "\n".join(lines)
+
+
+def parse_pivot(text: str) -> tuple[str, str]:
+    """``--pivot ROW,COL``: two settings (dotted keys allowed, e.g. ``aggregator,attack.kind``)."""
+    parts = [p.strip().replace("-", "_") for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"pivot: expected ROW,COL (two settings, e.g. aggregator,attack.kind), got {text!r}")
+    return parts[0], parts[1]
+
+
+def _setting(run: Run, key: str) -> str:
+    from gossipfl.sweep import setting
+
+    v = setting(run.config, key)
+    if v is None and key == "attack.kind":
+        return "none"  # no [attack] table
+    if v is None and key == "aggregator":
+        return str((run.config.get("algorithm_params") or {}).get("aggregator", "mean"))
+    return "-" if v is None else str(v)
+
+
+def pivot_table(runs: list[Run], rows: str, cols: str, value: str = "honest_mean_accuracy",
+                low: str = "honest_min_accuracy") -> str:
+    """A ROW x COL table of ``value`` (and ``low`` in parentheses), each cell the mean over the
+    runs (seeds) that share the two settings; the README's robustness table."""
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        cells.setdefault((_setting(r, rows), _setting(r, cols)), []).append(r)
+    row_names = list(dict.fromkeys(k[0] for k in cells))
+    col_names = list(dict.fromkeys(k[1] for k in cells))
+    width = max(15, *(len(c) + 2 for c in col_names))
+    first = max(len(rows), *(len(n) for n in row_names)) + 2
+    seeds = max(len(v) for v in cells.values())
+
+    def cell(key: tuple[str, str]) -> str:
+        got = cells.get(key, [])
+        vals = [r.summary.get(value) for r in got if _is_number(r.summary.get(value))]
+        lows = [r.summary.get(low) for r in got if _is_number(r.summary.get(low))]
+        if not vals:
+            return "-"
+        text = f"{sum(vals) / len(vals):.3f}"
+        return text + (f" ({sum(lows) / len(lows):.3f})" if lows else "")
+
+    title = f"{value} ({low}){f', mean of {seeds} seeds' if seeds > 1 else ''}: {rows} x {cols}"
+    head = f"{rows:<{first}}" + "".join(f"{c:>{width}}" for c in col_names)
+    lines = [title, head, "-" * len(head)]
+    lines += [f"{n:<{first}}" + "".join(f"{cell((n, c)):>{width}}" for c in col_names) for n in row_names]
     return "\n".join(lines)
 
 

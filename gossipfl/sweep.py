@@ -22,7 +22,7 @@ from typing import Any
 from gossipfl.config import RunConfig, from_mapping
 from gossipfl.errors import ConfigError
 
-__all__ = ["expand_grid", "parse_grid", "run_sweep"]
+__all__ = ["expand_grid", "parse_grid", "run_sweep", "setting"]
 
 
 def _scalar(text: str) -> Any:
@@ -38,7 +38,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = key.strip().replace("-", "_")  # flag spelling; a dotted key names a table entry
         parsed = [_scalar(v.strip()) for v in values.split(",") if v.strip()]
         if not sep or not key or not parsed:
             raise ConfigError(f"grid: {item!r} is not KEY=V1,V2,...")
@@ -53,13 +53,36 @@ def _slug(value: Any) -> str:
     return "".join(c for c in text if c.isalnum() or c in "._-")[:40] or "x"
 
 
+def _nest(changes: dict[str, Any], base: RunConfig) -> dict[str, Any]:
+    """Dotted keys (``attack.kind``, ``aggregator_params.tau``) as entries of the base's tables."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        table, dot, entry = key.partition(".")
+        if not dot:
+            out[key] = value
+            continue
+        current = out.get(table, getattr(base, table, None))
+        if not isinstance(current, dict):
+            raise ConfigError(f"grid: {key!r}: {table!r} is not a table of the configuration")
+        out[table] = {**current, entry: value}
+    return out
+
+
+def setting(cfg: RunConfig | dict[str, Any], key: str) -> Any:
+    """The value of a (dotted) grid key in a config or a config.toml's dict (None when unset)."""
+    d = cfg if isinstance(cfg, dict) else {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    table, dot, entry = key.partition(".")
+    v = d.get(table)
+    return (v.get(entry) if isinstance(v, dict) else None) if dot else v
+
+
 def expand_grid(base: RunConfig, grid: dict[str, list[Any]], seeds: Sequence[int]) -> list[tuple[str, RunConfig]]:
     """(name, config) for every combination and seed, each config checked by the dataclass."""
     keys = list(grid)
     runs = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         changes = dict(zip(keys, combo, strict=True))
-        combination = from_mapping(changes, base=base, source="grid")  # an unknown key or bad value names it
+        combination = from_mapping(_nest(changes, base), base=base, source="grid")  # a bad key or value names it
         for seed in seeds:
             cfg = combination.replace(seed=seed)
             name = "-".join(f"{k}={_slug(v)}" for k, v in changes.items()) or "base"
@@ -106,7 +129,7 @@ def run_sweep(
         futures = {pool.submit(_run_one, cfg, str(out / name)): (name, cfg) for name, cfg in runs}
         for fut in cf.as_completed(futures):
             name, cfg = futures[fut]
-            settings = {k: getattr(cfg, k) for k in grid} | {"seed": cfg.seed}
+            settings = {k: setting(cfg, k) for k in grid} | {"seed": cfg.seed}
             try:
                 summary = fut.result()
             except Exception as exc:  # one failed run must not lose the others

@@ -257,3 +257,17 @@ def test_model_attacks_break_the_mean_and_clipped_gossip_holds() -> None:
         assert mean["attackers"] == 6
         assert mean["honest_mean_accuracy"] < 0.5, attack
         assert clipped["honest_mean_accuracy"] >= 0.85, attack
+
+
+def test_hubs_by_betweenness_picks_the_bridge() -> None:
+    """Two 5-cliques joined through node 10: every clique node has degree >= 4, the bridge 2;
+    by degree the bridge is never picked, by betweenness it is first."""
+    g = nx.union(nx.complete_graph(5), nx.complete_graph(range(5, 10)))
+    g.add_edges_from([(0, 10), (10, 5)])
+    assert 10 not in parse_attack({"kind": "sign_flip", "fraction": 0.1, "placement": "hubs"}, g, seed=0).nodes
+    by_b = parse_attack({"kind": "sign_flip", "fraction": 0.1, "placement": "hubs", "hubs_by": "betweenness"}, g,
+                        seed=0)
+    assert by_b.nodes == (10,)
+    with pytest.raises(ConfigError, match="attack.hubs_by"):
+        parse_attack({"kind": "sign_flip", "placement": "hubs", "hubs_by": "pagerank"}, g, seed=0)
+    assert parse_attack({"kind": "none", "fraction": 0.5}, g, seed=0) is None

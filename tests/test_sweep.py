@@ -51,3 +51,59 @@ def test_a_bad_combination_fails_before_any_run_starts(tmp_path: Path, capsys) -
     assert rc == 2
     assert "hypercube" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dotted_grid_keys_set_table_entries() -> None:
+    from gossipfl.config import RunConfig
+    from gossipfl.sweep import expand_grid, setting
+
+    base = RunConfig(attack={"kind": "sign_flip", "fraction": 0.2})
+    runs = expand_grid(base, parse_grid(["attack.kind=none,alie", "aggregator_params.tau=0.3"]), [0])
+    assert [c.attack for _, c in runs] == [{"kind": "none", "fraction": 0.2, }, {"kind": "alie", "fraction": 0.2}]
+    assert all(c.aggregator_params == {"tau": 0.3} for _, c in runs)
+    assert [setting(c, "attack.kind") for _, c in runs] == ["none", "alie"]
+    assert runs[1][0] == "attack.kind=alie-aggregator_params.tau=0.3-seed=0"
+    with pytest.raises(ConfigError, match="not a table"):
+        expand_grid(base, parse_grid(["nodes.x=1"]), [0])
+
+
+def test_per_rule_parameter_tables_survive_the_run_folder(tmp_path: Path) -> None:
+    """[aggregator_params.krum] sub-tables: the chosen rule's apply, the others are ignored, and
+    config.toml writes them back so that the run folder reads as it ran."""
+    import tomllib
+
+    from gossipfl.build import build_algorithm
+    from gossipfl.config import RunConfig, config_to_toml
+
+    cfg = RunConfig(aggregator="krum", aggregator_params={"krum": {"f": 2}, "clipped_gossip": {"tau": 0.3}})
+    assert build_algorithm(cfg).rule.params == {"f": 2, "m": 1}
+    assert build_algorithm(cfg.replace(aggregator="clipped_gossip")).rule.params == {"tau": 0.3}
+    saved = tomllib.loads(config_to_toml(cfg))
+    assert saved["aggregator_params"] == {"krum": {"f": 2}, "clipped_gossip": {"tau": 0.3}}
+    with pytest.raises(ConfigError, match="not a rule"):
+        build_algorithm(cfg.replace(aggregator_params={"krumm": {"f": 1}}))
+
+
+def _fake_run(root: Path, name: str, config: str, honest: float, low: float) -> Path:
+    d = root / name
+    d.mkdir()
+    (d / "config.toml").write_text(config)
+    (d / "summary.json").write_text(json.dumps({"engine": "vectorized", "mean_accuracy": honest, "attackers": 1,
+                                                "honest_mean_accuracy": honest, "honest_min_accuracy": low}))
+    (d / "metrics.jsonl").write_text("")
+    return d
+
+
+def test_pivot_table_averages_seeds_per_cell(tmp_path: Path, capsys) -> None:
+    runs = [_fake_run(tmp_path, "a0", 'aggregator = "mean"\n[attack]\nkind = "alie"\n', 0.2, 0.1),
+            _fake_run(tmp_path, "a1", 'aggregator = "mean"\n[attack]\nkind = "alie"\n', 0.4, 0.3),
+            _fake_run(tmp_path, "b0", 'aggregator = "krum"\n', 0.9, 0.8)]
+    assert main(["report", *map(str, runs), "--pivot", "aggregator,attack.kind"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("honest_mean_accuracy"):].splitlines()
+    assert "mean of 2 seeds" in table[0]
+    assert table[1].split() == ["aggregator", "alie", "none"]
+    assert table[3].split() == ["mean", "0.300", "(0.200)", "-"]
+    assert table[4].split() == ["krum", "-", "0.900", "(0.800)"]
+    assert "honest" in out.splitlines()[0]  # the comparison table has honest columns too
+    assert main(["report", str(runs[0]), "--pivot", "aggregator"]) == 2

@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--detail", action="store_true", help="also print each run's per-node table")
     rep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy over "
                      "seeds, e.g. aggregator,attack.kind")
+    rep.add_argument("--markdown", action="store_true", help="print the --pivot table as Markdown")
     return parser
 
 
@@ -404,7 +405,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = [load_run(r) for r in args.runs]
     print(comparison_table(runs))
     if pivot:
-        print("\n" + pivot_table(runs, *pivot))
+        print("\n" + pivot_table(runs, *pivot, markdown=args.markdown))
     if args.detail:
         for run in runs:
             print(f"\n== {run.path}")

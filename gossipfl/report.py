@@ -147,9 +147,10 @@ def _setting(run: Run, key: str) -> str:
 
 
 def pivot_table(runs: list[Run], rows: str, cols: str, value: str = "honest_mean_accuracy",
-                low: str = "honest_min_accuracy") -> str:
+                low: str = "honest_min_accuracy", *, markdown: bool = False) -> str:
     """A ROW x COL table of ``value`` (and ``low`` in parentheses), each cell the mean over the
-    runs (seeds) that share the two settings; the README's robustness table."""
+    runs (seeds) that share the two settings; the README's robustness table. ``markdown``: as a
+    Markdown table, for a paper's draft or a README."""
     cells: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         cells.setdefault((_setting(r, rows), _setting(r, cols)), []).append(r)
@@ -169,6 +170,10 @@ def pivot_table(runs: list[Run], rows: str, cols: str, value: str = "honest_mean
         return text + (f" ({sum(lows) / len(lows):.3f})" if lows else "")
 
     title = f"{value} ({low}){f', mean of {seeds} seeds' if seeds > 1 else ''}: {rows} x {cols}"
+    if markdown:
+        lines = [f"| {rows} | " + " | ".join(col_names) + " |", "|---" * (len(col_names) + 1) + "|"]
+        lines += [f"| `{n}` | " + " | ".join(cell((n, c)) for c in col_names) + " |" for n in row_names]
+        return "\n".join(lines)
     head = f"{rows:<{first}}" + "".join(f"{c:>{width}}" for c in col_names)
     lines = [title, head, "-" * len(head)]
     lines += [f"{n:<{first}}" + "".join(f"{cell((n, c)):>{width}}" for c in col_names) for n in row_names]

@@ -398,11 +398,33 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_folders(paths: list[str]) -> list[Path]:
+    """The run folders among ``paths``: a sweep folder (sweep.json, no summary.json) stands for its
+    runs, in the sweep's order; a plain file (``runs/*`` matches sweep.json) is skipped."""
+    out: list[Path] = []
+    for text in paths:
+        p = Path(text)
+        if p.is_file():
+            log.info("report: skipping %s (a file, not a run folder)", p)
+            continue
+        if (p / "sweep.json").is_file() and not (p / "summary.json").exists():
+            try:
+                records = json.loads((p / "sweep.json").read_text(encoding="utf-8"))
+                out += [p / r["name"] for r in records if "summary" in r]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"report: cannot read {p / 'sweep.json'}: {exc}") from None
+            continue
+        out.append(p)
+    if not out:
+        raise ConfigError("report: no run folders among the paths given")
+    return out
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from gossipfl.report import comparison_table, load_run, parse_pivot, pivot_table, plot_runs
 
     pivot = parse_pivot(args.pivot) if args.pivot else None
-    runs = [load_run(r) for r in args.runs]
+    runs = [load_run(r) for r in _run_folders(args.runs)]
     print(comparison_table(runs))
     if pivot:
         print("\n" + pivot_table(runs, *pivot, markdown=args.markdown))

@@ -107,3 +107,17 @@ def test_pivot_table_averages_seeds_per_cell(tmp_path: Path, capsys) -> None:
     assert table[4].split() == ["krum", "-", "0.900", "(0.800)"]
     assert "honest" in out.splitlines()[0]  # the comparison table has honest columns too
     assert main(["report", str(runs[0]), "--pivot", "aggregator"]) == 2
+
+
+def test_report_takes_a_sweep_folder_and_skips_files(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    _fake_run(sweep, "r1", 'aggregator = "krum"\n', 0.9, 0.8)
+    _fake_run(sweep, "r0", 'aggregator = "mean"\n', 0.3, 0.2)
+    (sweep / "sweep.json").write_text(json.dumps([{"name": "r1", "summary": {}}, {"name": "r0", "summary": {}},
+                                                  {"name": "failed", "error": "x"}]))
+    assert main(["report", str(sweep), "--pivot", "aggregator,attack.kind"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows[-2:]] == ["krum", "mean"]  # the sweep's order
+    assert main(["report", *map(str, sorted(sweep.iterdir()))]) == 0  # runs/* includes sweep.json
+    assert main(["report", str(sweep / "sweep.json")]) == 2

@@ -169,7 +169,7 @@ def pivot_table(runs: list[Run], rows: str, cols: str, value: str = "honest_mean
         text = f"{sum(vals) / len(vals):.3f}"
         return text + (f" ({sum(lows) / len(lows):.3f})" if lows else "")
 
-    title = f"{value} ({low}){f', mean of {seeds} seeds' if seeds > 1 else ''}: {rows} x {cols}"
+    title = f"{value} ({low}){f', mean of up to {seeds} runs per cell' if seeds > 1 else ''}: {rows} x {cols}"
     if markdown:
         lines = [f"| {rows} | " + " | ".join(col_names) + " |", "|---" * (len(col_names) + 1) + "|"]
         lines += [f"| `{n}` | " + " | ".join(cell((n, c)) for c in col_names) + " |" for n in row_names]

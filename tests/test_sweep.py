@@ -101,7 +101,7 @@ def test_pivot_table_averages_seeds_per_cell(tmp_path: Path, capsys) -> None:
     assert main(["report", *map(str, runs), "--pivot", "aggregator,attack.kind"]) == 0
     out = capsys.readouterr().out
     table = out[out.index("honest_mean_accuracy"):].splitlines()
-    assert "mean of 2 seeds" in table[0]
+    assert "mean of up to 2 runs per cell" in table[0]
     assert table[1].split() == ["aggregator", "alie", "none"]
     assert table[3].split() == ["mean", "0.300", "(0.200)", "-"]
     assert table[4].split() == ["krum", "-", "0.900", "(0.800)"]

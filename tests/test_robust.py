@@ -272,3 +272,29 @@ def test_epidemic_and_gossip_learning_take_clipped_gossip_against_sign_flippers(
         assert clipped["honest_mean_accuracy"] >= 0.85, algorithm
         assert clipped["honest_mean_accuracy"] >= plain["honest_mean_accuracy"] + 0.2, algorithm
         assert clipped["clipped"] > 0
+
+
+@pytest.mark.parametrize("attack", [{}, {"kind": "dissensus", "nodes": [2, 9]}, {"kind": "alie", "nodes": [2, 9]}])
+def test_blocked_gather_merges_exactly_as_one_block(monkeypatch: pytest.MonkeyPatch, attack: dict) -> None:
+    """The vectorised engine builds gathered stacks a cache-sized block of receivers at a time;
+    forced down to blocks of 3 receivers, every state tensor (counters included) is as with one block."""
+    import gossipfl.sim.vectorized as vec
+    from gossipfl.config import RunConfig
+
+    cfg = RunConfig(nodes=16, topology="erdos_renyi", engine="vectorized", schedule="sync", steps=6, same_init=True,
+                    aggregator="clipped_gossip", aggregator_params={"tau": 0.05}, attack=attack)
+    one = vec.VectorizedSim(cfg)
+    one.rounds(6)
+    monkeypatch.setattr(vec, "GATHER_BLOCK_FLOATS", 3 * one.layout.numel)  # K >= 1: at most 3 receivers a block
+    calls = []
+    merge_blocks = vec.VectorizedSim._merge_blocks
+    monkeypatch.setattr(vec.VectorizedSim, "_merge_blocks",
+                        lambda self, *a: calls.append(a[-1]) or merge_blocks(self, *a))
+    blocked = vec.VectorizedSim(cfg)
+    blocked.rounds(6)
+    assert calls
+    assert max(calls) <= 3
+    assert set(one.state) == set(blocked.state)
+    for k, v in one.state.items():
+        assert torch.equal(v, blocked.state[k]), k
+    assert int(one.state["clipped"].sum()) > 0

@@ -197,7 +197,8 @@ def clipped_gossip(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, 
     scale = torch.clamp(radius / norm.clamp_min(torch.finfo(own.dtype).tiny), max=1.0)
     if stats is not None:
         _report(stats, own, clipped=((norm.squeeze(2) > radius.view(-1, 1)) & mask).sum(1), discarded=None)
-    return own + (w.unsqueeze(2) * diff * scale).sum(1)
+    coef = (w * scale.squeeze(2)).unsqueeze(1)  # [N, 1, K]: one batched product reads diff once
+    return own + torch.bmm(coef, diff).squeeze(1)
 
 
 def balance(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,

@@ -19,7 +19,7 @@ from gossipfl.algorithms.base import Channel, Inbox, Message, State
 from gossipfl.algorithms.inbox import combine as node_combine
 from gossipfl.sim._links import csr
 
-__all__ = ["Arrivals", "combine_inbox", "exact_inbox", "gather_slots"]
+__all__ = ["Arrivals", "combine_inbox", "exact_inbox", "gather_index", "gather_slots", "stack_slots"]
 
 
 @dataclass
@@ -64,29 +64,47 @@ def _product(a: Arrivals, values: torch.Tensor, rows: int, weighted: bool) -> to
     return torch.sparse.mm(m, flat).reshape(rows, *shape)
 
 
-def gather_slots(a: Arrivals, values: torch.Tensor, rows: int, count: torch.Tensor,
-            n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each receiver's messages in slots by sender order: ``[rows, K, ...]`` and their weights ``[rows, K]``."""
+def gather_index(a: Arrivals, rows: int, count: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each receiver's slots in sender order: the arrival in each slot ``[rows, K]`` (-1: an empty
+    slot) and its weight ``[rows, K]`` (float64, 0 for an empty slot)."""
     k = int(count.max()) if count.numel() else 0
-    stack = values.new_zeros(rows, k, *values.shape[1:])
-    w = torch.zeros(rows, k, dtype=torch.float64, device=values.device)
+    idx = torch.full((rows, k), -1, dtype=torch.int64, device=a.r.device)
+    w = torch.zeros(rows, k, dtype=torch.float64, device=a.r.device)
     if a.r.numel():
         order = torch.argsort(a.r * n + a.send)  # by receiver, then by sender
-        r, col = a.r[order], a.col[order]
+        r = a.r[order]
         first = torch.cumsum(count, 0) - count
         slot = torch.arange(r.shape[0], device=r.device) - first[r]
-        stack[r, slot] = values.index_select(0, col)
+        idx[r, slot] = order
         w[r, slot] = a.w[order].double()
-    return stack, w
+    return idx, w
+
+
+def stack_slots(a: Arrivals, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The values in the slots ``idx`` (from `gather_index`): ``[R, K, ...]``, zeros in empty slots."""
+    flat = idx.reshape(-1)
+    stack = values.index_select(0, a.col[flat.clamp_min(0)]).view(*idx.shape, *values.shape[1:])
+    if bool((flat < 0).any()):
+        stack[idx < 0] = 0
+    return stack
+
+
+def gather_slots(a: Arrivals, values: torch.Tensor, rows: int, count: torch.Tensor,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each receiver's messages in slots by sender order: ``[rows, K, ...]`` and their weights ``[rows, K]``."""
+    idx, w = gather_index(a, rows, count, n)
+    return stack_slots(a, values, idx), w
 
 
 def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, Arrivals],
                   values: dict[str, torch.Tensor], neighbour_weight: torch.Tensor, n: int, *,
-                  fused: dict[str, torch.Tensor] | None = None) -> Inbox:
+                  fused: dict[str, torch.Tensor] | None = None, stacks: bool = True) -> Inbox:
     """The `Inbox` of R receivers (``own``: their state rows) for combining channels.
 
     ``values[key]``: the message values the arrivals' ``col`` index; ``fused[key]``: a precomputed
     combined value (the sync schedule's ``M @ x`` with the cached mixing matrix) used as it is.
+    ``stacks = False``: a ``gather`` channel's value is its slot index (`gather_index`), for the
+    caller to build the stacks a block of receivers at a time (`stack_slots`).
     """
     rows = neighbour_weight.shape[0]
     out: dict[str, torch.Tensor] = {}
@@ -101,7 +119,8 @@ def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, A
             continue
         v = values[c.key]
         if c.combine == "gather":
-            out[c.key], weight[c.key] = gather_slots(a, v, rows, count[c.key], n)
+            idx, weight[c.key] = gather_index(a, rows, count[c.key], n)
+            out[c.key] = stack_slots(a, v, idx) if stacks else idx
             continue
         if c.combine == "mix":
             wsum = torch.zeros(rows, dtype=a.w.dtype, device=a.w.device).index_add_(0, a.r, a.w)

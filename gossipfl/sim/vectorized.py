@@ -60,7 +60,7 @@ from gossipfl.learning import Dataset
 from gossipfl.metrics import MetricsWriter
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim import _record
-from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox, gather_slots
+from gossipfl.sim._combine import Arrivals, combine_inbox, exact_inbox, gather_slots, stack_slots
 from gossipfl.sim._learner import BatchedLearner
 from gossipfl.sim._links import Fanout, LinkCache, Links
 from gossipfl.sim._memory import keep_freed_memory
@@ -71,6 +71,9 @@ __all__ = ["NODE_ROWS", "VectorizedSim", "check_config", "run_vectorized"]
 
 NODE_ROWS = 64
 """Default number of nodes whose rows go to metrics.jsonl (evenly spaced ids); all nodes are evaluated."""
+
+
+GATHER_BLOCK_FLOATS = 2**20  # a gathered block's stack: 4 MB of float32, about what L2 + L3 keep hot
 
 
 @dataclass
@@ -314,24 +317,30 @@ class VectorizedSim:
         attacking = self.attackers.index_select(0, senders) & (step >= attack.start)
         if not bool(attacking.any()):
             return models
+        apos = attacking.nonzero().squeeze(1)  # positions in ``senders`` of those attacking now
         if self.exact and attack.kind == "gaussian":  # each attacker's noise from its own generator
-            return torch.cat([poison(attack, models[k:k + 1], attacking[k:k + 1], self.algo_gens[i])
-                              for k, i in enumerate(senders.tolist())])
+            bad = torch.cat([poison(attack, models[k:k + 1], attacking[k:k + 1], self.algo_gens[i])
+                             for k, i in zip(apos.tolist(), senders[apos].tolist(), strict=True)])
+            return models.index_copy(0, apos, bad)
         stats = {}
         if attack.kind in NEIGHBOURS:  # omniscient: the honest neighbours' current models
+            slot = torch.full((senders.shape[0],), -1, dtype=torch.int64, device=senders.device)
+            slot[apos] = torch.arange(apos.shape[0], device=senders.device)
             owner_l, rows_l = [], []
-            for links, grp in groups:  # each sender's neighbours on the graph it sends on
+            for links, grp in groups:  # each attacker's neighbours on the graph it sends on
                 pos = torch.searchsorted(senders, grp).clamp_max(senders.shape[0] - 1)
-                bad = self.attackers.index_select(0, grp) & (senders.index_select(0, pos) == grp)  # still sending
-                which, link = links.out_links(grp[bad])
+                mine = (senders.index_select(0, pos) == grp) & (slot.index_select(0, pos) >= 0)
+                which, link = links.out_links(grp[mine])
                 nb = links.send_col[link]
                 honest = ~self.attackers.index_select(0, nb)
-                owner_l.append(pos[bad][which][honest])
+                owner_l.append(slot[pos[mine]][which][honest])
                 rows_l.append(nb[honest])
             owner, nbrs = torch.cat(owner_l), torch.cat(rows_l)
-            mu, std, heard = neighbour_stats(self.params.index_select(0, nbrs), owner, senders.shape[0])
+            mu, std, heard = neighbour_stats(self.params.index_select(0, nbrs), owner, apos.shape[0])
             stats = {"mu": mu, "std": std, "heard": heard}
-        return poison(attack, models, attacking, self.gen, **stats)
+        bad = poison(attack, models.index_select(0, apos), torch.ones_like(apos, dtype=torch.bool), self.gen,
+                     **stats)
+        return models.index_copy(0, apos, bad)
 
     def _targets_on(self, groups: list[tuple[Links, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         """Senders (sorted) and, per message by sender, its sender's position, receiver, weight and
@@ -416,6 +425,64 @@ class VectorizedSim:
                 receivers.index_select(0, idx), None
             if dissent is not None and dissent[0] == "mix":
                 dissent = ("mix", dissent[1].index_select(0, idx))
+        block = self._gather_block(arrivals, values, receivers.shape[0])
+        if block < receivers.shape[0]:
+            self._merge_blocks(receivers, arrivals, values, nw, dissent, block)
+            return
+        self._merge_rows(rows, arrivals, values, nw, fused, dissent)
+
+    def _merge_blocks(self, receivers: torch.Tensor, arrivals: dict[str, Arrivals], values: dict[str, torch.Tensor],
+                      nw: torch.Tensor, dissent: tuple[str, torch.Tensor] | None, block: int) -> None:
+        """`_merge_rows` with the ``gather`` channels' stacks built ``block`` receivers at a time,
+        so the robust rule works on what the caches hold (the inbox's bookkeeping is done once)."""
+        alg = self.algorithm
+        if any(v is self.state.get(k) for k, v in values.items()):
+            values = {k: v.clone() for k, v in values.items()}  # what was sent, not what an earlier block merged
+        sub = self.rows_of(receivers)
+        inbox = combine_inbox(alg.channels, sub, arrivals, values, nw, self.n, stacks=False)
+        gathered = {c.key for c in alg.channels if c.combine == "gather"}
+        for lo in range(0, receivers.shape[0], block):
+            hi = min(lo + block, receivers.shape[0])
+            part = Inbox(values={k: stack_slots(arrivals[k], values[k], v[lo:hi]) if k in gathered else v[lo:hi]
+                                 for k, v in inbox.values.items()},
+                         count={k: v[lo:hi] for k, v in inbox.count.items()},
+                         weight={k: v[lo:hi] for k, v in inbox.weight.items()}, neighbour_weight=nw[lo:hi])
+            mine = {k: v[lo:hi] for k, v in sub.items()}
+            if dissent is not None:
+                kind, flags = dissent
+                if kind == "mix":
+                    self._craft_dissensus(mine["params"], part, ("mix", flags[lo:hi]), arrivals["params"])
+                else:
+                    idx = inbox.values["params"][lo:hi]
+                    byz = flags[idx.clamp_min(0)] & (idx >= 0)
+                    part.values["params"] = dissensus_slots(mine["params"], part.values["params"], idx >= 0,
+                                                            part.weight["params"], byz, self._eps())
+            alg.merge(mine, part)
+            self.keep(receivers[lo:hi], mine)
+
+    def _eps(self) -> float:
+        assert self.attack is not None
+        return self.attack.eps
+
+    def _gather_block(self, arrivals: dict[str, Arrivals], values: dict[str, torch.Tensor], rows: int) -> int:
+        """How many receivers to merge at once: all, unless a ``gather`` channel's padded stacks
+        ``[R, K, ...]`` would outgrow the CPU caches (then the rule streams them from memory,
+        several times slower); the algorithm's merge is row by row, so blocks change nothing."""
+        if self.exact or self.device.type != "cpu":
+            return rows
+        width = 0
+        for c in self.algorithm.channels:
+            a = arrivals.get(c.key)
+            if c.combine == "gather" and a is not None and a.r.numel():
+                k = int(torch.bincount(a.r, minlength=rows).max())
+                width = max(width, k * max(1, values[c.key][0].numel()))
+        return rows if not width else max(1, min(rows, GATHER_BLOCK_FLOATS // width))
+
+    def _merge_rows(self, rows: torch.Tensor | None, arrivals: dict[str, Arrivals], values: dict[str, torch.Tensor],
+                    nw: torch.Tensor, fused: dict[str, torch.Tensor] | None,
+                    dissent: tuple[str, torch.Tensor] | None) -> None:
+        """Combine and merge the arrivals of receivers ``rows`` (None: every node, in place)."""
+        alg = self.algorithm
         sub = self.rows_of(rows)
         if self.exact:
             inbox = exact_inbox(alg.channels, sub, arrivals, values, nw)

@@ -6,9 +6,10 @@ i % 44, so every node holds a full batch of 32). The baseline is the plain ``mea
 attackers (one fused sparse product per round); each other configuration is timed in the same
 invocation and printed as a ratio against it:
 
-- ``clipped_gossip + 10 % ALIE``: every receiver gathers its neighbours' models into a padded
-  ``[N, K, D]`` stack and clips each difference; the attackers build mu - z sigma from their
-  honest neighbours' current models each round (the issue's target: >= 0.5x of the baseline).
+- ``clipped_gossip + 10 % ALIE``: the edges' distances from one sampled product, then one sparse
+  product with the clipped weights (`gossipfl.algorithms.robust.clipped_gossip_edges`); the
+  attackers build mu - z sigma from their honest neighbours' current models each round (the
+  issue's target: >= 0.5x of the baseline).
 - ``clipped_gossip`` without attackers, ``median`` and ``krum`` (f = 1) under ALIE, and the plain
   mix under ALIE, so the cost of the rule and of the attack can be told apart.
 

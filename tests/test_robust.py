@@ -9,7 +9,16 @@ import itertools
 import pytest
 import torch
 
-from gossipfl.algorithms.robust import AGGREGATORS, balance, clipped_gossip, krum, mean, median, trimmed_mean
+from gossipfl.algorithms.robust import (
+    AGGREGATORS,
+    balance,
+    clipped_gossip,
+    clipped_gossip_edges,
+    krum,
+    mean,
+    median,
+    trimmed_mean,
+)
 
 F64 = torch.float64
 
@@ -281,9 +290,11 @@ def test_blocked_gather_merges_exactly_as_one_block(monkeypatch: pytest.MonkeyPa
     import gossipfl.sim.vectorized as vec
     from gossipfl.config import RunConfig
 
+    # the adaptive radius: a fixed one merges as an edge list (no stacks, no blocks)
     cfg = RunConfig(nodes=16, topology="erdos_renyi", engine="vectorized", schedule="sync", steps=6, same_init=True,
-                    aggregator="clipped_gossip", aggregator_params={"tau": 0.05}, attack=attack)
+                    aggregator="clipped_gossip", aggregator_params={"tau": "auto", "delta": 0.3}, attack=attack)
     one = vec.VectorizedSim(cfg)
+    assert not one.edge_rule
     one.rounds(6)
     monkeypatch.setattr(vec, "GATHER_BLOCK_FLOATS", 3 * one.layout.numel)  # K >= 1: at most 3 receivers a block
     calls = []
@@ -298,3 +309,78 @@ def test_blocked_gather_merges_exactly_as_one_block(monkeypatch: pytest.MonkeyPa
     for k, v in one.state.items():
         assert torch.equal(v, blocked.state[k]), k
     assert int(one.state["clipped"].sum()) > 0
+
+
+def _as_edges(others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The padded slots as an edge list: the values, each message's receiver, row and weight."""
+    r, k = mask.nonzero(as_tuple=True)
+    return others[r, k], r, torch.arange(r.shape[0]), weights[r, k]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clipped_gossip_edges_equals_the_dense_rule(seed: int) -> None:
+    """The engine's edge-list form (sampled distances, one sparse product) is the dense rule:
+    float64 to 1e-12, the same clip counts; receivers that got nothing keep their model."""
+    own, others, mask, w = _batch(seed)
+    mask[0] = False  # a receiver without arrivals
+    w = w * mask
+    values, r, col, ew = _as_edges(others, mask, w)
+    counts = []
+    dist = (others - own.unsqueeze(1)).norm(dim=2)[mask]
+    for tau in (float(dist.quantile(0.25)), float(dist.quantile(0.75)), 1e9):
+        dense_stats, edge_stats = {}, {}
+        dense = clipped_gossip(own, others, mask, w, tau=tau, stats=dense_stats)
+        edge = clipped_gossip_edges(own, values, r, col, ew, tau=tau, stats=edge_stats)
+        assert torch.allclose(edge, dense, rtol=0, atol=1e-12), tau
+        assert torch.equal(edge_stats["clipped"], dense_stats["clipped"]), tau
+        assert torch.equal(edge[0], own[0])
+        counts.append(int(edge_stats["clipped"].sum()))
+    assert counts[0] > counts[1] > 0  # small radii clip more
+    assert counts[2] == 0  # a huge one is the mix
+    with pytest.raises(ValueError, match="fixed tau"):
+        clipped_gossip_edges(own, values, r, col, ew, tau="auto")
+
+
+def test_clipped_gossip_edges_decides_near_the_radius_as_the_dense_rule_in_float32() -> None:
+    """float32 models far from the origin, neighbours at distances within 1e-6 of tau on either side:
+    the sampled product's rounding would flip decisions; the edge form measures those edges directly,
+    so its clip counts equal the dense rule's and the merged models agree to float32 rounding."""
+    g = torch.Generator().manual_seed(7)
+    n, k, d, tau = 40, 6, 500, 0.25
+    own = (torch.randn(n, d, generator=g, dtype=F64) + 30.0)
+    direction = torch.randn(n, k, d, generator=g, dtype=F64)
+    direction = direction / direction.norm(dim=2, keepdim=True)
+    offset = tau * (1.0 + 1e-6 * torch.randn(n, k, 1, generator=g, dtype=F64))  # straddle the radius
+    others = (own.unsqueeze(1) + offset * direction).float()
+    own = own.float()
+    mask = torch.ones(n, k, dtype=torch.bool)
+    w = torch.full((n, k), 1.0 / (k + 1), dtype=F64)
+    values, r, col, ew = _as_edges(others, mask, w)
+    dense_stats, edge_stats = {}, {}
+    dense = clipped_gossip(own, others, mask, w, tau=tau, stats=dense_stats)
+    edge = clipped_gossip_edges(own, values, r, col, ew, tau=tau, stats=edge_stats)
+    clipped = int(dense_stats["clipped"].sum())
+    assert 0.2 * n * k < clipped < 0.8 * n * k  # the case has teeth: about half are clipped
+    assert torch.equal(edge_stats["clipped"], dense_stats["clipped"])
+    assert torch.allclose(edge, dense, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("algorithm", "attack"), [("dpsgd", {}), ("dpsgd", {"kind": "alie", "nodes": [2, 9]}),
+                                                   ("epidemic", {"kind": "sign_flip", "nodes": [4]})])
+def test_the_vectorised_engine_merges_clipped_gossip_as_edges_as_it_would_with_stacks(
+        algorithm: str, attack: dict) -> None:
+    """A fixed radius merges as an edge list in the vectorised engine; forced back to the padded
+    stacks, the same run ends with the same models (float32 rounding) and the same clip counts."""
+    from gossipfl.config import RunConfig
+    from gossipfl.sim.vectorized import VectorizedSim
+
+    cfg = RunConfig(nodes=16, topology="erdos_renyi", engine="vectorized", schedule="sync", steps=8, same_init=True,
+                    algorithm=algorithm, aggregator="clipped_gossip", aggregator_params={"tau": 0.05}, attack=attack)
+    edges, stacks = VectorizedSim(cfg), VectorizedSim(cfg)
+    assert edges.edge_rule
+    stacks.edge_rule = False
+    edges.rounds(8)
+    stacks.rounds(8)
+    assert int(edges.state["clipped"].sum()) > 0
+    assert torch.equal(edges.state["clipped"], stacks.state["clipped"])
+    assert torch.allclose(edges.state["params"], stacks.state["params"], rtol=0, atol=1e-5)

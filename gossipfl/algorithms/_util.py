@@ -9,13 +9,15 @@ arguments. The checks raise ``ValueError`` naming the key; `get_algorithm` turns
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
-    "check_bool", "check_choice", "check_fraction", "check_int", "check_real", "generator_seed", "node_generator",
+    "check_bool", "check_choice", "check_fraction", "check_int", "check_real", "csr", "generator_seed",
+    "node_generator",
 ]
 
 
@@ -66,3 +68,11 @@ def generator_seed(algorithm_seed: int, node_seed: int) -> int:
 def node_generator(algorithm_seed: int, node_seed: int) -> torch.Generator:
     """A node's algorithm generator on the host (see `generator_seed`)."""
     return torch.Generator().manual_seed(generator_seed(algorithm_seed, node_seed))
+
+
+def csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from parts built here (valid by construction, so invariants go unchecked)."""
+    with warnings.catch_warnings():
+        # torch warns once per process that sparse CSR is "beta"; not a concern of our callers.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)

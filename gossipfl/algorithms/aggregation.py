@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from gossipfl.algorithms._util import check_int, check_real
-from gossipfl.algorithms.base import Inbox, State
-from gossipfl.algorithms.robust import AGGREGATORS
+from gossipfl.algorithms.base import Edges, Inbox, State
+from gossipfl.algorithms.robust import AGGREGATORS, clipped_gossip_edges
 
 __all__ = ["COUNTERS", "RULE_PARAMS", "RobustRule", "gathering"]
 
@@ -84,10 +84,19 @@ class RobustRule:
         if self.name == "balance":
             state.setdefault("merges", torch.zeros(n, dtype=torch.int64, device=dev))
 
+    @property
+    def sparse(self) -> bool:
+        """The rule has an edge-list form (`Edges`): clipped gossip with a fixed radius."""
+        return self.name == "clipped_gossip" and self.params["tau"] != "auto"
+
     def merge(self, state: State, inbox: Inbox, key: str = "params", *, uniform: bool = False) -> None:
         """Fold the gathered slots of channel ``key`` into ``state[key]``; ``uniform``: every slot
         (and the receiver) weighs 1 / (1 + count), Epidemic Learning's plain average."""
-        own, others = state[key], inbox[key]  # [R, D], [R, K, D]
+        got = inbox.values[key]
+        if isinstance(got, Edges):
+            self._merge_edges(state, got, inbox.count[key], key, uniform)
+            return
+        own, others = state[key], got  # [R, D], [R, K, D]
         if others.shape[1] == 0:
             return
         count = inbox.count[key]
@@ -97,6 +106,17 @@ class RobustRule:
         else:
             weights = inbox.weight[key].to(own.dtype)
         state[key] = self.apply(state, own, others, mask, weights)
+
+    def _merge_edges(self, state: State, edges: Edges, count: torch.Tensor, key: str, uniform: bool) -> None:
+        if not self.sparse:
+            raise TypeError(f"aggregator {self.name!r} has no edge-list form")
+        own = state[key]
+        w = (1.0 / (1.0 + count.double()))[edges.r] if uniform else edges.w
+        stats: dict[str, torch.Tensor] = {}
+        state[key] = clipped_gossip_edges(own, edges.values, edges.r, edges.col, w, tau=self.params["tau"],
+                                          stats=stats)
+        for name in COUNTERS:
+            state[name] = state[name] + stats[name].to(state[name].device)
 
     def apply(self, state: State, own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ from typing import ClassVar, Literal, Protocol
 import torch
 
 __all__ = [
-    "COMBINES", "Algorithm", "AlgorithmBase", "Channel", "Draws", "Inbox", "Learner", "Message", "Requirements",
-    "Send", "State", "Targets", "TensorSpecs",
+    "COMBINES", "Algorithm", "AlgorithmBase", "Channel", "Draws", "Edges", "Inbox", "Learner", "Message",
+    "Requirements", "Send", "State", "Targets", "TensorSpecs",
 ]
 
 State = dict[str, torch.Tensor]
@@ -171,6 +171,19 @@ class Draws:
 
 
 @dataclass
+class Edges:
+    """A ``gather`` channel's arrivals as an edge list instead of padded slots, for a rule with a
+    sparse form (`RobustRule.sparse`; the vectorised engine builds it, a node never does): message
+    m goes to receiver ``r[m]`` with weight ``w[m]`` (float64), its value is row ``col[m]`` of
+    ``values`` ``[V, ...]``."""
+
+    r: torch.Tensor
+    col: torch.Tensor
+    w: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
 class Inbox:
     """What arrived for R receivers, combined as the algorithm's channels declare (``[R, ...]``).
 
@@ -181,13 +194,16 @@ class Inbox:
     receiver, ``count`` 1.
     """
 
-    values: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor | Edges]
     count: dict[str, torch.Tensor]
     weight: dict[str, torch.Tensor]
     neighbour_weight: torch.Tensor
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.values[key]
+        value = self.values[key]
+        if isinstance(value, Edges):
+            raise TypeError(f"channel {key!r} holds an edge list; read it with inbox.values")
+        return value
 
     def __contains__(self, key: str) -> bool:
         return key in self.values

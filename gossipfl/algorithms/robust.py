@@ -26,6 +26,7 @@ receiver's arrivals into the padded stack. The rules:
                     own radius, the weighted (1 - ``delta``) quantile of its neighbours' distances
                     |x_j - x_i|, so that the farthest neighbours holding a ``delta`` share of the
                     weight are clipped (the adaptive choice of He et al.'s experiments).
+                    `clipped_gossip_edges` is the same rule on an edge list (no stack).
 ``balance``         BALANCE (Fang, Liu, Jia, Gong, CCS 2024): a neighbour is accepted when
                     |x_j - x_i| <= gamma exp(-kappa t / T) |x_i| (t: the receiver's step, T: the
                     run's steps); x_i <- alpha x_i + (1 - alpha) mean(accepted x_j), or x_i kept when
@@ -44,7 +45,12 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["AGGREGATORS", "balance", "clipped_gossip", "krum", "mean", "median", "trimmed_mean"]
+from gossipfl.algorithms._util import csr
+
+__all__ = [
+    "AGGREGATORS", "balance", "clip_scale", "clipped_gossip", "clipped_gossip_edges", "krum", "mean", "median",
+    "trimmed_mean",
+]
 
 
 Stats = dict[str, torch.Tensor]
@@ -178,6 +184,11 @@ def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) ->
     return torch.where(total.squeeze(1) > 0, out, torch.full_like(out, math.inf))
 
 
+def clip_scale(norm: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:
+    """clip_tau's factor min(1, tau / |z|) for distances ``norm`` (a zero distance: 1)."""
+    return torch.clamp(radius / norm.clamp_min(torch.finfo(norm.dtype).tiny), max=1.0)
+
+
 def clipped_gossip(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
                    tau: float | str = 1.0, delta: float = 0.1, stats: Stats | None = None) -> torch.Tensor:
     """ClippedGossip: ``x_i + sum_j w_ij clip_tau(x_j - x_i)``; ``tau`` > 0 (inf: `mean`), or
@@ -194,11 +205,64 @@ def clipped_gossip(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, 
         if not isinstance(tau, int | float) or not tau > 0:
             raise ValueError(f"tau must be > 0 or \"auto\", got {tau!r}")
         radius = torch.full((own.shape[0], 1, 1), float(tau), dtype=own.dtype, device=own.device)
-    scale = torch.clamp(radius / norm.clamp_min(torch.finfo(own.dtype).tiny), max=1.0)
+    scale = clip_scale(norm, radius)
     if stats is not None:
         _report(stats, own, clipped=((norm.squeeze(2) > radius.view(-1, 1)) & mask).sum(1), discarded=None)
     coef = (w * scale.squeeze(2)).unsqueeze(1)  # [N, 1, K]: one batched product reads diff once
     return own + torch.bmm(coef, diff).squeeze(1)
+
+
+def clipped_gossip_edges(own: torch.Tensor, values: torch.Tensor, r: torch.Tensor, col: torch.Tensor,
+                         w: torch.Tensor, *, tau: float | str = 1.0, delta: float = 0.1,
+                         stats: Stats | None = None) -> torch.Tensor:
+    """`clipped_gossip` for many receivers on an edge list instead of a padded stack: message m
+    brings ``values[col[m]]`` (``values`` ``[V, D]``) to receiver ``r[m]`` (``own`` ``[R, D]``) with
+    weight ``w[m]``. ``x_i + sum_m w_m s_m (x_m - x_i)`` with ``s_m = clip_scale(|x_m - x_i|, tau)``
+    is a mix with weights ``w_m s_m``: one sparse product, so no ``[R, K, D]`` stack is built.
+
+    The squared distances come from one sampled product ``<y_i, y_m>`` on the edges' pattern, with
+    the models centred on their mean (``y = x - c``), so the rounding scales with the models'
+    spread rather than their size; an edge whose estimate lies within that rounding's bound of
+    tau^2 is measured directly, so every clip decision is the dense rule's, and a clipped edge's
+    scale differs from it only by the product's rounding. A fixed ``tau`` only (``delta`` is not
+    used; the adaptive radius needs each receiver's sorted distances: the dense form)."""
+    if not isinstance(tau, int | float) or not tau > 0:
+        raise ValueError(f"the edge form takes a fixed tau > 0, got {tau!r}")
+    rows, dt = own.shape[0], own.dtype
+    mine, theirs = own.reshape(rows, -1), values.reshape(values.shape[0], -1)
+    if not r.numel():
+        _report(stats, own, clipped=None, discarded=None)
+        return own.clone()
+    order = torch.argsort(r * theirs.shape[0] + col)
+    rs, cs = r[order], col[order]
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=r.device)
+    crow[1:] = torch.cumsum(torch.bincount(rs, minlength=rows), 0)
+    # any centre is exact (x - c rounds to within u |x - c|); one near the models keeps the spread small
+    centre = theirs[:: max(1, theirs.shape[0] // 64)].mean(0)
+    y_val = theirs - centre
+    y_own = y_val if mine is theirs else mine - centre
+    pattern = csr(crow, cs, torch.zeros(rs.shape[0], dtype=dt, device=r.device), (rows, theirs.shape[0]))
+    dots = torch.sparse.sampled_addmm(pattern, y_own, y_val.T, beta=0.0).values().double()
+    sq_val = torch.linalg.vector_norm(y_val, dim=1).double() ** 2
+    sq_own = sq_val if mine is theirs else torch.linalg.vector_norm(y_own, dim=1).double() ** 2
+    a, b = sq_own[rs], sq_val[cs]
+    d2 = (a + b - 2.0 * dots).clamp_min(0.0)
+    radius = float(torch.tensor(float(tau), dtype=dt))  # the dense rule compares in the models' dtype
+    u, dim = torch.finfo(dt).eps, mine.shape[1]
+    # |error| of d2: the product's and the norms' rounding (dim u (a + b) each, doubled for safety)
+    # plus the centring's (2 |d| u (|y_i| + |y_j|) at |d| near the radius)
+    band = 4.0 * dim * u * (a + b) + 4.0 * u * radius * (a.sqrt() + b.sqrt()) + 1e-300
+    dist = d2.sqrt()
+    near = ((d2 - radius * radius).abs() <= band).nonzero().squeeze(1)
+    if near.numel():
+        dist[near] = (theirs.index_select(0, cs[near]) - mine.index_select(0, rs[near])).norm(dim=1).double()
+    clipped = dist > radius
+    coef = w.double()[order] * torch.where(clipped, radius / dist.clamp_min(1e-300), torch.ones_like(dist))
+    if stats is not None:
+        _report(stats, own, clipped=torch.bincount(rs[clipped], minlength=rows), discarded=None)
+    wsum = torch.zeros(rows, dtype=torch.float64, device=r.device).index_add_(0, rs, coef)
+    out = torch.sparse.mm(csr(crow, cs, coef.to(dt), pattern.shape), theirs)
+    return out.addcmul_(mine, (1.0 - wsum).to(dt).unsqueeze(1)).view_as(own)
 
 
 def balance(own: torch.Tensor, others: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,

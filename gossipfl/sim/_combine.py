@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gossipfl.algorithms.base import Channel, Inbox, Message, State
+from gossipfl.algorithms._util import csr
+from gossipfl.algorithms.base import Channel, Edges, Inbox, Message, State
 from gossipfl.algorithms.inbox import combine as node_combine
-from gossipfl.sim._links import csr
 
 __all__ = ["Arrivals", "combine_inbox", "exact_inbox", "gather_index", "gather_slots", "stack_slots"]
 
@@ -98,16 +98,18 @@ def gather_slots(a: Arrivals, values: torch.Tensor, rows: int, count: torch.Tens
 
 def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, Arrivals],
                   values: dict[str, torch.Tensor], neighbour_weight: torch.Tensor, n: int, *,
-                  fused: dict[str, torch.Tensor] | None = None, stacks: bool = True) -> Inbox:
+                  fused: dict[str, torch.Tensor] | None = None, stacks: bool = True,
+                  edges: bool = False) -> Inbox:
     """The `Inbox` of R receivers (``own``: their state rows) for combining channels.
 
     ``values[key]``: the message values the arrivals' ``col`` index; ``fused[key]``: a precomputed
     combined value (the sync schedule's ``M @ x`` with the cached mixing matrix) used as it is.
     ``stacks = False``: a ``gather`` channel's value is its slot index (`gather_index`), for the
-    caller to build the stacks a block of receivers at a time (`stack_slots`).
+    caller to build the stacks a block of receivers at a time (`stack_slots`); ``edges``: a
+    ``gather`` channel's value is its arrivals as an `Edges` list (a rule with a sparse form).
     """
     rows = neighbour_weight.shape[0]
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | Edges] = {}
     count: dict[str, torch.Tensor] = {}
     weight: dict[str, torch.Tensor] = {}
     for c in channels:
@@ -118,6 +120,9 @@ def combine_inbox(channels: Sequence[Channel], own: State, arrivals: dict[str, A
             out[c.key] = fused[c.key]
             continue
         v = values[c.key]
+        if c.combine == "gather" and edges:
+            out[c.key] = Edges(a.r, a.col, a.w, v)
+            continue
         if c.combine == "gather":
             idx, weight[c.key] = gather_index(a, rows, count[c.key], n)
             out[c.key] = stack_slots(a, v, idx) if stacks else idx

@@ -10,25 +10,17 @@ topology's recent rounds: a periodic schedule has few graphs, and async senders 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
 import torch
 
+from gossipfl.algorithms._util import csr
 from gossipfl.emulation import Emulation
 from gossipfl.topology import Schedule, mixing_matrix_sparse
 
 __all__ = ["Fanout", "LinkCache", "Links", "csr", "csr_from"]
-
-
-def csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A CSR matrix from parts built here (valid by construction, so invariants go unchecked)."""
-    with warnings.catch_warnings():
-        # torch warns once per process that sparse CSR is "beta"; not a concern of our callers.
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
 
 
 def csr_from(row: np.ndarray, col: np.ndarray, val: np.ndarray, n: int, dev: torch.device) -> torch.Tensor:

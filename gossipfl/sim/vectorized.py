@@ -177,6 +177,9 @@ class VectorizedSim:
         self.attackers = (plan.attack.mask(n, dev) if plan.attack is not None
                           else torch.zeros(n, dtype=torch.bool, device=dev))
         self.dissensus = dissensus_combine(plan, exact=self.exact)  # "mix" | "gather" under dissensus, else ""
+        rule = getattr(self.algorithm, "rule", None)  # a robust rule with an edge-list form merges sparsely
+        self.edge_rule = (not self.exact and rule is not None and rule.sparse
+                          and any(c.combine == "gather" for c in self.algorithm.channels))
         self.pairwise = None
         if req.pairwise:
             from gossipfl.sim._pairwise import Pairwise
@@ -425,6 +428,9 @@ class VectorizedSim:
                 receivers.index_select(0, idx), None
             if dissent is not None and dissent[0] == "mix":
                 dissent = ("mix", dissent[1].index_select(0, idx))
+        if dissent is None and self.edge_rule:  # clipped gossip as one sparse product, no stacks
+            self._merge_rows(rows, arrivals, values, nw, fused, None, edges=True)
+            return
         block = self._gather_block(arrivals, values, receivers.shape[0])
         if block < receivers.shape[0]:
             self._merge_blocks(receivers, arrivals, values, nw, dissent, block)
@@ -480,14 +486,15 @@ class VectorizedSim:
 
     def _merge_rows(self, rows: torch.Tensor | None, arrivals: dict[str, Arrivals], values: dict[str, torch.Tensor],
                     nw: torch.Tensor, fused: dict[str, torch.Tensor] | None,
-                    dissent: tuple[str, torch.Tensor] | None) -> None:
-        """Combine and merge the arrivals of receivers ``rows`` (None: every node, in place)."""
+                    dissent: tuple[str, torch.Tensor] | None, *, edges: bool = False) -> None:
+        """Combine and merge the arrivals of receivers ``rows`` (None: every node, in place);
+        ``edges``: gathered channels as edge lists (`RobustRule.sparse`)."""
         alg = self.algorithm
         sub = self.rows_of(rows)
         if self.exact:
             inbox = exact_inbox(alg.channels, sub, arrivals, values, nw)
         else:
-            inbox = combine_inbox(alg.channels, sub, arrivals, values, nw, self.n, fused=fused)
+            inbox = combine_inbox(alg.channels, sub, arrivals, values, nw, self.n, fused=fused, edges=edges)
         if dissent is not None:
             self._craft_dissensus(sub["params"], inbox, dissent, arrivals["params"])
         before = {k: sub[k] for k in (fused or {})}

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "shard i %% K (default: one per node)")
     sim.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress, no table")
+    sim.add_argument("--live", nargs="?", const="127.0.0.1:8750", metavar="HOST:PORT",
+                     help="serve a live page of the run (graph, accuracy, consensus) at HOST:PORT "
+                          "(default 127.0.0.1:8750, loopback; port 0: any free port); the URL is printed at start")
 
     node = sub.add_parser("node", help="run one node on this machine")
     _learning_flags(node)
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "config", "verbose", "quiet"}
+_NOT_CONFIG = {"command", "config", "verbose", "quiet", "live", "watch"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +189,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
                else f"{cfg.transport} transport")
         print(f"gossipfl sim: {cfg.nodes} nodes, {cfg.topology}, {cfg.algorithm}, {cfg.data}/{cfg.model}, "
               f"{how} -> {out}", file=sys.stderr)
-    summary = execute(plan, out, progress=None if args.quiet else sys.stderr)
+    if args.live is None:
+        summary = execute(plan, out, progress=None if args.quiet else sys.stderr)
+    else:
+        from gossipfl.web.live import Live, LiveServer
+
+        live = Live(plan)
+        with LiveServer(live, args.live) as server:
+            print(f"live page: {server.url}", file=sys.stderr, flush=True)
+            summary = execute(plan, out, progress=None if args.quiet else sys.stderr, live=live)
+            live.finished = True
     if not args.quiet:
         print(format_summary(summary))
         print(f"run folder: {out}")

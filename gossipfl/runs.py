@@ -57,18 +57,18 @@ def make_run_folder(cfg: RunConfig, out: Path) -> None:
         raise ConfigError(f"out: cannot write to {out}: {exc.strerror or exc}") from None
 
 
-def execute(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | None) -> dict[str, Any]:
+def execute(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | None, live: Any = None) -> dict[str, Any]:
     """Run ``cfg`` (a config, or the plan `preflight` returned) with its engine into the prepared
-    folder ``out``; writes and returns the summary."""
+    folder ``out``; writes and returns the summary. ``live``: a `gossipfl.web.live.Live` page."""
     engine = cfg.cfg.engine if isinstance(cfg, Plan) else cfg.engine
     if engine == "vectorized":
         from gossipfl.sim.vectorized import run_vectorized
 
-        summary = run_vectorized(cfg, out, progress=progress)
+        summary = run_vectorized(cfg, out, progress=progress, live=live)
     else:
         from gossipfl.sim.cluster import run_cluster
 
-        summary = asyncio.run(run_cluster(cfg, out, progress=progress))
+        summary = asyncio.run(run_cluster(cfg, out, progress=progress, live=live))
     write_json(out / "summary.json", summary)
     return summary
 

@@ -22,6 +22,7 @@ from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, 
 from gossipfl.node.buffers import BufferPool
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
 from gossipfl.node.worker import Worker
+from gossipfl.web.page import page_response, serves
 
 if TYPE_CHECKING:
     from gossipfl.node.node import Node
@@ -108,6 +109,10 @@ class Handlers:
     async def http_entry(self, request: web.Request) -> web.Response:
         """HTTP adapter around `handle`: enforce the size limit before reading the body."""
         node = self._node
+        if serves(request.path):  # the live page (read-only)
+            page = await page_response(node.page, request)
+            assert page is not None
+            return page
         limit = node.cfg.max_message_bytes
         if request.content_length is not None and request.content_length > limit:
             node.rejected["too_large"] += 1
@@ -147,8 +152,7 @@ class Handlers:
             del env
             worker.rx_pool.give(body)
             return _refusal(503, "finished", f"node {node.id} has finished training")
-        node.bytes_in += len(body)
-        node.msgs_in += 1
+        node.count_in(env.sender, len(body))
         addr = env.meta.get("addr")
         if isinstance(addr, str) and valid_address(addr):
             if node.membership.seen(env.sender, addr):
@@ -182,10 +186,8 @@ class Handlers:
             out = bytes(worker.encode_locked(reply, kind="reply"))
         finally:
             worker.lock.release()
-        node.bytes_in += len(body)
-        node.msgs_in += 1
-        node.bytes_out += len(out)  # the reply carries our model too: it counts as a message sent
-        node.msgs_out += 1
+        node.count_in(env.sender, len(body))
+        node.count_out(env.sender, len(out))  # the reply carries our model too: it counts as a message sent
         addr = env.meta.get("addr")
         if isinstance(addr, str) and valid_address(addr):
             node.membership.seen(env.sender, addr)

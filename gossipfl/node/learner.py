@@ -20,13 +20,16 @@ from gossipfl.algorithms.inbox import combine, count_tensor
 from gossipfl.attacks import NEIGHBOURS, Attack, neighbour_stats, poison
 from gossipfl.learning import Trainer, TrainerLearner
 
-__all__ = ["NodeLearning"]
+__all__ = ["REMEMBER_NUMEL", "NodeLearning"]
+
+REMEMBER_NUMEL = 2**21  # models up to 8 MB of float32: a node keeps its neighbours' newest for the page
 
 
 class NodeLearning:
     """State, step counter and algorithm of one node (``seed``: the node's own, for its draws)."""
 
-    def __init__(self, algorithm: Algorithm, trainer: Trainer, *, seed: int = 0, attack: Attack | None = None) -> None:
+    def __init__(self, algorithm: Algorithm, trainer: Trainer, *, seed: int = 0, attack: Attack | None = None,
+                 remember: bool = True) -> None:
         self.algorithm = algorithm
         self.attack = attack  # this node is an attacker: its messages carry a poisoned model
         self.trainer = trainer
@@ -39,8 +42,11 @@ class NodeLearning:
         self._numel, self._dtype = trainer.layout.numel, trainer.params.dtype
         self._update = any(c.local_update for c in algorithm.channels)
         self._every = {c.key: c.every for c in algorithm.channels if c.every > 1}
-        # an attacker built on its neighbours' models (ALIE, IPM, free rider): the newest each sent
-        self._heard: dict[str, torch.Tensor] | None = {} if attack is not None and attack.kind in NEIGHBOURS else None
+        # the newest model each neighbour sent: what an ALIE / IPM / free-rider attacker builds on,
+        # and the live page's consensus estimate (``remember``, for models up to REMEMBER_NUMEL)
+        needs = attack is not None and attack.kind in NEIGHBOURS
+        self._heard: dict[str, torch.Tensor] | None = \
+            {} if needs or (remember and self._numel <= REMEMBER_NUMEL) else None
 
     @property
     def params(self) -> torch.Tensor:
@@ -75,9 +81,24 @@ class NodeLearning:
         assert self._heard is not None
         for m in messages:
             if "params" in m.tensors:
-                self._heard[m.sender] = self._decode({"params": m.tensors["params"].unsqueeze(0)})["params"][0]
+                x = self._decode({"params": m.tensors["params"].unsqueeze(0)})["params"][0]
+                if "weight" in m.tensors:  # push-sum: the model is the ratio
+                    x = x / m.tensors["weight"].reshape(-1)[0].clamp_min(torch.finfo(x.dtype).tiny)
+                else:  # a copy: the message's buffer is reused once merged
+                    x = x.clone()
+                self._heard[m.sender] = x
         for gone in [s for s in self._heard if s not in weights]:
             del self._heard[gone]
+
+    def seen_spread(self) -> tuple[float | None, int]:
+        """The consensus distance among this node's model and the newest model each current
+        neighbour sent, (1 / m) sum_k |x_k - mean|^2 over those m models, and m (None, 0: no model
+        heard, or a model too large to remember)."""
+        if not self._heard:
+            return None, 0
+        models = torch.stack([self.model().to(torch.float64), *(x.to(torch.float64) for x in self._heard.values())])
+        spread = float(((models - models.mean(0)) ** 2).sum(1).mean())
+        return spread, models.shape[0]
 
     def _update_arrival(self, inbox: Inbox) -> None:
         """Gossip learning's update-merge order: one plain SGD step of the arrived model on our data."""

@@ -42,9 +42,11 @@ from gossipfl.node.learner import NodeLearning
 from gossipfl.node.membership import Membership
 from gossipfl.node.peers import Peers
 from gossipfl.node.protocol import Protocol
-from gossipfl.node.transport import HttpTransport, MemoryNetwork, Transport
+from gossipfl.node.transport import HttpTransport, MemoryNetwork, Reply, Transport
 from gossipfl.node.util import WarnOnce
 from gossipfl.node.view import NeighbourView
+from gossipfl.web.history import History
+from gossipfl.web.node_view import NodeSource
 from gossipfl.node.worker import Outgoing, Worker
 
 __all__ = ["Node"]
@@ -112,6 +114,10 @@ class Node:
         self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
         self.dropped = 0
         self.rejected: Counter[str] = Counter()
+        # per peer: [messages out, bytes out, messages in, bytes in] (the page's traffic per edge)
+        self.traffic: dict[str, list[int]] = {}
+        self.history = History()  # the evaluation points the page's charts read (GET /metrics)
+        self.spread: tuple[float | None, int] = (None, 0)  # consensus estimate at the last evaluation
         self.staleness = StalenessTally()  # of every merged message, in local steps
         self.accuracy = float("nan")
         self.finished = asyncio.Event()
@@ -139,6 +145,7 @@ class Node:
         self._protocol = Protocol(self, worker=self._worker, view=self._view, peers=self._peers,
                                   validator=self._validator, transport=transport, checkpoints=self._checkpoints,
                                   clock=clock, warn=self._warn, min_step=min_step_seconds, linger=linger)
+        self.page = NodeSource(self, self.history)  # GET /: the live page's data (gossipfl.web)
         self._handlers = Handlers(self, validator=self._validator, worker=self._worker, warn=self._warn,
                                   linger=linger)
 
@@ -261,6 +268,30 @@ class Node:
     def loss(self, value: float) -> None:
         self._worker.loss = value
 
+    def count_out(self, peer: str, nbytes: int) -> None:
+        """One message of ``nbytes`` delivered to ``peer``."""
+        self.bytes_out += nbytes
+        self.msgs_out += 1
+        t = self.traffic.setdefault(peer, [0, 0, 0, 0])
+        t[0] += 1
+        t[1] += nbytes
+
+    def count_in(self, peer: str, nbytes: int) -> None:
+        """One message of ``nbytes`` accepted from ``peer``."""
+        self.bytes_in += nbytes
+        self.msgs_in += 1
+        t = self.traffic.setdefault(peer, [0, 0, 0, 0])
+        t[2] += 1
+        t[3] += nbytes
+
+    def seen_spread(self) -> tuple[float | None, int]:
+        """The consensus estimate among the models this node has seen, at its last evaluation."""
+        return self.spread
+
+    async def request_peer(self, address: str, path: str, *, timeout: float) -> Reply:
+        """A GET to a peer through this node's transport (the page's view of the cluster)."""
+        return await self._transport.request(address, "GET", path, timeout=timeout)
+
     def status(self) -> dict[str, Any]:
         """The `/status` document: identity, progress, peers and traffic counters."""
         return {
@@ -283,6 +314,8 @@ class Node:
             "dropped": self.dropped,
             "rejected": dict(self.rejected),
             "staleness": self.staleness.mean,
+            "traffic": {p: {"msgs_out": t[0], "bytes_out": t[1], "msgs_in": t[2], "bytes_in": t[3]}
+                        for p, t in sorted(self.traffic.items())},
             **robust_counts(self.state.state),  # clipped / discarded, with a robust aggregator
             "finished": self.finished.is_set(),
         }
@@ -298,17 +331,21 @@ class Node:
         return self._worker.merge_pending()
 
     def _evaluate_and_record(self) -> None:
-        loss, acc = self._worker.evaluate()
+        loss, acc, self.spread = self._worker.evaluate()
         self.accuracy = acc
         if not self.algorithm.requirements.trains:
             self.loss = loss
-        self._metrics({
+        row = {
             "node": self.id, "t": round(self._now(), 4), "step": self.state.step,
             "loss": loss, "train_loss": self.loss, "accuracy": acc,
             "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
             "msgs_out": self.msgs_out, "msgs_in": self.msgs_in, "staleness": self.staleness.since_row(),
             **robust_counts(self.state.state),
-        })
+        }
+        self._metrics(row)
+        self.history.add({**row, "rejected": sum(self.rejected.values()), "dropped": self.dropped,
+                          "peers": len(self.membership.snapshot()), "neighbours": len(self._view.neighbours),
+                          "consensus_estimate": self.spread[0], "models_seen": self.spread[1]})
 
     async def model_snapshot(self) -> torch.Tensor:
         """A copy of the model this node would deploy (push-sum: de-biased), for cluster metrics.

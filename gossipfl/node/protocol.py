@@ -186,8 +186,7 @@ class Protocol:
         if reply is None:
             return
         if reply.status == 200:
-            node.bytes_out += len(body)
-            node.msgs_out += 1
+            node.count_out(peer_id, len(body))
             node.membership.seen(peer_id, address)
         elif reply.status == 503:  # the peer finished training: not an error, it just stops merging
             node.log.debug("peer %s has finished; message not delivered", peer_id)
@@ -224,11 +223,9 @@ class Protocol:
             worker.state.apply_reply(reply_msg)
         finally:
             worker.lock.release()
-        node.bytes_out += len(body)
-        node.msgs_out += 1
+        node.count_out(peer_id, len(body))
         assert reply is not None  # a decoded reply came in it
-        node.bytes_in += len(reply.body)
-        node.msgs_in += 1
+        node.count_in(peer_id, len(reply.body))
         node.membership.seen(peer_id, address)
 
     def _exchange_reply(self, peer_id: str, reply: Reply | None) -> wire.Envelope | None:

@@ -161,7 +161,9 @@ class Worker:
         n = wire.encode_into(env, self._tx_buf, secret=self.secret)
         return memoryview(self._tx_buf)[:n]
 
-    def evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy of the model this node would deploy."""
+    def evaluate(self) -> tuple[float, float, tuple[float | None, int]]:
+        """Test loss and accuracy of the model this node would deploy, and the consensus estimate
+        among the models it has seen (`NodeLearning.seen_spread`)."""
         with self.lock:
-            return self.state.trainer.evaluate(self.state.model())
+            loss, acc = self.state.trainer.evaluate(self.state.model())
+            return loss, acc, self.state.seen_spread()

@@ -9,8 +9,9 @@ network did not lose (a lost one is counted in ``lost``), bytes as the wire code
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
@@ -165,6 +166,7 @@ def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: floa
         "consensus_distance": consensus_distance(sim),
         "avg_model_accuracy": average_model_accuracy(sim),
         "mean_accuracy": float(sim.accuracy.nanmean()) if evaluated else None,
+        "min_accuracy": float(sim.accuracy[torch.isfinite(sim.accuracy)].min()) if evaluated else None,
     }
     if sim.attack is not None:  # an attack: how far apart the honest models are
         row["honest_consensus_distance"] = consensus_distance(sim, ~sim.attackers)
@@ -244,3 +246,10 @@ def consensus_rates(sim: VectorizedSim) -> dict[str, float]:
     except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
         log.warning("predicted consensus rate unavailable: %s", exc)
     return out
+
+
+def probe(sim: VectorizedSim, idx: Sequence[int]) -> tuple[list[float | None], list[int]]:
+    """The live page's per-node readings (accuracy at the last metric point, step) of nodes ``idx``."""
+    at = torch.tensor(list(idx), dtype=torch.int64, device=sim.device)
+    acc = [a if math.isfinite(a) else None for a in sim.accuracy.index_select(0, at).tolist()]
+    return acc, sim.step.index_select(0, at).tolist()

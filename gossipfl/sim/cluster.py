@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
@@ -29,9 +29,16 @@ from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
 from gossipfl.topology import Schedule, mixing_matrix, slem
 
+if TYPE_CHECKING:
+    from gossipfl.web.live import Live
+
 __all__ = ["run_cluster"]
 
 log = logging.getLogger("gossipfl.sim")
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def node_ids(n: int) -> list[str]:
@@ -62,6 +69,7 @@ class _Monitor:
             "consensus_distance": consensus_distance(params),
             "avg_model_accuracy": avg_acc,
             "mean_accuracy": sum(accs) / len(accs) if accs else None,
+            "min_accuracy": min(accs) if accs else None,
         }
         if self.honest is not None:  # an attack: how far apart the honest models are
             row["honest_consensus_distance"] = consensus_distance(params[self.honest]) if self.honest else None
@@ -97,10 +105,11 @@ def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig, schedule: Sc
 
 
 async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | None = sys.stderr,
-                      monitor_every: float = 0.5) -> dict[str, Any]:
+                      monitor_every: float = 0.5, live: Live | None = None) -> dict[str, Any]:
     """Run ``cfg.nodes`` nodes to completion; write metrics.jsonl and return the summary dict.
 
-    ``cfg``: a config or its resolved `gossipfl.plan.Plan` (then nothing is parsed or built again)."""
+    ``cfg``: a config or its resolved `gossipfl.plan.Plan` (then nothing is parsed or built again);
+    ``live``: the page of ``gossipfl sim --live`` (`gossipfl.web.live`) gets every monitor sample."""
     plan = resolve(cfg)
     cfg = plan.cfg
     if plan.attack is not None and plan.attack.kind == "dissensus" and plan.attack.nodes:
@@ -126,7 +135,10 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
              attack=plan.attack if plan.attack is not None and i in plan.attack.nodes else None)
         for i, nid in enumerate(ids)
     ]
-    monitor = _Monitor(nodes, writer, t0, frozenset(plan.attack.nodes) if plan.attack is not None else frozenset())
+    if live is not None:
+        live.probe = lambda idx: ([_finite(nodes[i].accuracy) for i in idx], [nodes[i].state.step for i in idx])
+    monitor = _Monitor(nodes, writer if live is None else live.tap(writer), t0,
+                       frozenset(plan.attack.nodes) if plan.attack is not None else frozenset())
     is_tty = progress is not None and progress.isatty()
     try:
         async with contextlib.AsyncExitStack() as stack:

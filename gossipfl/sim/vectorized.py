@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
@@ -66,6 +66,9 @@ from gossipfl.sim._links import Fanout, LinkCache, Links
 from gossipfl.sim._memory import keep_freed_memory
 from gossipfl.sim._setup import checked, device_of, learning, message_sizes, node_ids
 from gossipfl.sim.events import merge_waves
+
+if TYPE_CHECKING:
+    from gossipfl.web.live import Live
 
 __all__ = ["NODE_ROWS", "VectorizedSim", "check_config", "run_vectorized"]
 
@@ -612,10 +615,15 @@ class VectorizedSim:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, out: Path | None = None, *, progress: TextIO | None = None) -> dict[str, Any]:
-        """Run to completion; write ``out/metrics.jsonl`` (if ``out``) and return the summary."""
+    def run(self, out: Path | None = None, *, progress: TextIO | None = None, live: Live | None = None) -> dict[str, Any]:
+        """Run to completion; write ``out/metrics.jsonl`` (if ``out``) and return the summary;
+        ``live``: the page of ``gossipfl sim --live`` (`gossipfl.web.live`) gets every metric point."""
         cfg = self.cfg
-        writer = MetricsWriter(None if out is None else Path(out) / "metrics.jsonl")
+        writer: Callable[[dict[str, Any]], None]
+        writer = files = MetricsWriter(None if out is None else Path(out) / "metrics.jsonl")
+        if live is not None:
+            live.probe = lambda idx: _record.probe(self, idx)
+            writer = live.tap(files)
         self.history: list[dict[str, Any]] = []
         self.progress = _record.Progress(progress, cfg.steps if cfg.duration is None else None, cfg.duration)
         wall0 = time.monotonic()
@@ -627,7 +635,7 @@ class VectorizedSim:
 
                 run_async(self, writer)
         finally:
-            writer.close()
+            files.close()
             self.progress.close()
         return _record.summary(self, time.monotonic() - wall0)
 
@@ -681,13 +689,13 @@ def dissensus_combine(plan: Plan, *, exact: bool) -> str:
 
 
 def run_vectorized(cfg: RunConfig | Plan, out: Path | None, *, progress: TextIO | None = sys.stderr,
-                   **options: Any) -> dict[str, Any]:
+                   live: Live | None = None, **options: Any) -> dict[str, Any]:
     """Run ``cfg`` (a config or its resolved `gossipfl.plan.Plan`) in the vectorised engine; write
     ``out/metrics.jsonl`` and return the summary dict.
 
     ``options`` go to `VectorizedSim` (``sampling``, ``kernel``, ``block``, ``node_rows``, ``device``).
     """
     sim = VectorizedSim(cfg, **options)
-    return sim.run(out, progress=progress)
+    return sim.run(out, progress=progress, live=live)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -128,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--interface", dest="interfaces", action="append", metavar="IP",
                        help="listen on this interface address only (repeatable)")
     peers.add_argument("--json", action="store_true", help="one JSON object per node")
+    peers.add_argument("--watch", action="store_true",
+                       help="a table (step, accuracy, peers, traffic) refreshed every second until Ctrl-C")
+    peers.add_argument("--peer", dest="peer_addresses", action="append", metavar="HOST:PORT",
+                       help="also ask this node (repeatable; --watch)")
+    peers.add_argument("--no-mdns", dest="browse", action="store_false",
+                       help="do not browse mDNS; only the --peer addresses (--watch)")
+    peers.add_argument("--count", type=int, metavar="N", help="--watch: stop after N refreshes (default: Ctrl-C)")
 
     rep = sub.add_parser("report", help="compare run folders: table, and convergence plots")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -480,6 +488,19 @@ async def _peers(args: argparse.Namespace) -> list[dict[str, Any]]:
 def cmd_peers(args: argparse.Namespace) -> int:
     if not args.duration > 0:
         raise ConfigError(f"duration: must be a positive number of seconds, got {args.duration}")
+    if args.watch:
+        from gossipfl.watch import watch
+
+        if args.count is not None and args.count < 1:
+            raise ConfigError(f"count: must be at least 1, got {args.count}")
+        if not args.browse and not args.peer_addresses:
+            raise ConfigError("--no-mdns leaves nothing to watch: give --peer HOST:PORT")
+        for a in args.peer_addresses or ():
+            parse_address(a, key="peer")
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(watch(cluster=args.cluster, addresses=args.peer_addresses or (), interfaces=args.interfaces,
+                              mdns=args.browse, duration=args.duration, count=args.count))
+        return 0
     rows = asyncio.run(_peers(args))
     if args.json:
         for r in rows:

@@ -45,9 +45,9 @@ from gossipfl.node.protocol import Protocol
 from gossipfl.node.transport import HttpTransport, MemoryNetwork, Reply, Transport
 from gossipfl.node.util import WarnOnce
 from gossipfl.node.view import NeighbourView
+from gossipfl.node.worker import Outgoing, Worker
 from gossipfl.web.history import History
 from gossipfl.web.node_view import NodeSource
-from gossipfl.node.worker import Outgoing, Worker
 
 __all__ = ["Node"]
 
@@ -288,7 +288,7 @@ class Node:
         """The consensus estimate among the models this node has seen, at its last evaluation."""
         return self.spread
 
-    async def request_peer(self, address: str, path: str, *, timeout: float) -> Reply:
+    async def request_peer(self, address: str, path: str, *, timeout: float) -> Reply:  # noqa: ASYNC109
         """A GET to a peer through this node's transport (the page's view of the cluster)."""
         return await self._transport.request(address, "GET", path, timeout=timeout)
 

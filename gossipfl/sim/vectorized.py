@@ -615,7 +615,8 @@ class VectorizedSim:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, out: Path | None = None, *, progress: TextIO | None = None, live: Live | None = None) -> dict[str, Any]:
+    def run(self, out: Path | None = None, *, progress: TextIO | None = None,
+            live: Live | None = None) -> dict[str, Any]:
         """Run to completion; write ``out/metrics.jsonl`` (if ``out``) and return the summary;
         ``live``: the page of ``gossipfl sim --live`` (`gossipfl.web.live`) gets every metric point."""
         cfg = self.cfg

@@ -35,12 +35,15 @@ class Layout:
         if key == self._key:
             return self._pos
         g = nx.Graph()
-        g.add_nodes_from(sorted(nodes, key=str))
+        g.add_nodes_from(nodes)  # in the caller's order
         g.add_edges_from(e for e in edges if e[0] in g and e[1] in g)
         if g.number_of_nodes() == 0:
             pos: dict[Hashable, tuple[float, float]] = {}
         elif g.number_of_nodes() <= 12 or max(d for _, d in g.degree()) <= 2:  # a few nodes, a ring: a circle
-            pos = {k: (float(v[0]), float(v[1])) for k, v in nx.circular_layout(g).items()}
+            order = [v for part in nx.connected_components(g) for v in nx.dfs_preorder_nodes(g.subgraph(part))] \
+                if max(d for _, d in g.degree()) <= 2 else list(g.nodes())  # neighbours side by side
+            ring = nx.circular_layout(order)
+            pos = {k: (float(ring[k][0]), float(ring[k][1])) for k in order}
         else:
             raw = nx.spring_layout(g, seed=self.seed, iterations=60)
             pos = {k: (float(v[0]), float(v[1])) for k, v in raw.items()}

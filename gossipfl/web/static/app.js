@@ -65,6 +65,9 @@ function makeChart(el, series, opts = {}) {
   return chart;
 }
 
+// a log axis's ticks as powers of ten (uPlot's default rounds small values to 0)
+const LOG_TICKS = (u, vals) => vals.map(v => v === null ? "" : Number(v).toExponential(0).replace("e+", "e"));
+
 function positive(v) { return (v === null || v === undefined || !(v > 0)) ? null : v; }
 
 // ------------------------------------------------------------------ node page
@@ -81,7 +84,7 @@ function setupNode(info) {
   state.charts.cons = makeChart($("chart-cons"), [
     { label: "spread of the models seen", stroke: "#7b3fb8", width: 2 },
   ], { xlabel: "time (s)", scales: { y: { distr: 3 } },
-       axes: [{ label: "time since start (s)" }, { label: "mean |x − x̄|²" }] });
+       axes: [{ label: "time since start (s)" }, { label: "mean |x − x̄|²", values: LOG_TICKS, size: 60 }] });
   $("cons-sub").textContent = "estimate: this node's model and its neighbours' newest";
   $("third-title").textContent = "Messages per second";
   state.charts.third = makeChart($("chart-third"), [
@@ -133,7 +136,8 @@ function nodeTable(status) {
   if (status.clipped !== undefined) extra.push(`clipped ${status.clipped}`);
   if (status.discarded !== undefined) extra.push(`discarded ${status.discarded}`);
   $("rejected").textContent = `rejected messages: ${parts.length ? parts.join(" · ") : "none"} · ` +
-    `dropped ${status.dropped || 0} · mean staleness ${status.staleness === null ? "–" : fmt(status.staleness, 1)} steps` +
+    `dropped ${status.dropped || 0} · mean step lag of merged models ${status.staleness === null ? "–" : fmt(status.staleness, 1)}` +
+    ` (our step minus the sender's: negative when senders run ahead)` +
     (extra.length ? " · " + extra.join(" · ") : "") + (status.finished ? " · finished" : "");
 }
 
@@ -155,7 +159,7 @@ function setupSim(info) {
                 stroke: "#888", width: 1.5, dash: [5, 5] });
   }
   state.charts.cons = makeChart($("chart-cons"), cons, { xlabel: "mean step", scales: { y: { distr: 3 } },
-    axes: [{ label: "mean step (rounds)" }, { label: "mean |x − x̄|²" }] });
+    axes: [{ label: "mean step (rounds)" }, { label: "mean |x − x̄|²", values: LOG_TICKS, size: 60 }] });
   $("cons-sub").textContent = info.rho === null ? "no closed-form rate for this setting" : "with the mixing-only theory line";
   $("third-title").textContent = "Simulated vs wall time";
   state.charts.third = makeChart($("chart-third"), [
@@ -267,12 +271,16 @@ async function pollMetrics() {
   } catch (err) {
     connected(false, state.kind === "sim" ? "disconnected (run over?)" : "disconnected");
   }
-  setTimeout(pollMetrics, POLL_MS);
+  setTimeout(pollMetrics, document.hidden ? 4 * POLL_MS : POLL_MS);  // a background tab polls less
 }
 
 async function pollCluster() {
-  try { drawGraph(await getJSON("/cluster", 6000)); } catch (err) { /* the next poll retries */ }
-  setTimeout(pollCluster, GRAPH_MS);
+  try {
+    const c = await getJSON("/cluster", 6000);
+    const key = JSON.stringify(c);
+    if (key !== state.lastCluster) { state.lastCluster = key; drawGraph(c); }  // redraw only what changed
+  } catch (err) { /* the next poll retries */ }
+  setTimeout(pollCluster, document.hidden ? 4 * GRAPH_MS : GRAPH_MS);
 }
 
 async function main() {

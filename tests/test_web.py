@@ -309,3 +309,70 @@ def test_a_simulations_live_page_in_chromium_shows_256_nodes_learning(tmp_path: 
             proc.stderr.close()
     assert count == "256 nodes"
     assert second > first + 0.02
+
+
+def test_the_local_clusters_live_page_follows_its_nodes(tmp_path: Path) -> None:
+    """`Live` on the local-cluster engine (4 real nodes, in-memory transport, lock-step): a point
+    per monitor sample, the 4 nodes with the accuracies the nodes report at the end."""
+    from gossipfl.plan import resolve
+    from gossipfl.sim.cluster import run_cluster
+    from gossipfl.web.live import Live
+
+    cfg = RunConfig(nodes=4, topology="ring", transport="memory", schedule="sync", steps=30, eval_every=10)
+    plan = resolve(cfg)
+    live = Live(plan)
+    summary = asyncio.run(run_cluster(plan, tmp_path, progress=None, live=live))
+    pts = live.history.since()
+    assert len(pts) >= 3
+    assert pts[-1]["mean_accuracy"] == pytest.approx(summary["mean_accuracy"], abs=1e-6)
+    assert pts[-1]["min_accuracy"] == pytest.approx(min(r["accuracy"] for r in summary["per_node"].values()), abs=1e-6)
+    cl = asyncio.run(live.cluster())
+    assert [n["id"] for n in cl["nodes"]] == sorted(summary["per_node"])  # the nodes' own ids
+    assert [n["accuracy"] for n in cl["nodes"]] == pytest.approx(
+        [summary["per_node"][nid]["accuracy"] for nid in sorted(summary["per_node"])], abs=1e-6)
+
+
+def test_the_page_loads_nothing_from_outside() -> None:
+    """Offline on a LAN: every script, style sheet and image the page loads is its own."""
+    from gossipfl.web.page import static_files
+
+    files = static_files()
+    html = files["index.html"].decode()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert refs
+    assert all(r.startswith("/static/") or r.startswith("data:") for r in refs), refs
+    for r in refs:
+        if r.startswith("/static/"):
+            assert r[len("/static/"):] in files, r
+    assert "http://" not in files["app.js"].decode() and "https://" not in files["app.js"].decode()
+
+
+def test_a_ring_is_drawn_as_a_circle_with_neighbours_side_by_side() -> None:
+    import math
+
+    import networkx as nx
+
+    from gossipfl.web.graph import Layout
+
+    g = nx.cycle_graph(40)
+    pos = Layout().positions(list(g.nodes()), list(g.edges()))
+    lengths = [math.dist(pos[a], pos[b]) for a, b in g.edges()]
+    assert max(lengths) < 1.01 * min(lengths)  # every link joins neighbours on the circle
+
+
+def test_peers_watch_ends_cleanly_on_ctrl_c() -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "gossipfl.cli", "peers", "--watch", "--no-mdns", "--peer",
+                             f"127.0.0.1:{_free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "gossipfl peers --watch" in proc.stdout.readline()  # the first table is out
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert "Traceback" not in err

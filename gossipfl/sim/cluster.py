@@ -136,6 +136,7 @@ async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | No
         for i, nid in enumerate(ids)
     ]
     if live is not None:
+        live.names = ids
         live.probe = lambda idx: ([_finite(nodes[i].accuracy) for i in idx], [nodes[i].state.step for i in idx])
     monitor = _Monitor(nodes, writer if live is None else live.tap(writer), t0,
                        frozenset(plan.attack.nodes) if plan.attack is not None else frozenset())

@@ -623,7 +623,7 @@ class VectorizedSim:
         writer: Callable[[dict[str, Any]], None]
         writer = files = MetricsWriter(None if out is None else Path(out) / "metrics.jsonl")
         if live is not None:
-            live.probe = lambda idx: _record.probe(self, idx)
+            live.probe, live.names = (lambda idx: _record.probe(self, idx)), self.ids
             writer = live.tap(files)
         self.history: list[dict[str, Any]] = []
         self.progress = _record.Progress(progress, cfg.steps if cfg.duration is None else None, cfg.duration)

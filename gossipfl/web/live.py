@@ -65,6 +65,7 @@ class Live:
         self._wall0 = time.monotonic()
         self._last: tuple[float, float] | None = None  # (wall, total node-steps) of the previous point
         self.finished = False
+        self.names: list[str] | None = None  # the engine's node ids (else the graph's indices)
 
     def tap(self, writer: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
         """``writer``, also feeding this page (cluster rows become points; node rows pass through)."""
@@ -95,10 +96,15 @@ class Live:
         pos = self._layout.positions(self.drawn, self.edges)
         bad = set(self.attackers)
         last = self.history.last() or {}
+        names = self.names
+
+        def name(i: int) -> str:
+            return names[i] if names is not None else str(i)
+
         return {
-            "nodes": [{"id": str(i), "x": pos[i][0], "y": pos[i][1], "accuracy": a, "step": s,
+            "nodes": [{"id": name(i), "x": pos[i][0], "y": pos[i][1], "accuracy": a, "step": s,
                        "attacker": i in bad} for i, a, s in zip(self.drawn, self._acc, self._step, strict=True)],
-            "edges": [{"a": str(a), "b": str(b)} for a, b in self.edges],
+            "edges": [{"a": name(a), "b": name(b)} for a, b in self.edges],
             "sampled": len(self.drawn) < self.cfg.nodes,
             "consensus_distance": last.get("consensus_distance"),
         }

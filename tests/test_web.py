@@ -344,7 +344,8 @@ def test_the_page_loads_nothing_from_outside() -> None:
     for r in refs:
         if r.startswith("/static/"):
             assert r[len("/static/"):] in files, r
-    assert "http://" not in files["app.js"].decode() and "https://" not in files["app.js"].decode()
+    assert "http://" not in files["app.js"].decode()
+    assert "https://" not in files["app.js"].decode()
 
 
 def test_a_ring_is_drawn_as_a_circle_with_neighbours_side_by_side() -> None:

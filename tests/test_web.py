@@ -212,8 +212,9 @@ def _free_port() -> int:
 
 
 def _watch_page(url: str, shot: Path, nodes: int, *, first_below: float) -> tuple[float, float, str]:
-    """Open ``url``; wait for the graph of ``nodes`` nodes and a first accuracy reading; a second
-    reading 4 s later; save a full-page screenshot; returns both readings and the node count."""
+    """Open ``url``; wait for the graph of ``nodes`` nodes and a first accuracy reading, then (up to
+    45 s) for a reading 0.03 higher; save a full-page screenshot; returns both readings and the
+    node count."""
     pw, exe = _browser()
     with pw.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
@@ -227,8 +228,12 @@ def _watch_page(url: str, shot: Path, nodes: int, *, first_below: float) -> tupl
             page.wait_for_function("document.getElementById('accuracy').dataset.value !== ''", timeout=30_000)
             first = float(page.get_attribute("#accuracy", "data-value"))
             assert first < first_below, f"the first reading came too late to see learning ({first})"
-            page.wait_for_timeout(4000)
             page.wait_for_function("document.querySelectorAll('.u-over').length >= 3", timeout=10_000)
+            try:  # a later reading, once the page shows it risen (a loaded CI machine learns slowly)
+                risen = f"parseFloat(document.getElementById('accuracy').dataset.value) > {first + 0.03}"
+                page.wait_for_function(risen, timeout=45_000)
+            except pw.TimeoutError:
+                pass  # the assertion below reports the reading
             second = float(page.get_attribute("#accuracy", "data-value"))
             count = page.inner_text("#node-count")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -242,7 +247,7 @@ def _watch_page(url: str, shot: Path, nodes: int, *, first_below: float) -> tupl
 @pytest.mark.slow
 def test_a_nodes_page_in_chromium_shows_four_nodes_learning() -> None:
     """Four `gossipfl node` processes on loopback (a slow learning rate, so learning is visible):
-    node 0's page draws the 4 nodes and its accuracy rises between two readings 4 s apart."""
+    node 0's page draws the 4 nodes and the accuracy it shows rises between two readings."""
     _browser()
     ports = [_free_port() for _ in range(4)]
     addrs = [f"127.0.0.1:{p}" for p in ports]
@@ -284,7 +289,7 @@ def test_a_simulations_live_page_in_chromium_shows_256_nodes_learning(tmp_path: 
     draws the 256 nodes and its mean accuracy rises between two readings."""
     _browser()
     cmd = [sys.executable, "-m", "gossipfl.cli", "sim", "--engine", "vectorized", "--nodes", "256", "--steps",
-           "100000", "--lr", "0.002", "--eval-every", "10", "--topology", "ring", "--live", "127.0.0.1:0",
+           "100000", "--lr", "0.005", "--eval-every", "10", "--topology", "ring", "--live", "127.0.0.1:0",
            "--out", str(tmp_path / "run"), "--quiet"]  # quiet: nothing else fills the stderr pipe
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gossipfl.algorithms.aggregation import COUNTERS
+from gossipfl.convergence import consensus_summary
 from gossipfl.errors import ConfigError
 from gossipfl.metrics import honest_accuracy, robust_counts
 from gossipfl.topology import graph_spectral_gap
@@ -163,6 +164,7 @@ def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: floa
     row = {
         "node": None, "t": round(t, 6),
         "mean_step": float(sim.step.double().mean()),
+        **({"mixings": sim.mixings} if sim.cfg.schedule == "sync" else {}),
         "consensus_distance": consensus_distance(sim),
         "avg_model_accuracy": average_model_accuracy(sim),
         "mean_accuracy": float(sim.accuracy.nanmean()) if evaluated else None,
@@ -227,25 +229,19 @@ def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
     return out
 
 
-def consensus_rates(sim: VectorizedSim) -> dict[str, float]:
-    """Measured per-round contraction of the consensus distance, and SLEM(W)^2 of the graph."""
-    pts = [(h["mean_step"], h["consensus_distance"]) for h in sim.history if h["consensus_distance"] > 1e-20]
-    out: dict[str, float] = {}
-    if len(pts) >= 3:
-        xs = torch.tensor([q[0] for q in pts], dtype=torch.float64)
-        ys = torch.log(torch.tensor([q[1] for q in pts], dtype=torch.float64))
-        denom = ((xs - xs.mean()) ** 2).sum()
-        if denom > 0:
-            out["consensus_rate"] = float(torch.exp(((xs - xs.mean()) * (ys - ys.mean())).sum() / denom))
-    if sim.time_varying:  # no single graph's spectral gap predicts a changing one
-        return out
-    try:
-        # column-stochastic algorithms push uniform shares; the others mix with the configured weights
-        kind = "push_sum" if sim.algorithm.requirements.weights == "column" else sim.cfg.weights
-        out["predicted_rate"] = (1.0 - graph_spectral_gap(sim.graph, kind)) ** 2
-    except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
-        log.warning("predicted consensus rate unavailable: %s", exc)
-    return out
+def consensus_rates(sim: VectorizedSim) -> dict[str, Any]:
+    """The consensus-rate figures (`gossipfl.convergence`): over the per-round trace in lock-step,
+    over the metric points against the mean step otherwise; and SLEM(W)^2 of the graph."""
+    points = sim.trace if sim.trace else [(h["mean_step"], h["consensus_distance"]) for h in sim.history]
+    predicted = None
+    if not sim.time_varying:  # no single graph's spectral gap predicts a changing one
+        try:
+            # column-stochastic algorithms push uniform shares; the others mix with the configured weights
+            kind = "push_sum" if sim.algorithm.requirements.weights == "column" else sim.cfg.weights
+            predicted = (1.0 - graph_spectral_gap(sim.graph, kind)) ** 2
+        except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
+            log.warning("predicted consensus rate unavailable: %s", exc)
+    return consensus_summary(points, eps=torch.finfo(sim.params.dtype).eps, predicted=predicted)
 
 
 def probe(sim: VectorizedSim, idx: Sequence[int]) -> tuple[list[float | None], list[int]]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from gossipfl.config import RunConfig
+from gossipfl.convergence import consensus_summary
 from gossipfl.errors import ConfigError
 from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy, robust_counts
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
@@ -53,6 +54,9 @@ class _Monitor:
                  attackers: frozenset[int] = frozenset()) -> None:
         self.nodes, self.metrics, self.t0 = nodes, metrics, t0
         self.history: list[dict[str, Any]] = []
+        self.trace: list[tuple[int, float]] = []  # lock-step without training: (mixings, d) every round
+        self.mixings = 0
+        self.sync = False  # lock-step: rows carry the mixing rounds done
         self.honest = [i for i in range(len(nodes)) if i not in attackers] if attackers else None
 
     async def snapshot(self) -> torch.Tensor:
@@ -66,6 +70,7 @@ class _Monitor:
             "node": None,
             "t": round(time.monotonic() - self.t0, 4),
             "mean_step": sum(n.state.step for n in self.nodes) / len(self.nodes),
+            **({"mixings": self.mixings} if self.sync else {}),
             "consensus_distance": consensus_distance(params),
             "avg_model_accuracy": avg_acc,
             "mean_accuracy": sum(accs) / len(accs) if accs else None,
@@ -87,21 +92,14 @@ def _progress_line(row: dict[str, Any], nodes: list[Node], cfg: RunConfig) -> st
             f"{'  -  ' if acc is None else f'{acc:.3f}'}  consensus {row['consensus_distance']:.2e}  msgs {msgs}")
 
 
-def _consensus_rates(history: list[dict[str, Any]], cfg: RunConfig, schedule: Schedule) -> dict[str, float]:
-    """Measured per-round contraction of the consensus distance vs. SLEM(W)^2 of the mixing matrix."""
-    pts = [(h["mean_step"], h["consensus_distance"]) for h in history if h["consensus_distance"] > 1e-20]
-    pts = pts[len(pts) // 2 :]  # the asymptotic rate: skip the transient of fast-decaying modes
-    out: dict[str, float] = {}
-    if len(pts) >= 3:
-        xs = torch.tensor([p[0] for p in pts], dtype=torch.float64)
-        ys = torch.log(torch.tensor([p[1] for p in pts], dtype=torch.float64))
-        xm, ym = xs.mean(), ys.mean()
-        denom = ((xs - xm) ** 2).sum()
-        if denom > 0:
-            out["consensus_rate"] = float(torch.exp(((xs - xm) * (ys - ym)).sum() / denom))
+def _consensus_rates(monitor: _Monitor, cfg: RunConfig, schedule: Schedule, eps: float) -> dict[str, Any]:
+    """The consensus-rate figures (`gossipfl.convergence`) over the lock-step trace (d after each
+    mixing round) or the monitor's samples against the mean step, vs SLEM(W)^2 where it applies."""
+    points = monitor.trace or [(h["mean_step"], h["consensus_distance"]) for h in monitor.history]
+    predicted = None
     if schedule.period == 1 and not schedule.directed:  # SLEM^2 predicts the rate of a fixed symmetric W
-        out["predicted_rate"] = slem(mixing_matrix(schedule(0), cfg.weights)) ** 2
-    return out
+        predicted = slem(mixing_matrix(schedule(0), cfg.weights)) ** 2
+    return consensus_summary(points, eps=eps, predicted=predicted)
 
 
 async def run_cluster(cfg: RunConfig | Plan, out: Path, *, progress: TextIO | None = sys.stderr,
@@ -194,9 +192,20 @@ async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
         raise ConfigError("duration: the sync schedule counts rounds; give steps instead")
     for n in nodes:
         await n.probe_peers()
+    trace = not nodes[0].algorithm.requirements.trains
+    pairwise = nodes[0].algorithm.requirements.pairwise
+    monitor.sync = True
+    if trace:
+        monitor.trace.append((0, consensus_distance(await monitor.snapshot())))
+    sent = False
     for r in range(1, cfg.steps + 1):
         gossip = r % cfg.gossip_every == 0
         outs = [await n.work_round(gossip=gossip) for n in nodes]
+        if sent or (gossip and pairwise):  # this round merged what the last one sent (pairwise: its own)
+            monitor.mixings += 1
+            if trace:
+                monitor.trace.append((monitor.mixings, consensus_distance(await monitor.snapshot())))
+        sent = any(out is not None for out in outs)
         for n, out in zip(nodes, outs, strict=True):
             await n.send_round(out)
         if r % cfg.eval_every == 0 or r == cfg.steps:
@@ -266,5 +275,5 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
                     "emulated step time (emulation.step_time %g s); raise step_time to compare with the "
                     "vectorised engine", 100 * summary["step_overruns"], plan.emulation.step_time)
     if not nodes[0].algorithm.requirements.trains:
-        summary.update(_consensus_rates(monitor.history, cfg, plan.schedule))
+        summary.update(_consensus_rates(monitor, cfg, plan.schedule, torch.finfo(nodes[0].trainer.params.dtype).eps))
     return summary

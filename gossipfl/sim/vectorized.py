@@ -164,6 +164,9 @@ class VectorizedSim:
         self.sim_time = 0.0
         self.node_steps = 0
         self.round = 0  # sync schedule: rounds done
+        self.mixings = 0  # sync schedule: rounds that merged (round 1 has nothing to merge)
+        # pure averaging in lock-step: d(t) after every mixing round (gossipfl.convergence)
+        self.trace: list[tuple[int, float]] | None = [] if not req.trains and cfg.schedule == "sync" else None
         self._pending: Outbox | None = None  # sync: what the last round sent
         self._spare: dict[str, torch.Tensor] = {}  # sync fused mixing: output buffers, kept across rounds
         self._everyone = torch.arange(n, device=dev)
@@ -547,11 +550,14 @@ class VectorizedSim:
 
         Round r: merge round r-1's messages, one local step, then send if r is a gossip point.
         """
+        if self.trace == []:  # the trace starts from the models before any merge
+            self.trace.append((self.mixings, _record.consensus_distance(self)))
         for _ in range(k):
             self.round += 1
             pending, self._pending = self._pending, None
             if pending is not None:
                 self._deliver_round(pending)
+                self._mixed()
             if self.trains:
                 self.local_step(None)
             self.step += 1
@@ -561,6 +567,7 @@ class VectorizedSim:
                 links = self.links_at.at(self.round)  # this round's graph; the next round merges with its weights
                 if self.pairwise is not None:
                     self.pairwise.sync_round(links)
+                    self._mixed()
                 else:
                     self._pending = out = self.send(self._everyone, links, everyone=True)
                     if out is None:
@@ -573,6 +580,12 @@ class VectorizedSim:
                         self.msgs_in.index_add_(0, out.recv, torch.ones_like(out.recv))
                         self.bytes_in.index_add_(0, out.recv,
                                                  self.message_bytes(out.carried, out.which, out.senders))
+
+    def _mixed(self) -> None:
+        """One more mixing round; without training, its consensus distance joins the trace."""
+        self.mixings += 1
+        if self.trace is not None:
+            self.trace.append((self.mixings, _record.consensus_distance(self)))
 
     def _deliver_round(self, out: Outbox) -> None:
         """Round r-1's messages into every receiver (staleness 0: lock-step)."""

@@ -245,8 +245,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"node steps           {_fmt(s('node_steps'), '')} in {_fmt(s('wall_seconds'), '.1f')} s",
     ]
     if "consensus_rate" in summary or "predicted_rate" in summary:
-        lines.append(f"consensus rate       {_fmt(summary.get('consensus_rate'))} per round measured, "
-                     f"{_fmt(summary.get('predicted_rate'))} predicted (SLEM^2)")
+        lines.append(f"consensus rate       {_fmt(summary.get('consensus_rate'), '.6f')} per round measured, "
+                     f"{_fmt(summary.get('predicted_rate'), '.6f')} predicted (SLEM^2)")
+        if summary.get("consensus_exact_after") is not None:
+            lines.append(f"                     exact after {summary['consensus_exact_after']} round(s)")
+        elif "consensus_rounds_to_1e-3" in summary:
+            lines.append(f"                     rounds to 1e-3 of the start {_fmt(s('consensus_rounds_to_1e-3'), '')}, "
+                         f"to 1e-6 {_fmt(s('consensus_rounds_to_1e-6'), '')}")
     return "\n".join(lines)
 
 

@@ -239,7 +239,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"averaged model       {_fmt(s('avg_model_accuracy'))}",
         f"consensus distance   {_fmt(s('consensus_distance'), '.3e')}  "
         f"(start {_fmt(s('initial_consensus_distance'), '.3e')})",
-        f"messages             {_fmt(s('messages'), '')}  ({_fmt(mb(s('bytes')), '.2f')} MB)",
+        f"messages             {_fmt(s('messages'), '')}  ({_fmt(mb(s('bytes')), '.2f')} MB; "
+        f"{_fmt(s('messages_per_node_step'), '.2f')} per node-step while training, "
+        f"{_fmt(s('linger_messages'), '')} after, {_fmt(s('lost'), '')} lost)",
         f"staleness            {_fmt(s('staleness_mean'), '.2f')} steps mean, {_fmt(s('staleness_max'), '')} max "
         "(receiver's step at merge - sender's at send)",
         f"node steps           {_fmt(s('node_steps'), '')} in {_fmt(s('wall_seconds'), '.1f')} s",

@@ -24,7 +24,7 @@ _SUMMARY_NUMBERS = ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_
                     "initial_consensus_distance", "messages", "bytes", "wall_seconds", "node_steps",
                     "consensus_rate", "predicted_rate", "staleness_mean", "staleness_max",
                     "honest_mean_accuracy", "honest_min_accuracy", "honest_consensus_distance", "attackers",
-                    "clipped", "discarded")
+                    "clipped", "discarded", "lost", "linger_messages", "messages_per_node_step")
 _NODE_NUMBERS = ("steps", "accuracy", "loss", "msgs_out", "msgs_in", "bytes_out")
 
 
@@ -111,7 +111,8 @@ def comparison_table(runs: list[Run]) -> str:
     attacked = any((r.summary.get("attackers") or 0) > 0 for r in runs)
     head = (f"{'run':<44}{'engine':>11}{'mean acc':>10}{'min acc':>9}"
             + (f"{'honest':>8}{'h. min':>8}{'att.':>5}" if attacked else "")
-            + f"{'avg model':>10}{'consensus':>11}{'stale':>7}{'MB':>9}{'node-steps':>11}{'wall s':>8}")
+            + f"{'avg model':>10}{'consensus':>11}{'stale':>7}{'MB':>9}{'msg/step':>9}{'lost':>7}{'node-steps':>11}"
+            f"{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in runs:
         s = r.summary
@@ -121,8 +122,9 @@ def comparison_table(runs: list[Run]) -> str:
             f"{r.label[:43]:<44}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{honest}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt(s.get('staleness_mean'), '.2f'):>7}"
-            f"{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}"
-            f"{_fmt(s.get('node_steps'), '.0f'):>11}{_fmt(s.get('wall_seconds'), '.1f'):>8}"
+            f"{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}{_fmt(s.get('messages_per_node_step'), '.2f'):>9}"
+            f"{_fmt(s.get('lost'), '.0f'):>7}{_fmt(s.get('node_steps'), '.0f'):>11}"
+            f"{_fmt(s.get('wall_seconds'), '.1f'):>8}"
         )
     return "\n".join(lines)
 

@@ -120,3 +120,38 @@ def test_k_lock_step_rounds_make_k_minus_one_mixings_and_rows_say_so(tmp_path: P
     # d(t) <= 1e-3 d(0) needs about log(1e-3) / log(lam^2) mixings (within the transient's few rounds)
     assert abs(s["consensus_rounds_to_1e-3"] - math.log(1e-3) / math.log(lam**2)) < 4
     assert d0 > 0
+
+
+@pytest.mark.parametrize("emulation", [{}, {"speed": "lognormal:0.5"}, {"stragglers": 0.2, "straggler_slowdown": 5.0},
+                                       {"loss": 0.1}, {"latency": 0.005, "jitter": 0.01}])
+@pytest.mark.parametrize(("algorithm", "topology", "degree"), [("dpsgd", "exponential", 11),
+                                                               ("pushsum", "exponential_directed", 6)])
+def test_messages_are_what_the_graph_sends_with_and_without_emulation(emulation: dict, algorithm: str,
+                                                                      topology: str, degree: int) -> None:
+    """64 nodes, async: every training step sends one message per out-neighbour, whatever the
+    emulation, so messages per node-step is the out-degree exactly; what lingering nodes send after
+    their last step and what the network lost are counted apart (lost ones were sent too)."""
+    cfg = RunConfig(nodes=64, topology=topology, algorithm=algorithm, engine="vectorized", schedule="async",
+                    steps=60, emulation=emulation)
+    s = run_vectorized(cfg, None, progress=None)
+    assert (s["messages"] - s["linger_messages"]) == degree * s["node_steps"]
+    assert s["messages_per_node_step"] == degree
+    if emulation.get("loss"):
+        assert s["lost"] / s["messages"] == pytest.approx(emulation["loss"], abs=0.02)
+    else:
+        assert s["lost"] == 0
+    if "speed" in emulation or "stragglers" in emulation:
+        assert s["linger_messages"] > 0  # fast nodes gossip on while the slow ones finish
+
+
+@pytest.mark.parametrize("emulation", [{}, {"loss": 0.2}])
+def test_the_local_cluster_counts_messages_as_the_vectorised_engine(tmp_path: Path, emulation: dict) -> None:
+    """8 real nodes, ring, async (in-memory transport): messages per node-step is the degree,
+    lost messages (not lost status probes) counted apart, as in the vectorised engine."""
+    from gossipfl.sim.cluster import run_cluster
+
+    cfg = RunConfig(nodes=8, topology="ring", schedule="async", steps=60, emulation=emulation, transport="memory")
+    s = asyncio.run(run_cluster(cfg, tmp_path, progress=None))
+    assert s["messages"] - s["linger_messages"] == 2 * s["node_steps"]
+    if emulation:
+        assert s["lost"] / s["messages"] == pytest.approx(0.2, abs=0.06)

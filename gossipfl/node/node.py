@@ -112,6 +112,7 @@ class Node:
         self.round_timeouts = 0  # rounds: waits for neighbours that ran out
         # counters reported by /status and metrics
         self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
+        self.linger_msgs = self.linger_bytes = 0  # gossip sent after training ended (lost ones too)
         self.dropped = 0
         self.rejected: Counter[str] = Counter()
         # per peer: [messages out, bytes out, messages in, bytes in] (the page's traffic per edge)

@@ -182,6 +182,9 @@ class Protocol:
         address = node.membership.address(peer_id)
         if address is None:
             return
+        if node.finished.is_set():  # lingering: counted apart, whether or not it arrives
+            node.linger_msgs += 1
+            node.linger_bytes += len(body)
         reply = await self._post(peer_id, address, "/gossip", body)
         if reply is None:
             return

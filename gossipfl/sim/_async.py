@@ -238,14 +238,17 @@ def _batch(sim: VectorizedSim, stepping: torch.Tensor, training: torch.Tensor, t
     nbytes = sim.message_bytes(out.carried, out.which, out.senders)
     arrive = sent_at[out.send] + delay(sim, out.send, out.recv, nbytes, out.latency)
     sim.send_done.scatter_reduce_(0, out.send, arrive, reduce="amax")  # all targets at once, lost ones too
-    keep = ~closed[out.recv]
-    if emu.loss:
+    refused = closed[out.recv]  # the receiver has stopped: refused, as a node's 503, so not sent
+    sim.msgs_out.index_add_(0, out.send, -refused.long())
+    sim.bytes_out.index_add_(0, out.send, -(nbytes * refused.long()))
+    keep = ~refused
+    lingering = (~training.index_select(0, out.send)) & keep  # sent after the sender's last step
+    sim.linger_msgs += lingering.sum()
+    sim.linger_bytes += (nbytes * lingering.long()).sum()
+    if emu.loss:  # a lost message was sent (it counts), and is counted lost too
         lost = torch.rand(out.send.shape[0], generator=sim.gen, device=dev) < emu.loss
         sim.lost += (lost & keep).sum()
         keep &= ~lost
-    dropped = ~keep  # a lost message was not sent, as far as the counters go (the cluster's transport)
-    sim.msgs_out.index_add_(0, out.send, -dropped.long())
-    sim.bytes_out.index_add_(0, out.send, -(nbytes * dropped.long()))
     new = Messages(out.recv, out.send, slot[out.which], seq[out.which], arrive, out.weight,
                    sim.step.index_select(0, out.send), nbytes).select(keep)
     return inflight.extend(new)

@@ -236,6 +236,7 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
              wall: float) -> dict[str, Any]:
     cfg = plan.cfg
     accs = [n.accuracy for n in nodes]
+    lost = sum(getattr(n._transport, "lost", 0) for n in nodes)
     summary: dict[str, Any] = {
         "engine": "cluster",
         "transport": cfg.transport,
@@ -250,10 +251,15 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         **({"honest_consensus_distance": final["honest_consensus_distance"]}
            if "honest_consensus_distance" in final else {}),
         **_robust_totals(nodes),
-        "messages": sum(n.msgs_out for n in nodes),
-        "bytes": sum(n.bytes_out for n in nodes),
+        # every message sent: delivered (a node's msgs_out) and lost on the emulated network
+        "messages": sum(n.msgs_out for n in nodes) + lost,
+        "bytes": sum(n.bytes_out for n in nodes) + sum(getattr(n._transport, "lost_bytes", 0) for n in nodes),
+        "linger_messages": sum(n.linger_msgs for n in nodes),
+        "linger_bytes": sum(n.linger_bytes for n in nodes),
+        "messages_per_node_step": (sum(n.msgs_out for n in nodes) + lost - sum(n.linger_msgs for n in nodes))
+        / max(1, sum(n.state.step for n in nodes)),
         "rejected": sum(sum(n.rejected.values()) for n in nodes),
-        "lost": sum(getattr(n._transport, "lost", 0) for n in nodes),  # dropped by emulated loss
+        "lost": lost,  # dropped by emulated loss
         "round_timeouts": sum(n.round_timeouts for n in nodes),  # round algorithms: waits that ran out
         # emulated speeds: the share of steps whose real compute outlasted their emulated step time
         "step_overruns": sum(n.step_overruns for n in nodes) / max(1, sum(n.state.step for n in nodes)),

@@ -35,6 +35,7 @@ class EmulatedTransport:
         self._rng = random.Random(seed * 1_000_003 + src)
         self._latency: dict[int, float] = {}
         self.lost = 0
+        self.lost_bytes = 0
 
     def _link_latency(self, dst: int) -> float:
         if dst not in self._latency:
@@ -53,7 +54,9 @@ class EmulatedTransport:
         if delay:
             await asyncio.sleep(min(delay, timeout))
         if self._em.loss and self._rng.random() < self._em.loss:
-            self.lost += 1
+            if path in ("/gossip", "/exchange"):  # a message lost; a status probe is not one
+                self.lost += 1
+                self.lost_bytes += len(body)
             raise PeerError(f"{address}: {method} {path} lost (emulated loss {self._em.loss:g})")
         return await self._inner.request(address, method, path, body, timeout=timeout)
 

@@ -159,6 +159,9 @@ class VectorizedSim:
         self.bytes_out = torch.zeros(n, dtype=torch.int64, device=dev)
         self.bytes_in = torch.zeros(n, dtype=torch.int64, device=dev)
         self.lost = torch.zeros((), dtype=torch.int64, device=dev)
+        # async: sent after the sender's last step (a lingering node merges and gossips, no training)
+        self.linger_msgs = torch.zeros((), dtype=torch.int64, device=dev)
+        self.linger_bytes = torch.zeros((), dtype=torch.int64, device=dev)
         self.expired = torch.zeros((), dtype=torch.int64, device=dev)
         self.tally = _record.Staleness(n, dev)
         self.sim_time = 0.0

@@ -6,6 +6,7 @@ in a local cluster and the same row of the vectorised simulator start from the s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,12 @@ __all__ = ["build_algorithm", "build_data", "build_trainer", "check_algorithm_fi
 
 
 def build_data(cfg: RunConfig) -> Dataset:
-    return load_data(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    """The run's data, features in the models' dtype."""
+    data = load_data(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    dtype = getattr(torch, cfg.dtype)
+    if data.x_train.dtype == dtype:
+        return data
+    return dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
 
 
 def node_seed(cfg: RunConfig, index: int) -> int:
@@ -39,7 +45,7 @@ def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int,
         shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
     model = build_model(
         cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
-        hidden=cfg.hidden, seed=node_seed(cfg, index),
+        hidden=cfg.hidden, seed=node_seed(cfg, index), dtype=getattr(torch, cfg.dtype),
     )
     return Trainer(
         model, data, shards[index % n_shards], lr=cfg.lr, batch_size=cfg.batch_size,

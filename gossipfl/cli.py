@@ -41,6 +41,8 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="digits (default), synthetic, or pkg.mod:load_data")
     p.add_argument("--model", help="mlp (default), logreg, cnn, or pkg.mod:make_model")
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="MLP hidden layer sizes")
+    p.add_argument("--dtype", help="the models' parameters: float32 (default) or float64 (theory checks); "
+                   "every node of a cluster must use the same")
     p.add_argument("--algorithm-param", dest="algorithm_param", action="append", metavar="KEY=VALUE",
                    help="one [algorithm_params] entry, e.g. aggregator=median or tau=0.5 (repeatable)")
     p.add_argument("--aggregator", help="robust merge: mean, median, trimmed_mean, krum, clipped_gossip, balance "

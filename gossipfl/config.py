@@ -23,6 +23,7 @@ ENGINES = ("cluster", "vectorized")
 TRANSPORTS = ("http", "memory")
 WEIGHTS = ("metropolis", "max_degree", "uniform")
 SCHEDULES = ("async", "sync")
+DTYPES = ("float32", "float64")
 MAX_SEED = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
 
 
@@ -38,6 +39,7 @@ class RunConfig:
     partition: str = "iid"
     test_fraction: float = 0.2
     same_init: bool = False  # all nodes start from one model (else each node seeds its own)
+    dtype: str = "float32"  # the models' parameters (and the data fed to them): float32 or float64
     # local training
     lr: float = 0.1
     momentum: float = 0.9
@@ -92,7 +94,7 @@ class RunConfig:
         if self.duration is not None and not (self.duration > 0 and math.isfinite(self.duration)):
             raise ConfigError(f"duration: must be a positive number of seconds, got {self.duration}")
         for key, allowed in (("engine", ENGINES), ("transport", TRANSPORTS), ("weights", WEIGHTS),
-                             ("schedule", SCHEDULES)):
+                             ("schedule", SCHEDULES), ("dtype", DTYPES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if any(h < 1 for h in self.hidden):

@@ -40,11 +40,13 @@ def build_model(
     n_classes: int,
     hidden: Sequence[int] = (32,),
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Build ``logreg``, ``mlp``, ``cnn`` or a user's ``pkg.mod:fn`` with seeded initial weights.
 
     A user function is called as ``fn(input_shape=..., n_classes=...)`` and must return an
-    ``nn.Module`` whose parameters are all float32 (they travel as one flat vector).
+    ``nn.Module`` whose parameters are floating point; they travel as one flat vector, so the
+    model is cast to ``dtype`` (float32, or float64 for theory checks that float32 would blur).
     """
     torch.manual_seed(seed)  # initial weights depend on the seed alone, in every process
     n_in = math.prod(input_shape)
@@ -79,9 +81,10 @@ def build_model(
             f"model: unknown model {spec!r}; choose one of {', '.join(BUILTIN_MODELS)} "
             "or give 'package.module:function'"
         )
-    bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+    bad = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
     if bad:
-        raise DataError(f"model: parameters must be float32; {bad[0]} is not")
+        raise DataError(f"model: parameters must be floating point; {bad[0]} is not")
+    model = model.to(dtype)
     if not any(True for _ in model.parameters()):
         raise DataError(f"model: {spec} has no parameters to learn")
     return model

@@ -115,15 +115,16 @@ class Links:
                                   covers=bool((self.recv_deg > 0).all()))
         return self._fanout
 
-    def mixing(self) -> torch.Tensor:
-        """``M`` (float32 CSR) with ``M @ x`` = every node's mix of all its in-neighbours (cached)."""
-        if self._mixing is None:
-            n = self.n
-            wsum = torch.zeros(n, dtype=torch.float32).index_add_(
-                0, torch.from_numpy(self._w_rows), torch.from_numpy(self._w_vals.astype(np.float32)))
+    def mixing(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``M`` (CSR, in the models' ``dtype``) with ``M @ x`` = every node's mix of all its
+        in-neighbours (cached per dtype)."""
+        if self._mixing is None or self._mixing.dtype != dtype:
+            n, np_dtype = self.n, np.float64 if dtype == torch.float64 else np.float32
+            wsum = torch.zeros(n, dtype=dtype).index_add_(
+                0, torch.from_numpy(self._w_rows), torch.from_numpy(self._w_vals.astype(np_dtype)))
             diag = np.arange(n)
             self._mixing = csr_from(np.concatenate([self._w_rows, diag]), np.concatenate([self._w_cols, diag]),
-                                    np.concatenate([self._w_vals.astype(np.float32), (1.0 - wsum).numpy()]), n,
+                                    np.concatenate([self._w_vals.astype(np_dtype), (1.0 - wsum).numpy()]), n,
                                     self.device)
         return self._mixing
 

@@ -85,8 +85,11 @@ def learning(plan: Plan, dev: torch.device, kernel: str, block: int | None, gen:
     cfg, data, n = plan.cfg, plan.data, plan.cfg.nodes
     model = build_model(cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
                         hidden=cfg.hidden, seed=node_seed(cfg, 0))
+    # drawn in float32, then cast: the numbers `build_trainer` gives a node (float64 draws differ)
+    params = _initial_params(cfg, data, model, param_layout(model), n)
+    model = model.to(getattr(torch, cfg.dtype))
     layout = param_layout(model)
-    params = _initial_params(cfg, data, model, layout, n).to(dev)
+    params = params.to(dev, layout.dtype)
     seeds = [cfg.seed * 7919 + i for i in range(n)] if exact else None
     batches = Batches([plan.shard(i) for i in range(n)], cfg.batch_size, device=dev,
                       generator=gen, seeds=seeds)

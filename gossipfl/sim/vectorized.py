@@ -613,7 +613,7 @@ class VectorizedSim:
                     spare = self._spare.pop(c.key, None)
                     if spare is None or spare.shape != src.shape:
                         spare = torch.empty_like(src)
-                    fused[c.key] = torch.addmm(spare, out.links.mixing(), src, beta=0.0, out=spare)
+                    fused[c.key] = torch.addmm(spare, out.links.mixing(src.dtype), src, beta=0.0, out=spare)
             if len(fused) == len(self.algorithm.channels):  # every neighbour sent every channel
                 links = out.links
                 inbox = Inbox(values=fused, count={k: links.recv_deg for k in fused},

@@ -14,6 +14,7 @@ builds a graph again; each also accepts a plain `RunConfig` and resolves it itse
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from gossipfl.emulation import Emulation, parse_emulation
 from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning import Dataset, Trainer, partition
 from gossipfl.topology import Schedule, build_schedule
+
+log = logging.getLogger("gossipfl")
 
 __all__ = ["Plan", "resolve"]
 
@@ -78,6 +81,12 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
         raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
                         "nodes; give shards = K (--shards K) and node i trains on shard i % K")
     shards = tuple(partition(data.y_train, cfg.shards or cfg.nodes, cfg.partition, seed=cfg.seed))
+    used = [len(shards[i % len(shards)]) for i in range(min(cfg.nodes, len(shards)))]
+    if used and min(used) < cfg.batch_size:
+        k = max(1, len(data.y_train) // cfg.batch_size)
+        log.warning("a node's data is smaller than a batch: %d training samples over %d shards leave as few as %d "
+                    "per node (batch_size %d); give shards = K (--shards %d, node i trains on shard i %% K) for "
+                    "full batches", len(data.y_train), len(shards), min(used), cfg.batch_size, k)
     schedule = build_schedule(cfg.topology, cfg.nodes, seed=cfg.seed)  # the graph, once
     check_requirements(cfg, algorithm, directed=schedule.directed, time_varying=schedule.period != 1,
                        loss=emulation.loss)

@@ -83,7 +83,6 @@ def test_the_complete_graph_is_exact_after_one_round_in_both_engines(tmp_path: P
 
 
 @pytest.mark.parametrize(("topology", "n"), [("ring", 16), ("torus", 16), ("exponential", 16), ("hypercube", 16),
-                                             pytest.param("ring", 64, marks=pytest.mark.slow),
                                              pytest.param("hypercube", 64, marks=pytest.mark.slow)])
 def test_the_local_clusters_rate_is_rho_squared_and_the_vectorised_engines(tmp_path: Path, topology: str,
                                                                            n: int) -> None:

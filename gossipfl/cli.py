@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gossipfl.config import MAX_SEED, RunConfig, load_config, parse_address
+from gossipfl.config import MAX_SEED, UNBOUNDED_STEPS, RunConfig, load_config, parse_address
 from gossipfl.errors import ConfigError, GossipflError
 
 __all__ = ["main"]
@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve a live page of the run (graph, accuracy, consensus) at HOST:PORT "
                           "(default 127.0.0.1:8750, loopback; port 0: any free port); the URL is printed at start")
 
-    node = sub.add_parser("node", help="run one node on this machine")
+    node = sub.add_parser("node", help="run one node on this machine, until stopped (Ctrl-C / SIGTERM)",
+                          description="Run one gossipfl node: it serves until SIGINT or SIGTERM (then it saves "
+                          "its checkpoint, says goodbye over mDNS and exits 0), unless --steps or --duration "
+                          "give it a budget.")
     _learning_flags(node)
     node.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default 127.0.0.1:0)")
     node.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT",
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run mDNS on this interface address only (repeatable)")
     node.add_argument("--node-index", type=int, help="which data shard this node trains on")
     node.add_argument("--shards", type=int, help="how many shards the training data is cut into")
+    node.add_argument("--quiet", action="store_true", help="no start, progress or finish lines (warnings still)")
+    node.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                      help="seconds between two progress lines (default 10)")
     node.add_argument("--attack", metavar="KIND", help="red-team runs: this node attacks (sign_flip, scaled, "
                       "gaussian, alie, ipm, label_flip, free_rider; strength and start in the [attack] table)")
 
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "config", "verbose", "quiet", "live", "watch"}
+_NOT_CONFIG = {"command", "config", "verbose", "quiet", "live", "watch", "progress_every"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,7 +298,22 @@ def _node_id(cfg: RunConfig) -> str:
     return fresh
 
 
-async def _serve_node(cfg: RunConfig) -> int:
+def _progress(node: Any) -> str:
+    st = node.status()
+    loss, acc = st["loss"], st["accuracy"]
+    return (f"node {st['id']}: step {st['step']}, loss {_fmt(loss, '.4f')}, accuracy {_fmt(acc, '.4f')}, "
+            f"peers {len(st['peers'])} ({len(st['neighbours'])} neighbours), msgs out {st['msgs_out']} "
+            f"in {st['msgs_in']}, rejected {sum(st['rejected'].values())}")
+
+
+async def _report_progress(node: Any, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        print(_progress(node), file=sys.stderr, flush=True)
+
+
+async def _serve_node(cfg: RunConfig, *, quiet: bool = False, progress_every: float = 10.0,
+                      forever: bool = False) -> int:
     from gossipfl.build import (
         build_algorithm,
         build_data,
@@ -342,14 +363,21 @@ async def _serve_node(cfg: RunConfig) -> int:
                         metrics=metrics, secret=secret, state_dir=cfg.state_dir,
                         seed=stable_index(node_id, 2**31), mdns=cfg.mdns,
                         mdns_interfaces=cfg.mdns_interfaces, attack=attack) as node:
-            print(f"gossipfl node {node_id} on {node.address} (cluster {cfg.cluster}, shard {index}/{shards})",
-                  file=sys.stderr, flush=True)
+            if not quiet:
+                budget = "until stopped (Ctrl-C)" if forever else (
+                    f"for {cfg.duration:g} s" if cfg.duration is not None else f"for {cfg.steps} steps")
+                print(f"gossipfl node {node_id} on {node.address} (cluster {cfg.cluster}, shard {index}/{shards}), "
+                      f"running {budget}; page: http://{node.address}/", file=sys.stderr, flush=True)
             finished = asyncio.create_task(node.finished.wait())
             stopped = asyncio.create_task(stop.wait())
+            ticker = None if quiet else asyncio.create_task(_report_progress(node, progress_every))
             await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (finished, stopped):
-                t.cancel()
-            print(f"node {node_id}: step {node.state.step}, accuracy {node.accuracy:.4f}", file=sys.stderr)
+            for t in (finished, stopped, ticker):
+                if t is not None:
+                    t.cancel()
+            if not quiet:
+                why = "stopped" if stop.is_set() else "finished"
+                print(f"{_progress(node)} ({why})", file=sys.stderr, flush=True)
     finally:
         metrics.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -357,10 +385,24 @@ async def _serve_node(cfg: RunConfig) -> int:
     return 0
 
 
+def _no_budget(args: argparse.Namespace) -> bool:
+    """Neither the flags nor the config file give the node ``steps`` or ``duration``."""
+    given = set(_overrides(args))
+    if args.config:
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            given |= set(tomllib.loads(Path(args.config).read_text(encoding="utf-8")))
+    return not {"steps", "duration"} & given
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
-    _setup_logging(args.verbose, default=logging.INFO)
-    return asyncio.run(_serve_node(cfg))
+    if not args.progress_every > 0:
+        raise ConfigError(f"progress-every: must be a positive number of seconds, got {args.progress_every}")
+    forever = _no_budget(args)
+    if forever:  # a service: it runs until it is stopped
+        cfg = cfg.replace(steps=UNBOUNDED_STEPS)
+    _setup_logging(args.verbose, default=logging.WARNING if args.quiet else logging.INFO)
+    return asyncio.run(_serve_node(cfg, quiet=args.quiet, progress_every=args.progress_every, forever=forever))
 
 
 # ---------------------------------------------------------------- topology, report

@@ -24,6 +24,7 @@ TRANSPORTS = ("http", "memory")
 WEIGHTS = ("metropolis", "max_degree", "uniform")
 SCHEDULES = ("async", "sync")
 DTYPES = ("float32", "float64")
+UNBOUNDED_STEPS = 2**62  # `gossipfl node` without a budget: it trains until it is stopped
 MAX_SEED = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
 
 

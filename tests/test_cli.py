@@ -241,8 +241,10 @@ def _start_node(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen,
 
 @pytest.mark.slow
 def test_two_node_processes_find_each_other_and_stop_on_sigterm(tmp_path: Path) -> None:
+    """No --steps or --duration: a node is a service. Both keep going past what used to be the
+    default budget (300 steps), print progress lines, and exit 0 on SIGTERM with a checkpoint."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    common = ["--listen", "127.0.0.1:0", "--shards", "2", "--steps", "1000000", "--cluster", "t", "--no-mdns"]
+    common = ["--listen", "127.0.0.1:0", "--shards", "2", "--cluster", "t", "--no-mdns", "--progress-every", "0.5"]
     a, addr_a = _start_node([*common, "--id", "a", "--node-index", "0", "--state-dir", str(tmp_path / "a")], env)
     b = None
     try:
@@ -258,10 +260,25 @@ def test_two_node_processes_find_each_other_and_stop_on_sigterm(tmp_path: Path) 
             subprocess.run(["sleep", "0.1"], check=True)
         assert [p["id"] for p in status["peers"]] == ["b"]
         assert not status["alone"]
+        for _ in range(300):  # well past the old 300-step default, and still serving
+            with urllib.request.urlopen(f"http://{addr_a}/status", timeout=5) as r:
+                status = json.loads(r.read())
+            if status["step"] > 900:
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert status["step"] > 900
+        assert not status["finished"]
+        assert a.poll() is None
+        assert b.poll() is None
         for proc in (a, b):
             proc.send_signal(signal.SIGTERM)
         for proc in (a, b):
             assert proc.wait(timeout=20) == 0
+        assert a.stderr is not None
+        tail = a.stderr.read()
+        progress = [line for line in tail.splitlines() if re.match(r"node a: step \d+, loss", line)]
+        assert len(progress) >= 2
+        assert progress[-1].endswith("(stopped)")
         assert (tmp_path / "a" / "checkpoint.gfl").exists()
         assert (tmp_path / "a" / "metrics.jsonl").stat().st_size > 0
     finally:

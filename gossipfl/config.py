@@ -59,6 +59,7 @@ class RunConfig:
     gossip_every: int = 1  # local steps between gossip points
     timeout: float = 5.0  # seconds for one peer exchange
     peer_timeout: float = 10.0  # seconds without contact before a peer leaves the view
+    max_clock_skew: float = 60.0  # signed clusters: a message further off in time is refused as stale
     max_message_mb: float = 256.0
     # simulation (gossipfl sim)
     engine: str = "cluster"
@@ -85,7 +86,7 @@ class RunConfig:
         _positive_int(self, "nodes", "batch_size", "steps", "eval_every", "gossip_every")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed: must be an integer in [0, {MAX_SEED}], got {self.seed}")
-        _positive_float(self, "timeout", "peer_timeout", "max_message_mb")
+        _positive_float(self, "timeout", "peer_timeout", "max_message_mb", "max_clock_skew")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be a finite number >= 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,7 @@ from helpers import make_node, running
 
 from gossipfl import wire
 from gossipfl.config import RunConfig
+from gossipfl.node.replay import stamp
 
 BASE = RunConfig(steps=10_000, eval_every=10, listen="127.0.0.1:0", timeout=2.0, peer_timeout=1.5)
 
@@ -110,8 +112,65 @@ def test_signed_cluster_rejects_unsigned_and_forged_messages() -> None:
             forged = bytearray(wire.encode(envelope(node), secret=secret))
             forged[-40] ^= 1
             assert (await post(node.address, bytes(forged)))[0] in (400, 401)
-            good = bytes(wire.encode(envelope(node), secret=secret))
+            good = bytes(wire.encode(envelope(node, meta=stamp({}, time.time)), secret=secret))
             assert (await post(node.address, good))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_replayed_stale_and_unstamped_signed_messages_are_refused_and_change_nothing() -> None:
+    """A signed cluster: a captured message sent again (replay), one timestamped beyond
+    max_clock_skew in either direction (stale), and a signed one without time and nonce are
+    refused with 401, counted by reason, and queue nothing; the model stays bit-for-bit as it was
+    (the node holds its training loop, so only merges could change it)."""
+    secret = b"s3cret-s3cret-s3cret"
+
+    async def scenario() -> None:
+        node = make_node(BASE.replace(max_clock_skew=30.0), "guarded", secret=secret)
+        await node.start(hold=True)
+        try:
+            before = node.state.params.clone()
+
+            def signed(meta: dict) -> bytes:
+                return bytes(wire.encode(envelope(node, meta=meta), secret=secret))
+
+            fresh = signed(stamp({}, time.time))
+            assert (await post(node.address, fresh))[0] == 200
+            queued = len(node._worker.inbox)
+            cases = {
+                "replay": fresh,
+                "stale": signed({"ts": time.time() - 31.0, "nonce": 7}),
+                "future": signed({"ts": time.time() + 31.0, "nonce": 8}),
+                "unstamped": signed({}),
+            }
+            for name, body in cases.items():
+                status, reply = await post(node.address, body)
+                assert status == 401, name
+                assert reply["reason"] == ("replay" if name == "replay" else "stale"), name
+            assert node.rejected["replay"] == 1
+            assert node.rejected["stale"] == 3
+            assert len(node._worker.inbox) == queued  # nothing more to merge
+            assert node.msgs_in == 1
+            assert torch.equal(node.state.params, before)
+            # a new nonce within the skew is accepted: only the resent capture was refused
+            assert (await post(node.address, signed(stamp({}, time.time))))[0] == 200
+        finally:
+            await node.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_signed_nodes_gossip_with_stamped_messages() -> None:
+    """Two signed nodes learn from each other: every message they send carries a fresh stamp."""
+    secret = b"another-shared-secret"
+
+    async def scenario() -> None:
+        async with running(make_node(BASE, "a", index=0, shards=2, secret=secret)) as a:
+            async with running(make_node(BASE.replace(peers=(a.address,)), "b", index=1, shards=2,
+                                         secret=secret)) as b:
+                await wait_for(lambda: a.msgs_in > 10 and b.msgs_in > 10)
+                assert not a.rejected
+                assert not b.rejected
 
     asyncio.run(scenario())
 

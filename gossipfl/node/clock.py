@@ -70,6 +70,12 @@ class WallClock:
         return await asyncio.to_thread(fn, *args)
 
 
+def wall_time(clock: Clock) -> Callable[[], float]:
+    """Seconds since the epoch as ``clock`` sees them: what a message's timestamp is compared
+    across machines with (a virtual clock: its own time, shared by the nodes it runs)."""
+    return clock.now if isinstance(clock, VirtualClock) else time.time
+
+
 def as_clock(clock: Clock | Callable[[], float] | None) -> Clock:
     """A `Clock` from what callers pass: a clock, a plain ``now`` callable (waits stay real), or None."""
     if clock is None:

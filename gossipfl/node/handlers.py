@@ -10,6 +10,8 @@ reason (``{"error": ..., "reason": ...}``), is counted by reason, and changes no
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +22,7 @@ from gossipfl.algorithms import Algorithm
 from gossipfl.config import RunConfig
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
 from gossipfl.node.buffers import BufferPool
+from gossipfl.node.replay import ReplayGuard
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
 from gossipfl.node.worker import Worker
 from gossipfl.web.page import page_response, serves
@@ -57,9 +60,11 @@ class Validator:
     """Decodes a frame and checks it is for this node: cluster, algorithm, sender, tensors."""
 
     def __init__(self, *, node_id: str, cfg: RunConfig, algorithm: Algorithm, fingerprint: str,
-                 secret: bytes | None, numel: int, dtype: torch.dtype) -> None:
+                 secret: bytes | None, numel: int, dtype: torch.dtype,
+                 wall: Callable[[], float] = time.time) -> None:
         self.id, self.cfg, self.algorithm = node_id, cfg, algorithm
         self.fingerprint, self.secret = fingerprint, secret
+        self.replay = ReplayGuard(max_skew=cfg.max_clock_skew, wall=wall) if secret is not None else None
         self.templates = {
             name: (torch.Size(shape), dt) for name, (shape, dt) in algorithm.tensor_specs(numel, dtype).items()
         }
@@ -76,6 +81,10 @@ class Validator:
                            f"{self.algorithm.name!r}", 409)
         if env.sender == self.id or not env.sender:
             raise Rejected("sender", f"bad sender id {env.sender!r}")
+        if self.replay is not None:  # signed: fresh, and not seen before
+            refused = self.replay.check(env.sender, env.meta)
+            if refused is not None:
+                raise Rejected(refused[0], refused[1], 401)
         unknown = set(env.tensors) - set(self.templates)
         if unknown or not env.tensors:
             raise Rejected("shape", f"expected tensors among {sorted(self.templates)}, got {sorted(env.tensors)}")

@@ -136,7 +136,8 @@ class Node:
                               rng=random.Random(seed),  # the algorithm's draws only (targets): engines replay them
                               clock=clock)
         self._validator = Validator(node_id=node_id, cfg=cfg, algorithm=algorithm, fingerprint=self.fingerprint,
-                                    secret=secret, numel=trainer.layout.numel, dtype=trainer.params.dtype)
+                                    secret=secret, numel=trainer.layout.numel, dtype=trainer.params.dtype,
+                                    wall=self._worker.wall)
         self._checkpoints = None if state_dir is None else Checkpoints(
             Path(state_dir), node_id=node_id, cluster=cfg.cluster, fingerprint=self.fingerprint,
             state=self.state, lock=self._worker.lock, log=self.log)

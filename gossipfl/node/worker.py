@@ -18,8 +18,9 @@ from gossipfl.algorithms import Algorithm, Message
 from gossipfl.algorithms.base import draw_targets
 from gossipfl.metrics import StalenessTally
 from gossipfl.node.buffers import BufferPool
-from gossipfl.node.clock import Clock
+from gossipfl.node.clock import Clock, wall_time
 from gossipfl.node.learner import NodeLearning
+from gossipfl.node.replay import stamp
 from gossipfl.node.view import NeighbourView
 
 __all__ = ["INBOX_PER_NEIGHBOUR", "Outgoing", "Worker"]
@@ -45,6 +46,7 @@ class Worker:
         self.staleness = staleness  # of every merged message, in local steps
         self._rng = rng
         self._clock = clock
+        self.wall = wall_time(clock)  # signed messages carry the sender's time
         self.lock = threading.Lock()
         self.inbox_lock = threading.Lock()
         self.inbox: list[tuple[Message, bytes | bytearray]] = []  # message, and the buffer it aliases
@@ -148,11 +150,13 @@ class Worker:
             return self.encode_locked(self.state.message(len(targets))), targets
 
     def encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
-        """Frame ``msg`` into the send buffer (a view of it: valid until the next encode)."""
+        """Frame ``msg`` into the send buffer (a view of it: valid until the next encode); signed
+        frames carry their time and a nonce (`gossipfl.node.replay`)."""
+        meta = {**msg.meta, "addr": self.address, "deg": self.view.degree}
         env = wire.Envelope(
             cluster=self.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
             fingerprint=self.fingerprint, step=msg.step, round=msg.round,
-            meta={**msg.meta, "addr": self.address, "deg": self.view.degree},
+            meta=stamp(meta, self.wall) if self.secret is not None else meta,
             tensors=dict(msg.tensors),
         )
         size = wire.encoded_size(env, secret=self.secret)

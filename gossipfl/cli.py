@@ -355,6 +355,7 @@ async def _serve_node(cfg: RunConfig, *, quiet: bool = False, progress_every: fl
     check_algorithm_fits(build_algorithm(cfg), trainer.params)
     metrics = MetricsWriter(Path(cfg.state_dir) / "metrics.jsonl" if cfg.state_dir else None)
     stop = asyncio.Event()
+    code = 0
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -370,19 +371,24 @@ async def _serve_node(cfg: RunConfig, *, quiet: bool = False, progress_every: fl
                       f"running {budget}; page: http://{node.address}/", file=sys.stderr, flush=True)
             finished = asyncio.create_task(node.finished.wait())
             stopped = asyncio.create_task(stop.wait())
+            failed = asyncio.create_task(node.failed.wait())
             ticker = None if quiet else asyncio.create_task(_report_progress(node, progress_every))
-            await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (finished, stopped, ticker):
+            await asyncio.wait({finished, stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (finished, stopped, failed, ticker):
                 if t is not None:
                     t.cancel()
-            if not quiet:
+            if node.failed.is_set():
+                print(f"gossipfl node {node_id}: error: {node.error}; stopping (checkpoint kept)", file=sys.stderr,
+                      flush=True)
+                code = 1
+            elif not quiet:
                 why = "stopped" if stop.is_set() else "finished"
                 print(f"{_progress(node)} ({why})", file=sys.stderr, flush=True)
     finally:
         metrics.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    return 0
+    return code
 
 
 def _no_budget(args: argparse.Namespace) -> bool:

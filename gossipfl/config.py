@@ -60,6 +60,7 @@ class RunConfig:
     timeout: float = 5.0  # seconds for one peer exchange
     peer_timeout: float = 10.0  # seconds without contact before a peer leaves the view
     max_clock_skew: float = 60.0  # signed clusters: a message further off in time is refused as stale
+    max_peer_rate: float = 500.0  # messages per second one sender may deliver (bursts of as many); 0: no limit
     max_message_mb: float = 256.0
     # simulation (gossipfl sim)
     engine: str = "cluster"
@@ -91,6 +92,8 @@ class RunConfig:
             raise ConfigError(f"lr: must be a finite number >= 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if not (self.max_peer_rate >= 0 and math.isfinite(self.max_peer_rate)):
+            raise ConfigError(f"max_peer_rate: must be a number >= 0 (0: no limit), got {self.max_peer_rate}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
         if self.duration is not None and not (self.duration > 0 and math.isfinite(self.duration)):

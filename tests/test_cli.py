@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -304,3 +305,20 @@ def test_algorithm_params_from_flags_add_to_the_files_table(tmp_path: Path, caps
     assert "tau is not a parameter of aggregator 'median'" in capsys.readouterr().err
     assert main(["sim", "--algorithm-param", "tau", "--nodes", "2"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_crashed_loop_stops_the_node_with_exit_1_and_a_message(tmp_path: Path, monkeypatch, capsys) -> None:
+    """No loop dies silently: a gossip loop that raises stops `gossipfl node` (exit 1), its stderr
+    names the loop and the error, and the checkpoint is still written."""
+    from gossipfl.node.protocol import Protocol
+
+    async def broken(self) -> None:
+        await asyncio.sleep(0.3)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Protocol, "gossip_loop", broken)
+    code = main(["node", "--listen", "127.0.0.1:0", "--no-mdns", "--quiet", "--state-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "the gossip loop crashed: RuntimeError: disk on fire" in err
+    assert (tmp_path / "checkpoint.gfl").exists()

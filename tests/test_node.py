@@ -334,3 +334,36 @@ def test_membership_spreads_from_a_single_peer_address() -> None:
                 await wait_for(lambda: b.status()["neighbours"] == ["a", "c"], 5)
 
     asyncio.run(scenario())
+
+
+def test_a_flooding_peer_is_throttled_while_the_node_keeps_learning_from_the_others() -> None:
+    """A peer firing 1000 valid messages a second at a node that allows 100 per sender: the
+    excess is refused (429, counted as ``rate``), at most the allowance gets through, the
+    node keeps stepping, and its honest neighbour's messages keep arriving and merging."""
+    async def scenario() -> None:
+        cfg = BASE.replace(max_peer_rate=100.0)
+        async with running(make_node(cfg, "a", index=0, shards=2)) as a:
+            async with running(make_node(BASE.replace(peers=(a.address,)), "b", index=1, shards=2)) as b:
+                await wait_for(lambda: a.msgs_in > 5 and b.msgs_in > 5)
+                body = bytes(wire.encode(envelope(a, sender="flooder")))
+                step0, from_b0 = a.state.step, a.traffic["b"][2]
+                codes: dict[int, int] = {}
+                t0 = time.monotonic()
+                async with aiohttp.ClientSession() as s:
+                    async def fire() -> None:
+                        async with s.post(f"http://{a.address}/gossip", data=body) as r:
+                            codes[r.status] = codes.get(r.status, 0) + 1
+
+                    for _ in range(30):  # 3 s at 1000 requests/s, in bursts of 100 every 0.1 s
+                        await asyncio.gather(*(fire() for _ in range(100)))
+                        await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - t0) % 0.1))
+                elapsed = time.monotonic() - t0
+                accepted = a.traffic.get("flooder", [0, 0, 0, 0])[2]
+                assert codes.get(429, 0) > 1000
+                assert accepted <= 100 * elapsed + 100 + 5  # the rate, plus one burst
+                assert a.rejected["rate"] == codes[429]
+                assert a.state.step > step0 + 50  # training went on
+                assert a.traffic["b"][2] > from_b0 + 20  # and so did the honest neighbour's gossip
+                assert sum(1 for m, _ in a._worker.inbox if m.sender == "flooder") <= 4
+
+    asyncio.run(scenario())

@@ -22,7 +22,7 @@ from gossipfl.algorithms import Algorithm
 from gossipfl.config import RunConfig
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
 from gossipfl.node.buffers import BufferPool
-from gossipfl.node.replay import ReplayGuard
+from gossipfl.node.replay import RateLimit, ReplayGuard
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
 from gossipfl.node.worker import Worker
 from gossipfl.web.page import page_response, serves
@@ -65,6 +65,8 @@ class Validator:
         self.id, self.cfg, self.algorithm = node_id, cfg, algorithm
         self.fingerprint, self.secret = fingerprint, secret
         self.replay = ReplayGuard(max_skew=cfg.max_clock_skew, wall=wall) if secret is not None else None
+        rate = cfg.max_peer_rate
+        self.limit = RateLimit(rate=rate, burst=rate, now=time.monotonic) if rate > 0 else None
         self.templates = {
             name: (torch.Size(shape), dt) for name, (shape, dt) in algorithm.tensor_specs(numel, dtype).items()
         }
@@ -81,6 +83,8 @@ class Validator:
                            f"{self.algorithm.name!r}", 409)
         if env.sender == self.id or not env.sender:
             raise Rejected("sender", f"bad sender id {env.sender!r}")
+        if self.limit is not None and not self.limit.allow(env.sender):  # a flooding peer: throttled
+            raise Rejected("rate", f"{env.sender!r} sends more than {self.cfg.max_peer_rate:g} messages/s", 429)
         if self.replay is not None:  # signed: fresh, and not seen before
             refused = self.replay.check(env.sender, env.meta)
             if refused is not None:

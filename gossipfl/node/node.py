@@ -122,6 +122,8 @@ class Node:
         self.staleness = StalenessTally()  # of every merged message, in local steps
         self.accuracy = float("nan")
         self.finished = asyncio.Event()
+        self.failed = asyncio.Event()  # one of the node's loops crashed (``error`` says which and why)
+        self.error: str | None = None
         # the training loop waits for this, so a cluster can wire every node's peers first
         self.go = asyncio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
@@ -181,9 +183,9 @@ class Node:
             tg = await stack.enter_async_context(asyncio.TaskGroup())
             stack.callback(self._cancel_tasks)  # runs before the task group waits for them
             self._tasks = [
-                tg.create_task(self._peers.loop(), name=f"{self.id}-membership"),
-                tg.create_task(self._protocol.gossip_loop(), name=f"{self.id}-gossip"),
-                tg.create_task(self._protocol.train_loop(), name=f"{self.id}-train"),
+                tg.create_task(self._guard("membership", self._peers.loop()), name=f"{self.id}-membership"),
+                tg.create_task(self._guard("gossip", self._protocol.gossip_loop()), name=f"{self.id}-gossip"),
+                tg.create_task(self._guard("training", self._protocol.train_loop()), name=f"{self.id}-train"),
             ]
         except BaseException:
             self._stack = None
@@ -193,6 +195,16 @@ class Node:
             self.go.set()
         self.log.info("node %s listening on %s (model %s, %d parameters)",
                       self.id, self.address, self.fingerprint, self.trainer.layout.numel)
+
+    async def _guard(self, name: str, loop: Any) -> None:
+        """Run one of the node's loops; if it crashes, say so (``error``, ``failed``) rather than
+        leave a node that serves but no longer learns: `gossipfl node` then stops with exit 1."""
+        try:
+            await loop
+        except Exception as exc:  # a bug or an environment failure; never silent
+            self.error = f"the {name} loop crashed: {type(exc).__name__}: {exc}"
+            self.log.error("node %s: %s", self.id, self.error, exc_info=exc)
+            self.failed.set()
 
     def _cancel_tasks(self) -> None:
         for t in self._tasks:

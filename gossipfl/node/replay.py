@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["MAX_REMEMBERED", "ReplayGuard", "stamp"]
+__all__ = ["MAX_REMEMBERED", "RateLimit", "ReplayGuard", "stamp"]
 
 MAX_REMEMBERED = 1_000_000
 
@@ -60,3 +60,27 @@ class ReplayGuard:
         while self._order and (self._order[0][0] < horizon or len(self._order) > MAX_REMEMBERED):
             _, key = self._order.popleft()
             self._seen.discard(key)
+
+
+class RateLimit:
+    """A token bucket per sender: ``rate`` messages per second on average, bursts of ``burst``.
+
+    A flooding peer's excess is refused before it is queued (HTTP 429, reason ``rate``), so it
+    can neither fill the inbox nor take the merges' time from the other neighbours. Senders idle
+    for a minute are forgotten (the table stays as small as the peers that talk)."""
+
+    def __init__(self, *, rate: float, burst: float, now: Callable[[], float]) -> None:
+        self.rate, self.burst, self.now = rate, burst, now
+        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, time)
+        self._swept = now()
+
+    def allow(self, sender: str) -> bool:
+        t = self.now()
+        tokens, last = self._buckets.get(sender, (self.burst, t))
+        tokens = min(self.burst, tokens + (t - last) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[sender] = (tokens - 1.0 if ok else tokens, t)
+        if t - self._swept > 60.0:
+            self._buckets = {k: v for k, v in self._buckets.items() if t - v[1] < 60.0}
+            self._swept = t
+        return ok

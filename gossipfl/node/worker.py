@@ -56,10 +56,16 @@ class Worker:
         self.loss = float("nan")  # of the last local step
 
     def queue(self, msg: Message, body: bytes | bytearray) -> bool:
-        """Queue an accepted message for the next merge; True if the oldest one was dropped for it."""
+        """Queue an accepted message for the next merge; True if an older one was dropped for it:
+        the sender's own oldest when it has `INBOX_PER_NEIGHBOUR` waiting (a fast or flooding
+        peer cannot push the others' messages out), else the oldest of all."""
         self.arrived.set()
         with self.inbox_lock:
+            mine = [k for k, (m, _) in enumerate(self.inbox) if m.sender == msg.sender]
             self.inbox.append((msg, body))
+            if len(mine) >= INBOX_PER_NEIGHBOUR:
+                del self.inbox[mine[0]]
+                return True
             if len(self.inbox) > INBOX_PER_NEIGHBOUR * (len(self.view.neighbours) + 1):
                 del self.inbox[0]  # a slow node keeps the newest messages, not an ever-growing queue
                 return True

@@ -20,7 +20,7 @@ import logging
 import random
 import socket
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +183,9 @@ class Node:
             tg = await stack.enter_async_context(asyncio.TaskGroup())
             stack.callback(self._cancel_tasks)  # runs before the task group waits for them
             self._tasks = [
-                tg.create_task(self._guard("membership", self._peers.loop()), name=f"{self.id}-membership"),
-                tg.create_task(self._guard("gossip", self._protocol.gossip_loop()), name=f"{self.id}-gossip"),
-                tg.create_task(self._guard("training", self._protocol.train_loop()), name=f"{self.id}-train"),
+                tg.create_task(self._guard("membership", self._peers.loop), name=f"{self.id}-membership"),
+                tg.create_task(self._guard("gossip", self._protocol.gossip_loop), name=f"{self.id}-gossip"),
+                tg.create_task(self._guard("training", self._protocol.train_loop), name=f"{self.id}-train"),
             ]
         except BaseException:
             self._stack = None
@@ -196,11 +196,11 @@ class Node:
         self.log.info("node %s listening on %s (model %s, %d parameters)",
                       self.id, self.address, self.fingerprint, self.trainer.layout.numel)
 
-    async def _guard(self, name: str, loop: Any) -> None:
+    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one of the node's loops; if it crashes, say so (``error``, ``failed``) rather than
         leave a node that serves but no longer learns: `gossipfl node` then stops with exit 1."""
-        try:
-            await loop
+        try:  # the coroutine is made here: a task cancelled before it ran leaves none un-awaited
+            await loop()
         except Exception as exc:  # a bug or an environment failure; never silent
             self.error = f"the {name} loop crashed: {type(exc).__name__}: {exc}"
             self.log.error("node %s: %s", self.id, self.error, exc_info=exc)

@@ -1,4 +1,4 @@
-"""The ``gossipfl`` command: sim, node, topology, report.
+"""The ``gossipfl`` command: sim, node, sweep, topology, peers, report.
 
 Exit codes: 0 success, 2 bad usage or configuration (one line naming what is wrong), 1 anything
 else. A user mistake never ends in a traceback.
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gossipfl.cli_help import config_defaults, parse_args, show_defaults
 from gossipfl.config import MAX_SEED, UNBOUNDED_STEPS, RunConfig, load_config, parse_address
 from gossipfl.errors import ConfigError, GossipflError
 
@@ -53,21 +54,23 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="local steps per node")
     g.add_argument("--duration", type=float, metavar="SECONDS", help="train for this long instead")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, help="seed of the data split, the models and every random draw")
+    p.add_argument("--lr", type=float, help="learning rate of the local SGD steps")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--batch-size", type=int, help="minibatch size of a local step")
     p.add_argument("--gossip-every", type=int, metavar="K", help="local steps between gossip points")
     p.add_argument("--eval-every", type=int, metavar="K", help="local steps between metric rows")
     p.add_argument("--weights", help="metropolis (default), max_degree, uniform")
     p.add_argument("--same-init", action="store_const", const=True,
                    help="start every node from the same model (default: each its own)")
     p.add_argument("--timeout", type=float, help="seconds for one peer exchange")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gossipfl", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="gossipfl", description="Asynchronous peer-to-peer gossip learning: simulate it, run it on a LAN, "
+        "study how it converges.", epilog="`gossipfl COMMAND --help` describes each command and its defaults.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -122,14 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plot", metavar="FILE.png", help="convergence plot of all runs")
     sweep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy, "
                        "e.g. aggregator,attack.kind")
-    sweep.add_argument("-v", "--verbose", action="count", default=0)
+    sweep.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
 
     topo = sub.add_parser("topology", help="describe (and plot) a topology")
-    topo.add_argument("spec", metavar="FILE|NAME")
-    topo.add_argument("--nodes", type=int, default=16)
-    topo.add_argument("--weights", default="metropolis")
-    topo.add_argument("--seed", type=int, default=0)
-    topo.add_argument("--plot", metavar="FILE.png")
+    topo.add_argument("spec", metavar="FILE|NAME", help="a built-in topology (ring, torus, exponential, ...) or a "
+                      "topology file (topologies/*.toml)")
+    topo.add_argument("--nodes", type=int, default=16, help="number of nodes to lay it over")
+    topo.add_argument("--weights", default="metropolis", help="mixing weights: metropolis, max_degree or uniform")
+    topo.add_argument("--seed", type=int, default=0, help="seed of a random topology")
+    topo.add_argument("--plot", metavar="FILE.png", help="also draw the graph into this PNG")
 
     peers = sub.add_parser("peers", help="list the gossipfl nodes on this network (mDNS)")
     peers.add_argument("--cluster", help="only nodes of this cluster")
@@ -146,12 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--count", type=int, metavar="N", help="--watch: stop after N refreshes (default: Ctrl-C)")
 
     rep = sub.add_parser("report", help="compare run folders: table, and convergence plots")
-    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or a sweep folder (its runs, in grid "
+                     "order)")
     rep.add_argument("--plot", metavar="FILE.png", help="accuracy and consensus distance over time")
     rep.add_argument("--detail", action="store_true", help="also print each run's per-node table")
     rep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy over "
                      "seeds, e.g. aggregator,attack.kind")
     rep.add_argument("--markdown", action="store_true", help="print the --pivot table as Markdown")
+    defaults = config_defaults()
+    for name, p in sub.choices.items():
+        show_defaults(p, defaults, special={"steps": "run until stopped", "duration": "none"} if name == "node"
+                      else {"duration": "none"})
     return parser
 
 
@@ -579,7 +588,7 @@ COMMANDS = {"sim": cmd_sim, "node": cmd_node, "sweep": cmd_sweep, "topology": cm
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse exits with 2 on bad usage
+    args = parse_args(parser, argv)  # exits with 2 on bad usage: the subcommand's usage, a suggestion
     if args.command != "node":
         _setup_logging(getattr(args, "verbose", 0))
     try:

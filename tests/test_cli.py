@@ -322,3 +322,36 @@ def test_a_crashed_loop_stops_the_node_with_exit_1_and_a_message(tmp_path: Path,
     assert code == 1
     assert "the gossip loop crashed: RuntimeError: disk on fire" in err
     assert (tmp_path / "checkpoint.gfl").exists()
+
+
+def test_an_unknown_flag_gets_the_commands_usage_and_the_nearest_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["sim", "--nodez", "4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gossipfl sim")
+    assert "did you mean --nodes?" in err
+    with pytest.raises(SystemExit):
+        main(["topology", "ring", "--wieghts", "uniform"])
+    assert "did you mean --weights?" in capsys.readouterr().err
+
+
+def test_help_describes_every_flag_with_its_default(capsys) -> None:
+    from gossipfl.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    assert set(sub.choices) == {"sim", "node", "sweep", "topology", "peers", "report"}
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert all(helps[c] for c in sub.choices)  # a line per command at the top level
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"gossipfl {name}: {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit):
+        main(["sim", "--help"])
+    out = capsys.readouterr().out
+    assert "local steps per node (default: 300)" in " ".join(out.split())
+    assert "(default: 0.1)" in out
+    with pytest.raises(SystemExit):
+        main(["node", "--help"])
+    assert "(default: run until stopped)" in " ".join(capsys.readouterr().out.split())

@@ -361,7 +361,7 @@ def test_a_flooding_peer_is_throttled_while_the_node_keeps_learning_from_the_oth
                 accepted = a.traffic.get("flooder", [0, 0, 0, 0])[2]
                 assert codes.get(429, 0) > 1000
                 assert accepted <= 100 * elapsed + 100 + 5  # the rate, plus one burst
-                assert a.rejected["rate"] == codes[429]
+                assert a.rejected["rate"] >= codes[429]  # b too, beyond 100/s: the limit is per sender
                 assert a.state.step > step0 + 50  # training went on
                 assert a.traffic["b"][2] > from_b0 + 20  # and so did the honest neighbour's gossip
                 assert sum(1 for m, _ in a._worker.inbox if m.sender == "flooder") <= 4

@@ -510,7 +510,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gossipfl.report import comparison_table, load_run, parse_pivot, pivot_table, plot_runs
 
     pivot = parse_pivot(args.pivot) if args.pivot else None
-    runs = [load_run(r) for r in _run_folders(args.runs)]
+    runs = []
+    for folder in _run_folders(args.runs):
+        if not folder.is_dir():
+            raise ConfigError(f"report: {folder} is not a folder (give run folders, or a sweep folder)")
+        if not (folder / "summary.json").exists():  # interrupted, failed, or not a run folder at all
+            print(f"gossipfl report: skipping {folder} (no summary.json: an unfinished run, or not a run folder)",
+                  file=sys.stderr)
+            continue
+        runs.append(load_run(folder))
+    if not runs:
+        raise ConfigError("report: none of the folders given holds a finished run (summary.json)")
     print(comparison_table(runs))
     if pivot:
         print("\n" + pivot_table(runs, *pivot, markdown=args.markdown))

@@ -109,7 +109,8 @@ def comparison_table(runs: list[Run]) -> str:
     """One line per run: what it was, and where it ended. With attackers in any run, the honest
     nodes' mean and min accuracy and the attacker count get columns of their own."""
     attacked = any((r.summary.get("attackers") or 0) > 0 for r in runs)
-    head = (f"{'run':<44}{'engine':>11}{'mean acc':>10}{'min acc':>9}"
+    width = max([len("run"), *(len(r.label) for r in runs)]) + 2  # full names: seeds must read apart
+    head = (f"{'run':<{width}}{'engine':>11}{'mean acc':>10}{'min acc':>9}"
             + (f"{'honest':>8}{'h. min':>8}{'att.':>5}" if attacked else "")
             + f"{'avg model':>10}{'consensus':>11}{'stale':>7}{'MB':>9}{'msg/step':>9}{'lost':>7}{'node-steps':>11}"
             f"{'wall s':>8}")
@@ -119,7 +120,7 @@ def comparison_table(runs: list[Run]) -> str:
         honest = (f"{_fmt(s.get('honest_mean_accuracy'), '.4f'):>8}{_fmt(s.get('honest_min_accuracy'), '.4f'):>8}"
                   f"{_fmt(s.get('attackers'), 'd'):>5}") if attacked else ""
         lines.append(
-            f"{r.label[:43]:<44}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
+            f"{r.label:<{width}}{s.get('engine', '?'):>11}{_fmt(s.get('mean_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('min_accuracy'), '.4f'):>9}{honest}{_fmt(s.get('avg_model_accuracy'), '.4f'):>10}"
             f"{_fmt(s.get('consensus_distance'), '.2e'):>11}{_fmt(s.get('staleness_mean'), '.2f'):>7}"
             f"{_fmt((s.get('bytes') or 0) / 1e6, '.1f'):>9}{_fmt(s.get('messages_per_node_step'), '.2f'):>9}"

@@ -100,6 +100,50 @@ def _run_one(cfg: RunConfig, out: str) -> dict[str, Any]:
     return execute(cfg, Path(out), progress=None)
 
 
+def _prepare(runs: list[tuple[str, RunConfig]], out: Path) -> set[str]:
+    """Run folders for a new sweep, or the names already finished when ``out`` holds this same
+    sweep (resume: an unfinished run is cleared to be redone). A folder of another grid or other
+    settings is refused: a resumed sweep must be the sweep that was started."""
+    from gossipfl.config import config_to_toml
+    from gossipfl.runs import make_run_folder
+
+    names = {name for name, _ in runs}
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "config.toml").exists()
+                         and p.name not in names)
+        if foreign:
+            raise ConfigError(f"sweep: {out} holds runs of another grid ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); give another --out, or the grid it was "
+                              "started with to resume it")
+    done: set[str] = set()
+    for name, cfg in runs:
+        folder = out / name
+        saved = folder / "config.toml"
+        if saved.exists():
+            if saved.read_text(encoding="utf-8") != config_to_toml(cfg):
+                raise ConfigError(f"sweep: {folder} was run with other settings than this sweep gives it; "
+                                  "give another --out, or the settings it was started with to resume it")
+            if (folder / "summary.json").exists():
+                done.add(name)
+                continue
+            for leftover in ("metrics.jsonl", "summary.json"):  # an interrupted run: redo it from the start
+                (folder / leftover).unlink(missing_ok=True)
+        make_run_folder(cfg, folder)
+    return done
+
+
+def _quiet_worker() -> None:
+    """Workers leave Ctrl-C to the sweep, which stops them itself (a terminal signals them all)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def run_sweep(
     base: RunConfig,
     grid: dict[str, list[Any]],
@@ -109,8 +153,15 @@ def run_sweep(
     workers: int,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
-    """Run every combination; returns one record (name, settings, summary or error) per run."""
-    from gossipfl.runs import make_run_folder, preflight, write_json
+    """Run every combination; returns one record (name, settings, summary or error) per run.
+
+    Re-running the same sweep into the same folder resumes it: finished runs are kept, the rest
+    run. Ctrl-C stops the workers at once and keeps what finished (KeyboardInterrupt is raised
+    after ``sweep.json`` is written)."""
+    import json
+    import time
+
+    from gossipfl.runs import preflight, write_json
 
     runs = expand_grid(base, grid, seeds)
     if not runs:
@@ -120,26 +171,47 @@ def run_sweep(
             preflight(cfg)
         except ConfigError as exc:
             raise ConfigError(f"sweep run {name}: {exc}") from None
-    for name, cfg in runs:
-        make_run_folder(cfg, out / name)
-    echo(f"gossipfl sweep: {len(runs)} runs on {workers} worker(s) -> {out}")
+    done = _prepare(runs, out)
     records: dict[str, dict[str, Any]] = {}
+    for name, cfg in runs:
+        if name in done:
+            summary = json.loads((out / name / "summary.json").read_text(encoding="utf-8"))
+            records[name] = {"name": name, "settings": {k: setting(cfg, k) for k in grid} | {"seed": cfg.seed},
+                             "summary": {k: v for k, v in summary.items() if k != "per_node"}}
+    todo = [(name, cfg) for name, cfg in runs if name not in done]
+    echo(f"gossipfl sweep: {len(runs)} runs on {workers} worker(s) -> {out}"
+         + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
+    failed, t0 = 0, time.monotonic()
     ctx = mp.get_context("spawn")  # no fork of a process that may hold threads or sockets
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_one, cfg, str(out / name)): (name, cfg) for name, cfg in runs}
-        for fut in cf.as_completed(futures):
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_quiet_worker)
+    try:
+        futures = {pool.submit(_run_one, cfg, str(out / name)): (name, cfg) for name, cfg in todo}
+        for k, fut in enumerate(cf.as_completed(futures), 1):
             name, cfg = futures[fut]
-            settings = {k: setting(cfg, k) for k in grid} | {"seed": cfg.seed}
+            settings = {key: setting(cfg, key) for key in grid} | {"seed": cfg.seed}
+            elapsed = time.monotonic() - t0
+            progress = (f"[{k}/{len(todo)} done, {failed} failed, {_eta(elapsed)} elapsed, "
+                        f"ETA {_eta(elapsed / k * (len(todo) - k))}]")
             try:
                 summary = fut.result()
             except Exception as exc:  # one failed run must not lose the others
+                failed += 1
                 records[name] = {"name": name, "settings": settings, "error": f"{type(exc).__name__}: {exc}"}
-                echo(f"  {name}: FAILED ({exc})")
+                echo(f"  {progress} {name}: FAILED ({exc})")
                 continue
             records[name] = {"name": name, "settings": settings,
-                             "summary": {k: v for k, v in summary.items() if k != "per_node"}}
-            echo(f"  {name}: mean accuracy {summary['mean_accuracy']:.4f}, "
+                             "summary": {key: v for key, v in summary.items() if key != "per_node"}}
+            echo(f"  {progress} {name}: mean accuracy {summary['mean_accuracy']:.4f}, "
                  f"consensus {summary['consensus_distance']:.2e}")
+    except KeyboardInterrupt:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop the runs in progress now
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        write_json(out / "sweep.json", [records[name] for name, _ in runs if name in records])
+        echo(f"gossipfl sweep: interrupted; {len(records)} of {len(runs)} runs finished and kept. "
+             "Run the same command again to resume.")
+        raise
+    pool.shutdown(wait=True)
     ordered = [records[name] for name, _ in runs]
     write_json(out / "sweep.json", ordered)
     return ordered

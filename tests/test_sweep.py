@@ -121,3 +121,90 @@ def test_report_takes_a_sweep_folder_and_skips_files(tmp_path: Path, capsys) -> 
     assert [r.split()[0] for r in rows[-2:]] == ["krum", "mean"]  # the sweep's order
     assert main(["report", *map(str, sorted(sweep.iterdir()))]) == 0  # runs/* includes sweep.json
     assert main(["report", str(sweep / "sweep.json")]) == 2
+
+
+FAST = ["--grid", "engine=vectorized", "--grid", "schedule=sync", "--grid", "nodes=4", "--grid", "steps=5"]
+
+
+def test_running_the_same_sweep_again_resumes_it(tmp_path: Path, capsys) -> None:
+    """Finished runs are kept (not run again), an unfinished one is redone, and a sweep folder of
+    another grid or other settings is refused with a message."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "--grid", "topology=ring,complete", *FAST, "--workers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "[2/2 done, 0 failed" in first
+    assert "ETA" in first
+    kept = out / "topology=complete-engine=vectorized-schedule=sync-nodes=4-steps=5-seed=0"
+    redo = out / "topology=ring-engine=vectorized-schedule=sync-nodes=4-steps=5-seed=0"
+    stamp = (kept / "summary.json").stat().st_mtime_ns
+    (redo / "summary.json").unlink()  # as an interrupted run leaves it
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "resuming: 1 finished, 1 to run" in again
+    assert (kept / "summary.json").stat().st_mtime_ns == stamp  # not run again
+    assert (redo / "summary.json").exists()
+    assert len(json.loads((out / "sweep.json").read_text())) == 2
+    assert main(["sweep", "--grid", "topology=ring,star", *FAST, "--out", str(out)]) == 2
+    assert "another grid" in capsys.readouterr().err
+    assert main(["sweep", "--grid", "topology=ring,complete", *FAST, "--grid", "lr=0.05", "--out", str(out)]) == 2
+    assert "another grid" in capsys.readouterr().err  # the names change with the grid
+    base = tmp_path / "base.toml"
+    base.write_text("lr = 0.05\n")
+    assert main(["sweep", "--config", str(base), *argv[1:]]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_and_its_workers_and_keeps_finished_runs(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "gossipfl.cli", "sweep", "--grid", "engine=vectorized", "--grid", "schedule=sync",
+           "--grid", "nodes=4", "--grid", "steps=3,200000", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        quick = out / "engine=vectorized-schedule=sync-nodes=4-steps=3-seed=0" / "summary.json"
+        deadline = time.monotonic() + 60
+        while not quick.exists():
+            assert time.monotonic() < deadline, "the short run never finished"
+            assert proc.poll() is None, "the sweep exited early"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the long run is under way
+        kids = [int(x) for x in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        assert kids  # the workers
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        t0 = time.monotonic()
+        text, _ = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1
+    assert "interrupted; 1 of 2 runs finished and kept" in text
+    assert quick.exists()
+    records = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in records] == ["engine=vectorized-schedule=sync-nodes=4-steps=3-seed=0"]
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()], "worker processes left running"
+
+
+def test_report_skips_an_unfinished_run_with_one_warning(tmp_path: Path, capsys) -> None:
+    done, broken = tmp_path / "done", tmp_path / "broken"
+    assert main(["sim", "--quiet", "--engine", "vectorized", "--nodes", "4", "--steps", "3", "--out", str(done)]) == 0
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    assert main(["report", str(done), str(broken)]) == 0
+    io = capsys.readouterr()
+    assert f"skipping {broken}" in io.err
+    assert "dpsgd/ring/4n (done)" in io.out
+    assert main(["report", str(broken)]) == 2

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy over "
                      "seeds, e.g. aggregator,attack.kind")
     rep.add_argument("--markdown", action="store_true", help="print the --pivot table as Markdown")
+    rep.add_argument("--target", type=float, metavar="ACC",
+                     help="also steps, time and MB until the mean accuracy first reached ACC, per configuration")
+    rep.add_argument("--md", metavar="FILE", help="write the per-configuration table (seeds aggregated) as Markdown")
     defaults = config_defaults()
     for name, p in sub.choices.items():
         show_defaults(p, defaults, special={"steps": "run until stopped", "duration": "none"} if name == "node"
@@ -507,7 +510,7 @@ def _run_folders(paths: list[str]) -> list[Path]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gossipfl.report import comparison_table, load_run, parse_pivot, pivot_table, plot_runs
+    from gossipfl.report import comparison_table, load_run, parse_pivot, pivot_table, plot_runs, seed_table
 
     pivot = parse_pivot(args.pivot) if args.pivot else None
     runs = []
@@ -522,6 +525,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not runs:
         raise ConfigError("report: none of the folders given holds a finished run (summary.json)")
     print(comparison_table(runs))
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ConfigError(f"target: an accuracy in (0, 1], got {args.target}")
+    if args.target is not None or args.md or len(runs) > 1:
+        print("\nper configuration (seeds aggregated: mean ± sd)")
+        print(seed_table(runs, target=args.target))
+    if args.md:
+        try:
+            Path(args.md).write_text(seed_table(runs, target=args.target, markdown=True) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"md: cannot write {args.md}: {exc.strerror or exc}") from None
+        print(f"markdown table written to {args.md}")
     if pivot:
         print("\n" + pivot_table(runs, *pivot, markdown=args.markdown))
     if args.detail:

@@ -17,7 +17,8 @@ from typing import Any
 from gossipfl.errors import ConfigError
 from gossipfl.metrics import read_metrics
 
-__all__ = ["Run", "check_plot_path", "comparison_table", "load_run", "parse_pivot", "pivot_table", "plot_runs"]
+__all__ = ["Run", "check_plot_path", "comparison_table", "load_run", "parse_pivot", "pivot_table", "plot_runs",
+           "seed_table", "to_target"]
 
 # summary.json figures the table and `--detail` format as numbers (null allowed)
 _SUMMARY_NUMBERS = ("mean_accuracy", "min_accuracy", "max_accuracy", "avg_model_accuracy", "consensus_distance",
@@ -180,6 +181,92 @@ def pivot_table(runs: list[Run], rows: str, cols: str, value: str = "honest_mean
     head = f"{rows:<{first}}" + "".join(f"{c:>{width}}" for c in col_names)
     lines = [title, head, "-" * len(head)]
     lines += [f"{n:<{first}}" + "".join(f"{cell((n, c)):>{width}}" for c in col_names) for n in row_names]
+    return "\n".join(lines)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _groups(runs: list[Run]) -> tuple[list[str], dict[str, list[Run]]]:
+    """Runs by configuration, seeds (and run folders) aside; the keys whose values differ between
+    the configurations (what a label needs to tell them apart), and each group by its label."""
+    flat = [{k: v for k, v in _flat(r.config).items() if k not in ("seed", "out")} for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    groups: dict[str, list[Run]] = {}
+    for r, f in zip(runs, flat, strict=True):
+        label = ", ".join(f"{k}={f.get(k)}" for k in varying) or "all runs"
+        groups.setdefault(label, []).append(r)
+    return varying, groups
+
+
+def to_target(run: Run, target: float) -> tuple[float, float, float | None] | None:
+    """(mean step, time, bytes sent) at the first metric point where the mean accuracy reached
+    ``target``; None if it never did (bytes None for runs written before rows carried them)."""
+    for row in run.rows:
+        acc = row.get("mean_accuracy")
+        if row.get("node") is None and _is_number(acc) and acc >= target:
+            b = row.get("bytes")
+            return float(row.get("mean_step", 0)), float(row.get("t", 0)), float(b) if _is_number(b) else None
+    return None
+
+
+def _mean_sd(values: list[float], spec: str = ".3f") -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return format(m, spec)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{format(m, spec)} ± {format(sd, spec)}"
+
+
+def seed_table(runs: list[Run], *, target: float | None = None, markdown: bool = False) -> str:
+    """One line per configuration, seeds aggregated: final mean and min accuracy (mean ± sd over
+    seeds), consensus distance, and with ``target`` the steps, time and MB sent until the mean
+    accuracy first reached it (mean over the seeds that did, and how many did); messages per
+    node-step, lost messages and staleness. Labels name only the settings that vary."""
+    _, groups = _groups(runs)
+    head = ["configuration", "seeds", "mean acc", "min acc", "consensus"]
+    if target is not None:
+        head += [f"steps to {target:g}", f"time to {target:g} (s)", f"MB to {target:g}"]
+    head += ["msg/step", "lost", "stale"]
+    rows = []
+    for label, got in groups.items():
+        s = [r.summary for r in got]
+
+        def nums(key: str, summaries: list[dict[str, Any]] = s) -> list[float]:
+            return [float(x[key]) for x in summaries if _is_number(x.get(key))]
+
+        cons = nums("consensus_distance")
+        line = [label, str(len(got)), _mean_sd(nums("mean_accuracy")), _mean_sd(nums("min_accuracy")),
+                f"{sum(cons) / len(cons):.2e}" if cons else "-"]
+        if target is not None:
+            hits = [h for h in (to_target(r, target) for r in got) if h is not None]
+            reached = "" if len(hits) == len(got) else f" ({len(hits)}/{len(got)})"
+            mbs = [h[2] / 1e6 for h in hits if h[2] is not None]
+            line += [(_mean_sd([h[0] for h in hits], ".0f") + reached) if hits else f"not reached (0/{len(got)})",
+                     _mean_sd([h[1] for h in hits], ".2f") if hits else "-", _mean_sd(mbs, ".2f") if mbs else "-"]
+        for key, spec in (("messages_per_node_step", ".2f"), ("lost", ".0f"), ("staleness_mean", ".2f")):
+            vals = nums(key)
+            line.append(format(sum(vals) / len(vals), spec) if vals else "-")
+        rows.append(line)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
+    fmt = [f"{{:<{w}}}" if k == 0 else f"{{:>{w}}}" for k, w in enumerate(widths)]
+    lines = ["  ".join(f.format(h) for f, h in zip(fmt, head, strict=True))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(f.format(c) for f, c in zip(fmt, r, strict=True)) for r in rows]
     return "\n".join(lines)
 
 

@@ -208,3 +208,31 @@ def test_report_skips_an_unfinished_run_with_one_warning(tmp_path: Path, capsys)
     assert f"skipping {broken}" in io.err
     assert "dpsgd/ring/4n (done)" in io.out
     assert main(["report", str(broken)]) == 2
+
+
+def test_report_aggregates_seeds_and_measures_what_it_took_to_reach_a_target(tmp_path: Path, capsys) -> None:
+    """Two topologies x two seeds: one line per topology (the label names only what varies), mean
+    ± sd over the seeds, and steps / time / MB until the mean accuracy first reached the target,
+    read off the runs' own metric rows."""
+    from gossipfl.report import load_run, to_target
+
+    out = tmp_path / "sw"
+    assert main(["sweep", "--grid", "topology=ring,complete", "--grid", "engine=vectorized", "--grid", "schedule=sync",
+                 "--grid", "nodes=8", "--grid", "steps=60", "--grid", "eval_every=5", "--seeds", "0,1",
+                 "--workers", "1", "--out", str(out)]) == 0
+    md = tmp_path / "table.md"
+    capsys.readouterr()
+    assert main(["report", str(out), "--target", "0.5", "--md", str(md)]) == 0
+    lines = md.read_text().splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| topology=ring | 2 | ")
+    assert lines[3].startswith("| topology=complete | 2 | ")
+    run = load_run(out / "topology=ring-engine=vectorized-schedule=sync-nodes=8-steps=60-eval_every=5-seed=0")
+    hit = to_target(run, 0.5)
+    assert hit is not None
+    rows = [r for r in run.rows if r["node"] is None]
+    first = next(r for r in rows if r["mean_accuracy"] is not None and r["mean_accuracy"] >= 0.5)
+    assert hit == (first["mean_step"], first["t"], float(first["bytes"]))
+    assert first["bytes"] > 0
+    assert "± " in lines[2]
+    assert main(["report", str(out), "--target", "1.5"]) == 2

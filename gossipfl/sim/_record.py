@@ -165,6 +165,7 @@ def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: floa
         "node": None, "t": round(t, 6),
         "mean_step": float(sim.step.double().mean()),
         **({"mixings": sim.mixings} if sim.cfg.schedule == "sync" else {}),
+        "bytes": int(sim.bytes_out.sum()),  # sent so far, by every node (bytes to a target accuracy)
         "consensus_distance": consensus_distance(sim),
         "avg_model_accuracy": average_model_accuracy(sim),
         "mean_accuracy": float(sim.accuracy.nanmean()) if evaluated else None,

@@ -71,6 +71,7 @@ class _Monitor:
             "t": round(time.monotonic() - self.t0, 4),
             "mean_step": sum(n.state.step for n in self.nodes) / len(self.nodes),
             **({"mixings": self.mixings} if self.sync else {}),
+            "bytes": sum(n.bytes_out for n in self.nodes),  # sent so far (bytes to a target accuracy)
             "consensus_distance": consensus_distance(params),
             "avg_model_accuracy": avg_acc,
             "mean_accuracy": sum(accs) / len(accs) if accs else None,

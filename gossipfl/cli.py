@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs in parallel (default: half the cores)")
     sweep.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<time>)")
     sweep.add_argument("--plot", metavar="FILE.png", help="convergence plot of all runs")
+    sweep.add_argument("--x", dest="x_axis", default="steps", choices=["steps", "time", "bytes"],
+                       help="the plot's x axis: local steps, time or MB sent")
     sweep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy, "
                        "e.g. aggregator,attack.kind")
     sweep.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
@@ -152,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="compare run folders: table, and convergence plots")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or a sweep folder (its runs, in grid "
                      "order)")
-    rep.add_argument("--plot", metavar="FILE.png", help="accuracy and consensus distance over time")
+    rep.add_argument("--plot", metavar="FILE.png", help="accuracy and consensus distance, one curve per "
+                     "configuration (seeds averaged, min-max band)")
+    rep.add_argument("--x", dest="x_axis", default="steps", choices=["steps", "time", "bytes"],
+                     help="the plot's x axis: local steps, time or MB sent")
     rep.add_argument("--detail", action="store_true", help="also print each run's per-node table")
     rep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy over "
                      "seeds, e.g. aggregator,attack.kind")
@@ -457,7 +462,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print("\n" + pivot_table(done, *pivot))
     if args.plot and done:
         try:
-            plot_runs(done, args.plot)
+            plot_runs(done, args.plot, x=args.x_axis)
         except OSError as exc:
             raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
         print(f"plot written to {args.plot}")
@@ -544,7 +549,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(format_summary(run.summary))
     if args.plot:
         try:
-            plot_runs(runs, args.plot)
+            plot_runs(runs, args.plot, x=args.x_axis)
         except OSError as exc:
             raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
         print(f"plot written to {args.plot}")

@@ -270,27 +270,8 @@ def seed_table(runs: list[Run], *, target: float | None = None, markdown: bool =
     return "\n".join(lines)
 
 
-def plot_runs(runs: list[Run], path: str | Path) -> None:
-    """Three panels over time: mean node accuracy, averaged-model accuracy, consensus distance (log)."""
-    from matplotlib.figure import Figure
+def plot_runs(runs: list[Run], path: str | Path, *, x: str = "steps") -> None:
+    """`gossipfl.plots.plot_runs` (kept here for callers of the report module)."""
+    from gossipfl.plots import plot_runs as plot
 
-    check_plot_path(path)
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3)
-    panels = [("mean_accuracy", "mean node accuracy"), ("avg_model_accuracy", "accuracy of the averaged model"),
-              ("consensus_distance", "consensus distance")]
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for r in runs:
-            t, v = r.cluster_series(key)
-            if t:
-                ax.plot(t, v, label=r.label)
-        ax.set_title(title)
-        ax.set_xlabel("t (s; simulated seconds for the vectorised engine)")
-        ax.grid(alpha=0.3)
-        if key == "consensus_distance":
-            ax.set_yscale("log")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:  # below the panels, where it hides no curve however many runs there are
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize=7)
-        fig.set_figheight(4.2 + 0.16 * math.ceil(len(handles) / 3))
-    fig.savefig(path, dpi=120)
+    plot(runs, path, x=x)

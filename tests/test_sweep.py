@@ -236,3 +236,23 @@ def test_report_aggregates_seeds_and_measures_what_it_took_to_reach_a_target(tmp
     assert first["bytes"] > 0
     assert "± " in lines[2]
     assert main(["report", str(out), "--target", "1.5"]) == 2
+
+
+@pytest.mark.parametrize("x", ["steps", "time", "bytes"])
+def test_the_plot_takes_steps_time_or_bytes_on_its_x_axis(tmp_path: Path, x: str) -> None:
+    from gossipfl.plots import _band
+    from gossipfl.report import load_run
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        assert main(["sim", "--quiet", "--engine", "vectorized", "--schedule", "sync", "--nodes", "4", "--steps", "20",
+                     "--eval-every", "5", "--seed", str(seed), "--out", str(out)]) == 0
+        runs.append(load_run(out))
+    png = tmp_path / "p.png"
+    assert main(["report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--plot", str(png), "--x", x]) == 0
+    assert png.stat().st_size > 10_000
+    xs, mean, lo, hi = _band(runs, {"steps": "mean_step", "time": "t", "bytes": "bytes"}[x], "mean_accuracy", 1.0)
+    assert len(xs) == 4  # steps 5..20 (round 0 has no accuracy yet)
+    assert (lo <= mean).all()
+    assert (mean <= hi).all()

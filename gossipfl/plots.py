@@ -1,0 +1,107 @@
+"""Convergence plots of run folders, for a paper: one curve per configuration (seeds averaged,
+their min-max as a band), against local steps, time or bytes sent, and the consensus distance on
+a log scale beside the rho^2-per-round line that the mixing matrix predicts (pure averaging)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gossipfl.errors import ConfigError
+
+__all__ = ["X_AXES", "plot_runs"]
+
+X_AXES = {
+    "steps": ("mean_step", "local steps per node (mean over nodes)", 1.0),
+    "time": ("t", "time (s; simulated seconds in the vectorised engine)", 1.0),
+    "bytes": ("bytes", "MB sent by all nodes", 1e-6),
+}
+_PANELS = [("mean_accuracy", "mean node accuracy", "accuracy"),
+           ("avg_model_accuracy", "accuracy of the averaged model", "accuracy"),
+           ("consensus_distance", "consensus distance (log scale)", "mean |x_i - mean x|^2")]
+_STYLES = ["-", "--", ":", "-."]
+
+
+def _series(run: Any, xkey: str, key: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(float(r[xkey]) * scale, float(r[key])) for r in run.rows if r.get("node") is None
+           and isinstance(r.get(xkey), int | float) and isinstance(r.get(key), int | float)]
+    pts.sort()
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def _band(runs: list[Any], xkey: str, key: str, scale: float) -> tuple[np.ndarray, ...] | None:
+    """The seeds' mean, min and max on the first seed's x points (the others interpolated)."""
+    series = [s for s in (_series(r, xkey, key, scale) for r in runs) if len(s[0])]
+    if not series:
+        return None
+    xs = series[0][0]
+    xs = xs[xs <= min(s[0][-1] for s in series)]  # where every seed has data
+    ys = np.stack([np.interp(xs, sx, sy) for sx, sy in series])
+    return xs, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
+    """Three panels (mean accuracy, averaged-model accuracy, consensus distance) against ``x``:
+    ``steps``, ``time`` or ``bytes``; up to 40 configurations tell apart (10 colours x 4 line
+    styles); the legend, below the panels, names only the settings that differ."""
+    from matplotlib.figure import Figure
+
+    from gossipfl.report import _groups, check_plot_path
+
+    if x not in X_AXES:
+        raise ConfigError(f"x: expected one of {', '.join(X_AXES)}, got {x!r}")
+    check_plot_path(path)
+    xkey, xlabel, scale = X_AXES[x]
+    _, groups = _groups(runs)
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"]
+    theory_drawn = False
+    for gi, (label, got) in enumerate(groups.items()):
+        colour, style = palette(gi % 10), _STYLES[(gi // 10) % len(_STYLES)]
+        seeds = f" ({len(got)} seeds)" if len(got) > 1 else ""
+        for ax, (key, _, _) in zip(axes, _PANELS, strict=True):
+            band = _band(got, xkey, key, scale)
+            if band is None:
+                continue
+            xs, mean, lo, hi = band
+            ax.plot(xs, mean, color=colour, linestyle=style, linewidth=1.6, label=label + seeds)
+            if len(got) > 1:
+                ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, linewidth=0)
+            rate = got[0].summary.get("predicted_rate")
+            if key == "consensus_distance" and x == "steps" and isinstance(rate, float) and 0 < rate < 1 \
+                    and len(xs) > 1 and mean.min() > 0:
+                # through the measured curve past the transient and above the float floor (its
+                # slope is what theory predicts, not its height), drawn over the measured range
+                above = np.nonzero(mean > 1e4 * mean.min())[0]
+                at = int(above[-1]) if len(above) and above[-1] > 0 else len(xs) // 2
+                theory = mean[at] * rate ** (xs - xs[at])
+                keep = (theory >= mean.min() / 10) & (theory <= mean.max() * 10)
+                ax.plot(xs[keep], theory[keep], color=colour, linestyle=(0, (1, 2)), linewidth=1.2,
+                        label=None if theory_drawn else "theory: slope rho^2 per round (dotted)")
+                theory_drawn = True
+    for ax, (key, title, ylabel) in zip(axes, _PANELS, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if key == "consensus_distance":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1)
+    handles, labels = [], []
+    for ax in axes:  # every curve once (the theory line is in the consensus panel only)
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        ncols = min(4, len(handles))
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=9, frameon=False)
+        fig.set_figheight(4.6 + 0.22 * math.ceil(len(handles) / ncols))
+    fig.savefig(path, dpi=130)

@@ -43,6 +43,45 @@ def _band(runs: list[Any], xkey: str, key: str, scale: float) -> tuple[np.ndarra
     return xs, ys.mean(0), ys.min(0), ys.max(0)
 
 
+_MARKERS = [None, "o", "^", "s", "D"]
+
+
+def _short(label: str) -> str:
+    """``nodes=64, partition=iid, topology=ring`` -> ``ring, 64 nodes, iid``: values only, the
+    usual keys in a reader's order, the others as key=value."""
+    parts = dict(p.split("=", 1) for p in label.split(", ") if "=" in p)
+    if not parts:
+        return label
+    out = [parts.pop("topology")] if "topology" in parts else []
+    out += [f"{parts.pop('algorithm')}"] if "algorithm" in parts else []
+    out += [f"{parts.pop('nodes')} nodes"] if "nodes" in parts else []
+    out += [parts.pop("partition")] if "partition" in parts else []
+    return ", ".join(out + [f"{k}={v}" for k, v in parts.items()])
+
+
+def _encodings(varying: list[str], groups: dict[str, list[Any]]) -> dict[str, tuple[int, str, str | None]]:
+    """Colour, line style and marker per configuration, each from one setting: colour from the one
+    with the most values (up to 10), then line style, then marker; so a reader sees the structure
+    (e.g. colour = topology, dashes = data split). Empty when that does not tell them apart."""
+    values: dict[str, list[str]] = {}
+    for label in groups:
+        for part in label.split(", "):
+            k, _, v = part.partition("=")
+            values.setdefault(k, [])
+            if v not in values[k]:
+                values[k].append(v)
+    keys = sorted((k for k in varying if k in values), key=lambda k: -len(values[k]))
+    limits = [10, len(_STYLES), len(_MARKERS)]
+    if len(keys) > 3 or any(len(values[k]) > lim for k, lim in zip(keys, limits, strict=False)):
+        return {}
+    out = {}
+    for label in groups:
+        got = dict(part.split("=", 1) for part in label.split(", ") if "=" in part)
+        idx = [values[k].index(got[k]) for k in keys] + [0, 0, 0]
+        out[label] = (idx[0], _STYLES[idx[1]], _MARKERS[idx[2]])
+    return out
+
+
 def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
     """Three panels (mean accuracy, averaged-model accuracy, consensus distance) against ``x``:
     ``steps``, ``time`` or ``bytes``; up to 40 configurations tell apart (10 colours x 4 line
@@ -55,22 +94,25 @@ def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
         raise ConfigError(f"x: expected one of {', '.join(X_AXES)}, got {x!r}")
     check_plot_path(path)
     xkey, xlabel, scale = X_AXES[x]
-    _, groups = _groups(runs)
+    varying, groups = _groups(runs)
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
     import matplotlib
 
     palette = matplotlib.colormaps["tab10"]
+    styles = _encodings(varying, groups)
+    seeds = sorted({len(got) for got in groups.values()})
     theory_drawn = False
     for gi, (label, got) in enumerate(groups.items()):
-        colour, style = palette(gi % 10), _STYLES[(gi // 10) % len(_STYLES)]
-        seeds = f" ({len(got)} seeds)" if len(got) > 1 else ""
+        colour, style, marker = styles.get(label, (gi % 10, _STYLES[(gi // 10) % len(_STYLES)], None))
+        colour = palette(colour)
         for ax, (key, _, _) in zip(axes, _PANELS, strict=True):
             band = _band(got, xkey, key, scale)
             if band is None:
                 continue
             xs, mean, lo, hi = band
-            ax.plot(xs, mean, color=colour, linestyle=style, linewidth=1.6, label=label + seeds)
+            ax.plot(xs, mean, color=colour, linestyle=style, linewidth=1.6, label=_short(label), marker=marker,
+                    markevery=max(1, len(xs) // 8), markersize=4)
             if len(got) > 1:
                 ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, linewidth=0)
             rate = got[0].summary.get("predicted_rate")
@@ -102,6 +144,9 @@ def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
                 labels.append(lab)
     if handles:
         ncols = min(4, len(handles))
-        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=9, frameon=False)
-        fig.set_figheight(4.6 + 0.22 * math.ceil(len(handles) / ncols))
+        title = (f"mean of {seeds[0]} seeds, band: min to max" if seeds == [max(seeds)] and seeds[0] > 1
+                 else "mean over seeds, band: min to max" if max(seeds) > 1 else None)
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=9, frameon=False,
+                   title=title, title_fontsize=9)
+        fig.set_figheight(4.6 + 0.22 * math.ceil(len(handles) / ncols) + (0.25 if title else 0))
     fig.savefig(path, dpi=130)

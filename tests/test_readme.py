@@ -69,7 +69,9 @@ def scaled(cmd: str) -> list[str]:
             continue
         if a == "--grid" and k + 1 < len(argv):
             key, _, values = argv[k + 1].partition("=")
-            out += [a, f"{key}={','.join(values.split(',')[:2])}"]
+            cap = CAPS.get(f"--{key}")
+            vals = [str(min(float(v), cap)).removesuffix(".0") if cap is not None else v for v in values.split(",")]
+            out += [a, f"{key}={','.join(list(dict.fromkeys(vals))[:2])}"]  # capped like the flags, two at most
             k += 2
             continue
         out.append(a)
@@ -92,6 +94,8 @@ def test_the_readme_has_commands_to_run() -> None:
     assert any(c.startswith("gossipfl sweep") for c in cmds)
     assert scaled("gossipfl sweep --grid a=1,2,3 --seeds 0,1 --nodes 99") == \
         ["gossipfl", "sweep", "--grid", "a=1,2", "--seeds", "0", "--nodes", "16", "--grid", "steps=6"]
+    capped = ["gossipfl", "sweep", "--grid", "nodes=16", "--grid", "steps=6"]
+    assert scaled("gossipfl sweep --grid nodes=16,64") == capped
 
 
 @pytest.mark.slow

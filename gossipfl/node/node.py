@@ -286,17 +286,18 @@ class Node:
         """One message of ``nbytes`` delivered to ``peer``."""
         self.bytes_out += nbytes
         self.msgs_out += 1
-        t = self.traffic.setdefault(peer, [0, 0, 0, 0])
-        t[0] += 1
-        t[1] += nbytes
+        self._count(peer, 0, nbytes)
 
     def count_in(self, peer: str, nbytes: int) -> None:
         """One message of ``nbytes`` accepted from ``peer``."""
         self.bytes_in += nbytes
         self.msgs_in += 1
-        t = self.traffic.setdefault(peer, [0, 0, 0, 0])
-        t[2] += 1
-        t[3] += nbytes
+        self._count(peer, 2, nbytes)
+
+    def _count(self, peer: str, at: int, nbytes: int) -> None:
+        t = self.traffic.setdefault(peer, [0, 0, 0, 0])  # msgs out, bytes out, msgs in, bytes in
+        t[at] += 1
+        t[at + 1] += nbytes
 
     def seen_spread(self) -> tuple[float | None, int]:
         """The consensus estimate among the models this node has seen, at its last evaluation."""

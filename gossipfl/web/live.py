@@ -39,7 +39,7 @@ def theory_rho(plan: Any) -> float | None:
     schedule, cfg = plan.schedule, plan.cfg
     if schedule.period != 1 or schedule.directed or cfg.nodes > 4096:
         return None
-    if not plan.new_algorithm().requirements.weights == "symmetric":
+    if plan.algorithm.requirements.weights != "symmetric":
         return None
     return float(slem(mixing_matrix(schedule(0), cfg.weights)))
 

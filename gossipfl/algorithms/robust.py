@@ -221,8 +221,8 @@ def clipped_gossip_edges(own: torch.Tensor, values: torch.Tensor, r: torch.Tenso
     is a mix with weights ``w_m s_m``: one sparse product, so no ``[R, K, D]`` stack is built.
 
     The squared distances come from one sampled product ``<y_i, y_m>`` on the edges' pattern, with
-    the models centred on their mean (``y = x - c``), so the rounding scales with the models'
-    spread rather than their size; an edge whose estimate lies within that rounding's bound of
+    the models centred on the mean of a sample of them (``y = x - c``), so the rounding scales with
+    the models' spread rather than their size; an edge whose estimate lies within that rounding's bound of
     tau^2 is measured directly, so every clip decision is the dense rule's, and a clipped edge's
     scale differs from it only by the product's rounding. A fixed ``tau`` only (``delta`` is not
     used; the adaptive radius needs each receiver's sorted distances: the dense form)."""

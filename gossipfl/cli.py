@@ -120,11 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a setting and its values (repeatable; any sim flag or TOML key)")
     sweep.add_argument("--seeds", default="0", metavar="S1,S2,...", help="repeat every combination per seed")
     sweep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                       help="runs in parallel (default: half the cores)")
+                       help="runs in parallel (default: half the cores; with --ray auto, the local Ray "
+                       "instance's CPUs)")
+    sweep.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (pip install 'gossipfl[ray]'): "
+                       "its address (HOST:6379, ray://HOST:10001), or auto for a local instance; same folder "
+                       "and resume")
     sweep.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<time>)")
     sweep.add_argument("--plot", metavar="FILE.png", help="convergence plot of all runs")
     sweep.add_argument("--x", dest="x_axis", default="steps", choices=["steps", "time", "bytes"],
                        help="the plot's x axis: local steps, time or MB sent")
+    sweep.add_argument("--band", default="minmax", choices=["minmax", "sd", "ci95", "none"],
+                       help="the plot's band over seeds: min to max, mean ± 1 sd, the mean's 95 %% confidence "
+                       "interval (Student's t), or none")
     sweep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy, "
                        "e.g. aggregator,attack.kind")
     sweep.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
@@ -155,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or a sweep folder (its runs, in grid "
                      "order)")
     rep.add_argument("--plot", metavar="FILE.png", help="accuracy and consensus distance, one curve per "
-                     "configuration (seeds averaged, min-max band)")
+                     "configuration (seeds averaged, a band over them: --band)")
     rep.add_argument("--x", dest="x_axis", default="steps", choices=["steps", "time", "bytes"],
                      help="the plot's x axis: local steps, time or MB sent")
+    rep.add_argument("--band", default="minmax", choices=["minmax", "sd", "ci95", "none"],
+                     help="the plot's band over seeds: min to max, mean ± 1 sd, the mean's 95 %% confidence "
+                     "interval (Student's t), or none")
     rep.add_argument("--detail", action="store_true", help="also print each run's per-node table")
     rep.add_argument("--pivot", metavar="ROW,COL", help="also a ROW x COL table of honest mean (min) accuracy over "
                      "seeds, e.g. aggregator,attack.kind")
@@ -454,7 +464,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if "seed" in grid:
         raise ConfigError("grid: sweep seeds with --seeds, not --grid seed=...")
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    records = run_sweep(base.replace(out=None), grid, seeds=seeds or [0], out=out, workers=args.workers)
+    records = run_sweep(base.replace(out=None), grid, seeds=seeds or [0], out=out, workers=args.workers,
+                        ray=args.ray)
     done = [load_run(out / r["name"]) for r in records if "summary" in r]
     if done:
         print(comparison_table(done))
@@ -462,7 +473,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print("\n" + pivot_table(done, *pivot))
     if args.plot and done:
         try:
-            plot_runs(done, args.plot, x=args.x_axis)
+            plot_runs(done, args.plot, x=args.x_axis, band=args.band)
         except OSError as exc:
             raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
         print(f"plot written to {args.plot}")
@@ -549,7 +560,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(format_summary(run.summary))
     if args.plot:
         try:
-            plot_runs(runs, args.plot, x=args.x_axis)
+            plot_runs(runs, args.plot, x=args.x_axis, band=args.band)
         except OSError as exc:
             raise ConfigError(f"plot: cannot write {args.plot}: {exc.strerror or exc}") from None
         print(f"plot written to {args.plot}")

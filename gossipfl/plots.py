@@ -32,15 +32,29 @@ def _series(run: Any, xkey: str, key: str, scale: float) -> tuple[np.ndarray, np
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
-def _band(runs: list[Any], xkey: str, key: str, scale: float) -> tuple[np.ndarray, ...] | None:
-    """The seeds' mean, min and max on the first seed's x points (the others interpolated)."""
+BANDS = {"minmax": "min to max", "sd": "mean ± 1 sd", "ci95": "95 % confidence interval of the mean", "none": ""}
+"""What the band around a configuration's mean curve spans, over its seeds."""
+
+
+def _band(runs: list[Any], xkey: str, key: str, scale: float,
+          band: str = "minmax") -> tuple[np.ndarray, ...] | None:
+    """The seeds' mean and the band's two edges (`BANDS`) on the first seed's x points (the others
+    interpolated). ci95: mean ± t(0.975, n-1) sd / sqrt(n), Student's t for a few seeds."""
     series = [s for s in (_series(r, xkey, key, scale) for r in runs) if len(s[0])]
     if not series:
         return None
     xs = series[0][0]
     xs = xs[xs <= min(s[0][-1] for s in series)]  # where every seed has data
     ys = np.stack([np.interp(xs, sx, sy) for sx, sy in series])
-    return xs, ys.mean(0), ys.min(0), ys.max(0)
+    mean = ys.mean(0)
+    if band in ("sd", "ci95") and len(ys) > 1:
+        half = ys.std(0, ddof=1)
+        if band == "ci95":
+            from scipy.stats import t
+
+            half = half * float(t.ppf(0.975, len(ys) - 1)) / math.sqrt(len(ys))
+        return xs, mean, mean - half, mean + half
+    return xs, mean, ys.min(0), ys.max(0)
 
 
 _MARKERS = [None, "o", "^", "s", "D"]
@@ -82,7 +96,7 @@ def _encodings(varying: list[str], groups: dict[str, list[Any]]) -> dict[str, tu
     return out
 
 
-def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
+def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps", band: str = "minmax") -> None:
     """Three panels (mean accuracy, averaged-model accuracy, consensus distance) against ``x``:
     ``steps``, ``time`` or ``bytes``; up to 40 configurations tell apart (10 colours x 4 line
     styles); the legend, below the panels, names only the settings that differ."""
@@ -92,6 +106,8 @@ def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
 
     if x not in X_AXES:
         raise ConfigError(f"x: expected one of {', '.join(X_AXES)}, got {x!r}")
+    if band not in BANDS:
+        raise ConfigError(f"band: expected one of {', '.join(BANDS)}, got {band!r}")
     check_plot_path(path)
     xkey, xlabel, scale = X_AXES[x]
     varying, groups = _groups(runs)
@@ -107,13 +123,15 @@ def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
         colour, style, marker = styles.get(label, (gi % 10, _STYLES[(gi // 10) % len(_STYLES)], None))
         colour = palette(colour)
         for ax, (key, _, _) in zip(axes, _PANELS, strict=True):
-            band = _band(got, xkey, key, scale)
-            if band is None:
+            curve = _band(got, xkey, key, scale, band)
+            if curve is None:
                 continue
-            xs, mean, lo, hi = band
+            xs, mean, lo, hi = curve
             ax.plot(xs, mean, color=colour, linestyle=style, linewidth=1.6, label=_short(label), marker=marker,
                     markevery=max(1, len(xs) // 8), markersize=4)
-            if len(got) > 1:
+            if len(got) > 1 and band != "none":
+                if key == "consensus_distance":  # a log axis: a lower edge at or below 0 is off the chart
+                    lo = np.where(lo > 0, lo, np.nan)
                 ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, linewidth=0)
             rate = got[0].summary.get("predicted_rate")
             if key == "consensus_distance" and x == "steps" and isinstance(rate, float) and 0 < rate < 1 \
@@ -144,8 +162,9 @@ def plot_runs(runs: list[Any], path: str | Path, *, x: str = "steps") -> None:
                 labels.append(lab)
     if handles:
         ncols = min(4, len(handles))
-        title = (f"mean of {seeds[0]} seeds, band: min to max" if seeds == [max(seeds)] and seeds[0] > 1
-                 else "mean over seeds, band: min to max" if max(seeds) > 1 else None)
+        what = f", band: {BANDS[band]}" if band != "none" else ""
+        title = (f"mean of {seeds[0]} seeds{what}" if seeds == [max(seeds)] and seeds[0] > 1
+                 else f"mean over seeds{what}" if max(seeds) > 1 else None)
         fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=9, frameon=False,
                    title=title, title_fontsize=9)
         fig.set_figheight(4.6 + 0.22 * math.ceil(len(handles) / ncols) + (0.25 if title else 0))

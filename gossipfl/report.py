@@ -231,13 +231,14 @@ def _mean_sd(values: list[float], spec: str = ".3f") -> str:
 def seed_table(runs: list[Run], *, target: float | None = None, markdown: bool = False) -> str:
     """One line per configuration, seeds aggregated: final mean and min accuracy (mean ± sd over
     seeds), consensus distance, and with ``target`` the steps, time and MB sent until the mean
-    accuracy first reached it (mean over the seeds that did, and how many did); messages per
-    node-step, lost messages and staleness. Labels name only the settings that vary."""
+    accuracy first reached it (mean over the seeds that did, and how many did); the spectral gap
+    of the mixing matrix (1 - SLEM, where the graph is fixed), messages per node-step, lost
+    messages and staleness. Labels name only the settings that vary."""
     _, groups = _groups(runs)
     head = ["configuration", "seeds", "mean acc", "min acc", "consensus"]
     if target is not None:
         head += [f"steps to {target:g}", f"time to {target:g} (s)", f"MB to {target:g}"]
-    head += ["msg/step", "lost", "stale"]
+    head += ["gap", "msg/step", "lost", "stale"]
     rows = []
     for label, got in groups.items():
         s = [r.summary for r in got]
@@ -254,7 +255,8 @@ def seed_table(runs: list[Run], *, target: float | None = None, markdown: bool =
             mbs = [h[2] / 1e6 for h in hits if h[2] is not None]
             line += [(_mean_sd([h[0] for h in hits], ".0f") + reached) if hits else f"not reached (0/{len(got)})",
                      _mean_sd([h[1] for h in hits], ".2f") if hits else "-", _mean_sd(mbs, ".2f") if mbs else "-"]
-        for key, spec in (("messages_per_node_step", ".2f"), ("lost", ".0f"), ("staleness_mean", ".2f")):
+        for key, spec in (("spectral_gap", ".3g"), ("messages_per_node_step", ".2f"), ("lost", ".0f"),
+                          ("staleness_mean", ".2f")):
             vals = nums(key)
             line.append(format(sum(vals) / len(vals), spec) if vals else "-")
         rows.append(line)
@@ -270,8 +272,8 @@ def seed_table(runs: list[Run], *, target: float | None = None, markdown: bool =
     return "\n".join(lines)
 
 
-def plot_runs(runs: list[Run], path: str | Path, *, x: str = "steps") -> None:
+def plot_runs(runs: list[Run], path: str | Path, *, x: str = "steps", band: str = "minmax") -> None:
     """`gossipfl.plots.plot_runs` (kept here for callers of the report module)."""
     from gossipfl.plots import plot_runs as plot
 
-    plot(runs, path, x=x)
+    plot(runs, path, x=x, band=band)

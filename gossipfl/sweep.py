@@ -15,7 +15,7 @@ import concurrent.futures as cf
 import itertools
 import multiprocessing as mp
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,42 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _PoolSweep:
+    """The runs on this host's cores: a process pool, one run per worker process."""
+
+    def __init__(self, workers: int) -> None:
+        ctx = mp.get_context("spawn")  # no fork of a process that may hold threads or sockets
+        self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_quiet_worker)
+        self._futures: dict[cf.Future[dict[str, Any]], tuple[str, RunConfig]] = {}
+
+    def submit(self, name: str, cfg: RunConfig, folder: Path) -> None:
+        self._futures[self._pool.submit(_run_one, cfg, str(folder))] = (name, cfg)
+
+    def results(self) -> Iterator[tuple[str, RunConfig, dict[str, Any] | BaseException]]:
+        for fut in cf.as_completed(self._futures):
+            name, cfg = self._futures[fut]
+            try:
+                yield name, cfg, fut.result()
+            except Exception as exc:
+                yield name, cfg, exc
+
+    def stop(self) -> None:
+        for proc in list(getattr(self._pool, "_processes", {}).values()):  # stop the runs in progress now
+            proc.terminate()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _runner(ray: str | None, workers: int) -> Any:
+    if ray:
+        from gossipfl.sweep_ray import RaySweep
+
+        return RaySweep(ray, workers=workers)
+    return _PoolSweep(workers)
+
+
 def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds + 0.5), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
@@ -151,13 +187,15 @@ def run_sweep(
     seeds: Sequence[int],
     out: Path,
     workers: int,
+    ray: str | None = None,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
     """Run every combination; returns one record (name, settings, summary or error) per run.
 
     Re-running the same sweep into the same folder resumes it: finished runs are kept, the rest
     run. Ctrl-C stops the workers at once and keeps what finished (KeyboardInterrupt is raised
-    after ``sweep.json`` is written)."""
+    after ``sweep.json`` is written). ``ray``: a Ray cluster's address, or ``"auto"`` for a local
+    instance (`gossipfl.sweep_ray`); the folder it leaves is the same."""
     import json
     import time
 
@@ -179,39 +217,39 @@ def run_sweep(
             records[name] = {"name": name, "settings": {k: setting(cfg, k) for k in grid} | {"seed": cfg.seed},
                              "summary": {k: v for k, v in summary.items() if k != "per_node"}}
     todo = [(name, cfg) for name, cfg in runs if name not in done]
-    echo(f"gossipfl sweep: {len(runs)} runs on {workers} worker(s) -> {out}"
-         + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
+    runner = _runner(ray if todo else None, workers)  # nothing to run: no cluster to reach
+    if ray and todo:
+        echo(f"gossipfl sweep: {len(runs)} runs on a Ray cluster of {runner.cpus()} CPU(s) -> {out}"
+             + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
+    else:
+        echo(f"gossipfl sweep: {len(runs)} runs on {workers} worker(s) -> {out}"
+             + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
     failed, t0 = 0, time.monotonic()
-    ctx = mp.get_context("spawn")  # no fork of a process that may hold threads or sockets
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_quiet_worker)
     try:
-        futures = {pool.submit(_run_one, cfg, str(out / name)): (name, cfg) for name, cfg in todo}
-        for k, fut in enumerate(cf.as_completed(futures), 1):
-            name, cfg = futures[fut]
+        for name, cfg in todo:
+            runner.submit(name, cfg, out / name)
+        for k, (name, cfg, result) in enumerate(runner.results(), 1):
             settings = {key: setting(cfg, key) for key in grid} | {"seed": cfg.seed}
             elapsed = time.monotonic() - t0
             progress = (f"[{k}/{len(todo)} done, {failed} failed, {_eta(elapsed)} elapsed, "
                         f"ETA {_eta(elapsed / k * (len(todo) - k))}]")
-            try:
-                summary = fut.result()
-            except Exception as exc:  # one failed run must not lose the others
+            if isinstance(result, BaseException):  # one failed run must not lose the others
                 failed += 1
-                records[name] = {"name": name, "settings": settings, "error": f"{type(exc).__name__}: {exc}"}
-                echo(f"  {progress} {name}: FAILED ({exc})")
+                records[name] = {"name": name, "settings": settings,
+                                 "error": f"{type(result).__name__}: {result}"}
+                echo(f"  {progress} {name}: FAILED ({result})")
                 continue
             records[name] = {"name": name, "settings": settings,
-                             "summary": {key: v for key, v in summary.items() if key != "per_node"}}
-            echo(f"  {progress} {name}: mean accuracy {summary['mean_accuracy']:.4f}, "
-                 f"consensus {summary['consensus_distance']:.2e}")
+                             "summary": {key: v for key, v in result.items() if key != "per_node"}}
+            echo(f"  {progress} {name}: mean accuracy {result['mean_accuracy']:.4f}, "
+                 f"consensus {result['consensus_distance']:.2e}")
     except KeyboardInterrupt:
-        for proc in list(getattr(pool, "_processes", {}).values()):  # stop the runs in progress now
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        runner.stop()
         write_json(out / "sweep.json", [records[name] for name, _ in runs if name in records])
         echo(f"gossipfl sweep: interrupted; {len(records)} of {len(runs)} runs finished and kept. "
              "Run the same command again to resume.")
         raise
-    pool.shutdown(wait=True)
+    runner.close()
     ordered = [records[name] for name, _ in runs]
     write_json(out / "sweep.json", ordered)
     return ordered

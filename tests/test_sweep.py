@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gossipfl.cli import main
@@ -235,6 +236,11 @@ def test_report_aggregates_seeds_and_measures_what_it_took_to_reach_a_target(tmp
     assert hit == (first["mean_step"], first["t"], float(first["bytes"]))
     assert first["bytes"] > 0
     assert "± " in lines[2]
+    from gossipfl.topology import build_graph, graph_spectral_gap
+
+    gap = lines[0].split(" | ").index("gap")  # the mixing matrix's spectral gap, as `gossipfl topology` gives it
+    assert lines[2].split(" | ")[gap] == format(graph_spectral_gap(build_graph("ring", 8), "metropolis"), ".3g")
+    assert float(lines[3].split(" | ")[gap]) == pytest.approx(1.0)  # complete graph: W = J, mixed in one round
     assert main(["report", str(out), "--target", "1.5"]) == 2
 
 
@@ -250,9 +256,82 @@ def test_the_plot_takes_steps_time_or_bytes_on_its_x_axis(tmp_path: Path, x: str
                      "--eval-every", "5", "--seed", str(seed), "--out", str(out)]) == 0
         runs.append(load_run(out))
     png = tmp_path / "p.png"
-    assert main(["report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--plot", str(png), "--x", x]) == 0
+    band = {"steps": "ci95", "time": "sd", "bytes": "minmax"}[x]
+    assert main(["report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--plot", str(png), "--x", x,
+                 "--band", band]) == 0
     assert png.stat().st_size > 10_000
     xs, mean, lo, hi = _band(runs, {"steps": "mean_step", "time": "t", "bytes": "bytes"}[x], "mean_accuracy", 1.0)
     assert len(xs) == 4  # steps 5..20 (round 0 has no accuracy yet)
     assert (lo <= mean).all()
     assert (mean <= hi).all()
+
+
+def test_the_band_over_seeds_is_min_max_sd_or_the_mean_s_95_percent_interval() -> None:
+    """Three seeds: ci95 is mean ± t(0.975, 2) s / sqrt(3) with t = 4.3027 (Student), sd mean ± s."""
+    from types import SimpleNamespace
+
+    from gossipfl.plots import _band
+
+    ys = [[0.2, 0.5], [0.4, 0.6], [0.9, 0.7]]
+    runs = [SimpleNamespace(rows=[{"node": None, "mean_step": k, "mean_accuracy": y[k]} for k in (0, 1)]) for y in ys]
+    first = np.array([0.2, 0.4, 0.9])
+    m, s = first.mean(), first.std(ddof=1)
+    _, mean, lo, hi = _band(runs, "mean_step", "mean_accuracy", 1.0, "minmax")
+    assert (lo[0], mean[0], hi[0]) == pytest.approx((0.2, m, 0.9))
+    _, _, lo, hi = _band(runs, "mean_step", "mean_accuracy", 1.0, "sd")
+    assert (lo[0], hi[0]) == pytest.approx((m - s, m + s))
+    _, _, lo, hi = _band(runs, "mean_step", "mean_accuracy", 1.0, "ci95")
+    assert (lo[0], hi[0]) == pytest.approx((m - 4.302653 * s / np.sqrt(3), m + 4.302653 * s / np.sqrt(3)), rel=1e-6)
+    assert hi[1] - lo[1] == pytest.approx(2 * 4.302653 * 0.1 / np.sqrt(3), rel=1e-6)  # s = 0.1 at x = 1
+
+
+def _needs_ray() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # found, not imported: the sweep imports it itself
+        pytest.skip("Ray is not installed (pip install 'gossipfl[ray]')")
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_gives_the_pool_s_summaries_and_resumes(tmp_path: Path, capsys) -> None:
+    """--ray auto: the same four runs on a local Ray instance leave the same folders and the same
+    summaries (same seeds) as the process pool, and a second invocation runs nothing again."""
+    _needs_ray()
+    grid = ["--grid", "topology=ring,complete", *FAST, "--seeds", "0,1", "--workers", "2"]
+    pool, on_ray = tmp_path / "pool", tmp_path / "ray"
+    assert main(["sweep", *grid, "--out", str(pool)]) == 0
+    assert main(["sweep", *grid, "--ray", "auto", "--out", str(on_ray)]) == 0
+    text = capsys.readouterr().out
+    assert "on a Ray cluster of 2 CPU(s)" in text
+    assert "[4/4 done, 0 failed" in text
+
+    def runs(folder: Path) -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads((folder / "sweep.json").read_text())}
+
+    a, b = runs(pool), runs(on_ray)
+    assert len(a) == 4
+    assert a.keys() == b.keys()
+    timing = {"wall_seconds", "node_steps_per_second"}
+    for name in a:
+        assert a[name]["settings"] == b[name]["settings"]
+        assert {k: v for k, v in a[name]["summary"].items() if k not in timing} == \
+               {k: v for k, v in b[name]["summary"].items() if k not in timing}
+        files = sorted(p.name for p in (on_ray / name).iterdir())
+        assert files == sorted(p.name for p in (pool / name).iterdir()) == ["config.toml", "metrics.jsonl",
+                                                                             "summary.json"]
+        assert (on_ray / name / "metrics.jsonl").read_text().count("\n") == \
+               (pool / name / "metrics.jsonl").read_text().count("\n")
+    redo = sorted(b)[0]
+    stamp = {n: (on_ray / n / "summary.json").stat().st_mtime_ns for n in b if n != redo}
+    (on_ray / redo / "summary.json").unlink()  # as an interrupted run leaves it
+    assert main(["sweep", *grid, "--ray", "auto", "--out", str(on_ray)]) == 0
+    assert "resuming: 3 finished, 1 to run" in capsys.readouterr().out
+    assert {n: (on_ray / n / "summary.json").stat().st_mtime_ns for n in b if n != redo} == stamp
+    assert runs(on_ray)[redo]["summary"]["mean_accuracy"] == a[redo]["summary"]["mean_accuracy"]
+
+
+def test_a_ray_address_that_answers_nothing_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    _needs_ray()
+    rc = main(["sweep", *FAST, "--ray", "127.0.0.1:1", "--out", str(tmp_path / "sw")])
+    assert rc == 2
+    assert "ray: cannot connect to '127.0.0.1:1'" in capsys.readouterr().err

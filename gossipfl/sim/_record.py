@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from gossipfl.algorithms.aggregation import COUNTERS
 from gossipfl.convergence import consensus_summary
-from gossipfl.errors import ConfigError
 from gossipfl.metrics import honest_accuracy, robust_counts
-from gossipfl.topology import graph_spectral_gap
+from gossipfl.topology import summary_spectral_gap
 
 if TYPE_CHECKING:
     from gossipfl.sim.vectorized import VectorizedSim
@@ -230,22 +229,29 @@ def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
     }
     if not sim.trains:
         out.update(consensus_rates(sim))
+    elif not sim.time_varying:
+        out["spectral_gap"] = summary_spectral_gap(sim.graph, _mixing_kind(sim))
     return out
+
+
+def _mixing_kind(sim: VectorizedSim) -> str:
+    # column-stochastic algorithms push uniform shares; the others mix with the configured weights
+    return "push_sum" if sim.algorithm.requirements.weights == "column" else sim.cfg.weights
 
 
 def consensus_rates(sim: VectorizedSim) -> dict[str, Any]:
     """The consensus-rate figures (`gossipfl.convergence`): over the per-round trace in lock-step,
     over the metric points against the mean step otherwise; and SLEM(W)^2 of the graph."""
     points = sim.trace if sim.trace else [(h["mean_step"], h["consensus_distance"]) for h in sim.history]
-    predicted = None
+    predicted = gap = None
     if not sim.time_varying:  # no single graph's spectral gap predicts a changing one
-        try:
-            # column-stochastic algorithms push uniform shares; the others mix with the configured weights
-            kind = "push_sum" if sim.algorithm.requirements.weights == "column" else sim.cfg.weights
-            predicted = (1.0 - graph_spectral_gap(sim.graph, kind)) ** 2
-        except ConfigError as exc:  # the iterative eigensolver may give up on huge graphs
-            log.warning("predicted consensus rate unavailable: %s", exc)
-    return consensus_summary(points, eps=torch.finfo(sim.params.dtype).eps, predicted=predicted)
+        gap = summary_spectral_gap(sim.graph, _mixing_kind(sim), always=True)
+        if gap is None:  # the iterative eigensolver may give up on huge graphs
+            log.warning("predicted consensus rate unavailable: the eigensolver did not converge")
+        else:
+            predicted = (1.0 - gap) ** 2
+    return {**consensus_summary(points, eps=torch.finfo(sim.params.dtype).eps, predicted=predicted),
+            **({"spectral_gap": gap} if gap is not None else {})}
 
 
 def probe(sim: VectorizedSim, idx: Sequence[int]) -> tuple[list[float | None], list[int]]:

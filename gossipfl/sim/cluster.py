@@ -28,7 +28,7 @@ from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy,
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
-from gossipfl.topology import Schedule, mixing_matrix, slem
+from gossipfl.topology import Schedule, mixing_matrix, slem, summary_spectral_gap
 
 if TYPE_CHECKING:
     from gossipfl.web.live import Live
@@ -281,6 +281,10 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         log.warning("the emulated speeds were not kept: %.0f %% of steps took longer in real compute than their "
                     "emulated step time (emulation.step_time %g s); raise step_time to compare with the "
                     "vectorised engine", 100 * summary["step_overruns"], plan.emulation.step_time)
-    if not nodes[0].algorithm.requirements.trains:
+    req = nodes[0].algorithm.requirements
+    if not req.trains:
         summary.update(_consensus_rates(monitor, cfg, plan.schedule, torch.finfo(nodes[0].trainer.params.dtype).eps))
+    if plan.schedule.period == 1:  # one fixed graph: the gap of the matrix the algorithm mixes with
+        kind = "push_sum" if req.weights == "column" else cfg.weights
+        summary["spectral_gap"] = summary_spectral_gap(plan.schedule(0), kind)
     return summary

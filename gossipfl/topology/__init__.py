@@ -53,7 +53,13 @@ from gossipfl.topology.membership import graph_for_members, neighbours
 from gossipfl.topology.names import ALIASES, topology_names
 from gossipfl.topology.schedules import Schedule, build_schedule
 from gossipfl.topology.specs import build_graph, check_spec
-from gossipfl.topology.spectral import DENSE_EIG_LIMIT, graph_spectral_gap, slem, spectral_gap
+from gossipfl.topology.spectral import (
+    DENSE_EIG_LIMIT,
+    graph_spectral_gap,
+    slem,
+    spectral_gap,
+    summary_spectral_gap,
+)
 from gossipfl.topology.summary import DIAMETER_LIMIT, describe, plot_graph
 from gossipfl.topology.weights import (
     DENSE_MATRIX_LIMIT,
@@ -103,6 +109,7 @@ __all__ = [
     "ring",
     "slem",
     "spectral_gap",
+    "summary_spectral_gap",
     "star",
     "topology_names",
     "torus",

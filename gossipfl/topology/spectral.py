@@ -113,3 +113,20 @@ def graph_spectral_gap(graph: nx.Graph, kind: str | None = None) -> float:
     (the weights each would actually be gossiped with).
     """
     return 1.0 - _graph_slem(graph, _default_kind(graph, kind))
+
+
+SUMMARY_GAP_LIMIT = 8192
+"""A training run's summary reports its graph's spectral gap up to this many nodes (under a
+second); pure averaging runs always compute it, as their predicted rate."""
+
+
+def summary_spectral_gap(graph: nx.Graph, kind: str, *, always: bool = False) -> float | None:
+    """The spectral gap a run's summary reports: 1 - SLEM of the matrix its algorithm mixes with
+    (``kind``); None above :data:`SUMMARY_GAP_LIMIT` nodes (unless ``always``) or where ARPACK
+    gives up, so that a table can show it without a large run paying for an eigensolve."""
+    if not always and graph.number_of_nodes() > SUMMARY_GAP_LIMIT:
+        return None
+    try:
+        return graph_spectral_gap(graph, kind)
+    except TopologyError:  # ARPACK gave up, or weights this graph cannot take
+        return None

@@ -548,11 +548,12 @@ def test_qsgd_represents_grid_values_exactly() -> None:
 
 
 def test_choco_without_compression_and_gamma_one_is_dpsgd(digits: Dataset) -> None:
+    """CHOCO steps, then mixes the replicas of what was sent: D-PSGD in combine-then-adapt order."""
     n = 5
     a = make_trainers(digits, n, same_init=False, lr=0.1, momentum=0.5)
     b = make_trainers(digits, n, same_init=False, lr=0.1, momentum=0.5)
     choco = _driver_with(CHOCO(compression="none", gamma=1.0), a, lambda t: ring(n)).run(15)
-    dpsgd = _driver_with(DPSGD(), b, lambda t: ring(n)).run(15)
+    dpsgd = _driver_with(DPSGD(order="cta"), b, lambda t: ring(n)).run(15)
     choco.flush()
     dpsgd.flush()
     torch.testing.assert_close(choco.models(), dpsgd.models(), atol=2e-6, rtol=1e-5)

@@ -418,3 +418,32 @@ def test_on_label_skewed_shards_exact_diffusion_removes_dpsgds_bias_and_qgm_lear
     assert ed["mean_accuracy"] >= dp["mean_accuracy"] + 0.03, (ed["per_node"], dp["per_node"])
     assert ed["min_accuracy"] >= dp["min_accuracy"] + 0.05, (ed["per_node"], dp["per_node"])
     assert qgm["mean_accuracy"] >= 0.94, qgm["per_node"]
+
+
+@pytest.mark.parametrize("order", ["lian", "atc", "cta"])
+def test_dpsgd_orders_reach_their_closed_form_fixed_points(order: str) -> None:
+    """f_i = 1/2 |x - b_i|^2, ring n = 16, lr 0.1, float64: the deployed models after each round
+    (``model``, read after the step) reach lian X* = lr((1+lr)I - W)^-1 B, atc (I - (1-lr)W)^-1 lr W B,
+    cta (I - (1-lr)W)^-1 lr B; and the three points differ (the order matters)."""
+    n, lr = 16, 0.1
+    b, x0 = problem(n)
+    w = mixing_matrix(ring(n))
+    eye = torch.eye(n, dtype=DT)
+    fixed = {"lian": torch.linalg.solve((1 + lr) * eye - w, lr * b),
+             "atc": torch.linalg.solve(eye - (1 - lr) * w, lr * (w @ b)),
+             "cta": torch.linalg.solve(eye - (1 - lr) * w, lr * b)}
+    algo = DPSGD(order=order)
+    learner = Quadratic(b, lr=lr)
+    state: State = {"params": x0.clone()}
+    algo.init_state(state)
+    msgs = None
+    for k in range(1500):
+        if msgs is not None:
+            algo.merge(state, dense_inbox(algo, state, msgs, w))
+        algo.local_step(state, learner)
+        msgs = {key: t.clone() for key, t in algo.message(state, send_for(w, k + 1)).items()}
+    got = algo.model(state)
+    want = fixed[order]
+    assert ((got - want).norm() / want.norm()) < 1e-8
+    others = [o for o in fixed if o != order]
+    assert all((fixed[o] - want).norm() / want.norm() > 1e-3 for o in others)

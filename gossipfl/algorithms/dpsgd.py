@@ -12,6 +12,21 @@ A neighbour whose message is missing (late, lost, dead) contributes x_i itself, 
 folds into the self weight, so the rule stays a convex combination. With every neighbour fresh
 in every round it is exactly synchronous D-PSGD.
 
+``order``: where the gradient is taken relative to the mix (in lock-step, X the [N, D] models):
+
+- ``lian``: X <- W X - lr G(X), Lian et al.'s rule: the gradient at the point the node
+  sent (its model after its last step, kept as ``anchor``), applied to the mixed model; the
+  gradient needs nothing from the neighbours, so a node computes while its messages travel.
+- ``atc`` (adapt then combine): X <- W (X - lr G(X)); the node sends its half step and deploys
+  the combination (``model`` is the point before the local step, ``combined``).
+- ``cta`` (combine then adapt; the default for now, what every engine did before ``order``
+  existed; making ``lian`` the default is open): X <- W X - lr G(W X); the gradient at the mixed point, and the
+  node deploys and sends the model after its step. (ATC and CTA are one recursion read at two
+  points: X_atc = W X_cta.)
+
+With f_i(x) = 1/2 |x - b_i|^2 the fixed points differ (ring, n = 16, lr 0.1: 3.6 %): lian
+X* = lr ((1 + lr) I - W)^-1 B; atc (I - (1 - lr) W)^-1 lr W B; cta (I - (1 - lr) W)^-1 lr B.
+
 ``aggregator``: a robust rule of `gossipfl.algorithms.robust` in place of the mix (``median``,
 ``trimmed_mean`` with ``b``, ``krum`` with ``f`` and ``m``, ``clipped_gossip`` with ``tau`` and
 ``delta``, ``balance`` with ``gamma``, ``kappa``, ``alpha``, ``horizon``); the channel then gathers
@@ -27,11 +42,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from gossipfl.algorithms._util import check_choice
 from gossipfl.algorithms.aggregation import gathering
-from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, State
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Learner, Requirements, State
 from gossipfl.algorithms.inbox import latest_per_sender, mix
 
-__all__ = ["DPSGD", "Averaging", "latest_per_sender", "mix"]
+__all__ = ["ORDERS", "DPSGD", "Averaging", "latest_per_sender", "mix"]
+
+ORDERS = ("lian", "atc", "cta")
 
 
 class DPSGD(AlgorithmBase):
@@ -41,12 +59,34 @@ class DPSGD(AlgorithmBase):
     requirements: ClassVar[Requirements] = Requirements(weights="symmetric", undirected=True)
     channels = (Channel("params", "mix"),)
 
-    def __init__(self, *, aggregator: str = "mean", **rule_params: Any) -> None:
+    def __init__(self, *, aggregator: str = "mean", order: str = "cta", **rule_params: Any) -> None:
+        self.order = check_choice("order", order, ORDERS) if self.requirements.trains else "cta"
         gathering(self, aggregator, rule_params)
 
     def init_state(self, state: State) -> None:
         super().init_state(state)
         self.rule.init_state(state)
+        if self.order == "lian":  # the point the next gradient is taken at: the model last sent
+            state["anchor"] = state["params"].clone()
+        elif self.order == "atc":  # the combination the node deploys
+            state["combined"] = state["params"].clone()
+
+    def local_step(self, state: State, learner: Learner) -> torch.Tensor:
+        if self.order == "cta":
+            return learner.sgd_step(state["params"])
+        if self.order == "atc":
+            state["combined"].copy_(state["params"])
+            return learner.sgd_step(state["params"])
+        anchor, params = state["anchor"], state["params"]
+        loss, grad = learner.grad(anchor)
+        if learner.weight_decay:  # the optimiser adds decay * params: make it decay * anchor, part of g(anchor)
+            grad = grad + learner.weight_decay * (anchor - params)
+        learner.apply(params, grad)
+        anchor.copy_(params)
+        return loss
+
+    def model(self, state: State) -> torch.Tensor:
+        return state["combined"] if self.order == "atc" else state["params"]
 
     @torch.no_grad()
     def merge(self, state: State, inbox: Inbox) -> None:

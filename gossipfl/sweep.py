@@ -218,12 +218,9 @@ def run_sweep(
                              "summary": {k: v for k, v in summary.items() if k != "per_node"}}
     todo = [(name, cfg) for name, cfg in runs if name not in done]
     runner = _runner(ray if todo else None, workers)  # nothing to run: no cluster to reach
-    if ray and todo:
-        echo(f"gossipfl sweep: {len(runs)} runs on a Ray cluster of {runner.cpus()} CPU(s) -> {out}"
-             + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
-    else:
-        echo(f"gossipfl sweep: {len(runs)} runs on {workers} worker(s) -> {out}"
-             + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
+    where = f"a Ray cluster of {runner.cpus()} CPU(s)" if ray and todo else f"{workers} worker(s)"
+    echo(f"gossipfl sweep: {len(runs)} runs on {where} -> {out}"
+         + (f" (resuming: {len(done)} finished, {len(todo)} to run)" if done else ""))
     failed, t0 = 0, time.monotonic()
     try:
         for name, cfg in todo:

@@ -30,16 +30,14 @@ def ray_task(cfg: RunConfig) -> dict[str, Any]:
     import shutil
     import tempfile
 
-    import torch
+    from gossipfl.runs import make_run_folder
+    from gossipfl.sweep import _run_one
 
-    from gossipfl.runs import execute, make_run_folder
-
-    torch.set_num_threads(1)  # one CPU per task, as Ray reserved
     scratch = Path(tempfile.mkdtemp(prefix="gossipfl-ray-"))
     try:
         folder = scratch / "run"
         make_run_folder(cfg, folder)
-        summary = execute(cfg, folder, progress=None)
+        summary = _run_one(cfg, str(folder))  # as a pool worker runs it: one thread, quietly
         files = {str(p.relative_to(folder)): p.read_bytes()
                  for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "config.toml"}
     finally:
@@ -136,11 +134,14 @@ class RaySweep:
                 continue
             if result["version"] != _version():
                 log.warning("ray: run %s ran gossipfl %s, this host has %s", name, result["version"], _version())
-            # summary.json last: it is what marks the run finished when a sweep resumes
-            for rel, data in sorted(result["files"].items(), key=lambda kv: kv[0] == "summary.json"):
-                path = folder / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+            try:  # summary.json last: it is what marks the run finished when a sweep resumes
+                for rel, data in sorted(result["files"].items(), key=lambda kv: kv[0] == "summary.json"):
+                    path = folder / rel
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+            except OSError as exc:  # a full disk fails this run, not the sweep
+                yield name, cfg, ConfigError(f"out: could not write {folder}: {exc.strerror or exc}")
+                continue
             yield name, cfg, result["summary"]
 
     def stop(self) -> None:
@@ -151,9 +152,8 @@ class RaySweep:
             except Exception:  # already finished or gone
                 pass
         self._refs.clear()
-        if self._started:
-            self._ray.shutdown()
+        self.close()
 
     def close(self) -> None:
-        if self._started:
-            self._ray.shutdown()
+        """Disconnect; a local instance the sweep started stops with it, a cluster keeps running."""
+        self._ray.shutdown()

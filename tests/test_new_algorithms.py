@@ -447,3 +447,11 @@ def test_dpsgd_orders_reach_their_closed_form_fixed_points(order: str) -> None:
     assert ((got - want).norm() / want.norm()) < 1e-8
     others = [o for o in fixed if o != order]
     assert all((fixed[o] - want).norm() / want.norm() > 1e-3 for o in others)
+
+
+def test_a_bad_dpsgd_order_is_refused_with_the_choices() -> None:
+    from gossipfl.algorithms.dpsgd import Averaging
+
+    for cls in (DPSGD, Averaging):
+        with pytest.raises(ValueError, match="order must be one of 'lian', 'atc', 'cta'"):
+            cls(order="nope")

@@ -60,7 +60,8 @@ class DPSGD(AlgorithmBase):
     channels = (Channel("params", "mix"),)
 
     def __init__(self, *, aggregator: str = "mean", order: str = "cta", **rule_params: Any) -> None:
-        self.order = check_choice("order", order, ORDERS) if self.requirements.trains else "cta"
+        check_choice("order", order, ORDERS)
+        self.order = order if self.requirements.trains else "cta"  # no local step: nothing to order
         gathering(self, aggregator, rule_params)
 
     def init_state(self, state: State) -> None:

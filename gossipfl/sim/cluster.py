@@ -28,7 +28,7 @@ from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy,
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
-from gossipfl.topology import Schedule, mixing_matrix, slem, summary_spectral_gap
+from gossipfl.topology import Schedule, summary_spectral_gap
 
 if TYPE_CHECKING:
     from gossipfl.web.live import Live
@@ -93,13 +93,12 @@ def _progress_line(row: dict[str, Any], nodes: list[Node], cfg: RunConfig) -> st
             f"{'  -  ' if acc is None else f'{acc:.3f}'}  consensus {row['consensus_distance']:.2e}  msgs {msgs}")
 
 
-def _consensus_rates(monitor: _Monitor, cfg: RunConfig, schedule: Schedule, eps: float) -> dict[str, Any]:
+def _consensus_rates(monitor: _Monitor, schedule: Schedule, gap: float | None, eps: float) -> dict[str, Any]:
     """The consensus-rate figures (`gossipfl.convergence`) over the lock-step trace (d after each
-    mixing round) or the monitor's samples against the mean step, vs SLEM(W)^2 where it applies."""
+    mixing round) or the monitor's samples against the mean step, vs SLEM(W)^2 = (1 - gap)^2
+    where it applies (a fixed symmetric W)."""
     points = monitor.trace or [(h["mean_step"], h["consensus_distance"]) for h in monitor.history]
-    predicted = None
-    if schedule.period == 1 and not schedule.directed:  # SLEM^2 predicts the rate of a fixed symmetric W
-        predicted = slem(mixing_matrix(schedule(0), cfg.weights)) ** 2
+    predicted = (1.0 - gap) ** 2 if gap is not None and not schedule.directed else None
     return consensus_summary(points, eps=eps, predicted=predicted)
 
 
@@ -282,9 +281,10 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
                     "emulated step time (emulation.step_time %g s); raise step_time to compare with the "
                     "vectorised engine", 100 * summary["step_overruns"], plan.emulation.step_time)
     req = nodes[0].algorithm.requirements
-    if not req.trains:
-        summary.update(_consensus_rates(monitor, cfg, plan.schedule, torch.finfo(nodes[0].trainer.params.dtype).eps))
+    gap = None
     if plan.schedule.period == 1:  # one fixed graph: the gap of the matrix the algorithm mixes with
-        kind = "push_sum" if req.weights == "column" else cfg.weights
-        summary["spectral_gap"] = summary_spectral_gap(plan.schedule(0), kind)
+        kind = "push_sum" if req.weights == "column" else cfg.weights  # as the vectorised engine's
+        gap = summary["spectral_gap"] = summary_spectral_gap(plan.schedule(0), kind, always=not req.trains)
+    if not req.trains:
+        summary.update(_consensus_rates(monitor, plan.schedule, gap, torch.finfo(nodes[0].trainer.params.dtype).eps))
     return summary

@@ -83,7 +83,13 @@ def consensus_summary(points: Sequence[tuple[float, float]], *, eps: float,
     out: dict[str, Any] = {}
     if predicted is not None:
         out["predicted_rate"] = predicted
-    pts = [(float(t), float(d)) for t, d in points if d is not None and math.isfinite(d)]
+    pts: list[tuple[float, float]] = []
+    for t, d in points:
+        if d is None or not math.isfinite(d):
+            continue
+        if pts and float(t) <= pts[-1][0]:  # a repeated time (e.g. the last metric point twice): the newest
+            pts.pop()
+        pts.append((float(t), float(d)))
     if len(pts) < 2 or pts[0][1] <= 0:
         return out
     t0, d0 = pts[0]

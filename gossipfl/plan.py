@@ -82,7 +82,7 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
                         "nodes; give shards = K (--shards K) and node i trains on shard i % K")
     shards = tuple(partition(data.y_train, cfg.shards or cfg.nodes, cfg.partition, seed=cfg.seed))
     used = [len(shards[i % len(shards)]) for i in range(min(cfg.nodes, len(shards)))]
-    if used and min(used) < cfg.batch_size:
+    if used and min(used) < cfg.batch_size and algorithm.requirements.trains:
         k = max(1, len(data.y_train) // cfg.batch_size)
         log.warning("a node's data is smaller than a batch: %d training samples over %d shards leave as few as %d "
                     "per node (batch_size %d); give shards = K (--shards %d, node i trains on shard i %% K) for "

@@ -5,7 +5,8 @@ consensus distance contracts by rho^2 per mixing round, rho = |W - J|_2 (both en
 float32, 60 rounds; `gossipfl.convergence`); the complete graph with uniform weights averages
 exactly in one round; D-PSGD and push-sum send one message per out-neighbour per training step
 whatever the emulated network (64 nodes, asynchronous); push-sum reaches the exact average on a
-directed graph; averaging keeps the nodes' mean (float32 rounding, and float64 without it). The
+directed graph; averaging keeps the nodes' mean (float32 rounding, and float64 without it);
+randomized gossip's second moment decays as (1 - 1/(n-1))^k on the complete graph. The
 output goes in the README ("Fidelity to theory").
 
     python scripts/check_theory.py            # about a minute on 2 cores
@@ -90,6 +91,32 @@ def averages() -> None:
     check("rate rho^2, ring n=16, float64", s["predicted_rate"], s["consensus_rate"], rel < 1e-6, ".10f")
 
 
+def randomized_gossip() -> None:
+    """Boyd's randomized gossip on the complete graph: 400 runs (own seed each: own initial models,
+    wakeups and partners), E V_k / V_0 = (1 - 1/(n-1))^k after k = n and 2n ticks, sum kept."""
+    from gossipfl.build import build_data
+    from gossipfl.metrics import consensus_distance
+
+    for n in (16, 64):
+        cfg = RunConfig(nodes=n, topology="complete", algorithm="pairwise_averaging", engine="vectorized",
+                        schedule="sync", steps=2, dtype="float64")
+        data = build_data(cfg)
+        ratios: dict[int, list[float]] = {n: [], 2 * n: []}
+        drift = 0.0
+        for seed in range(400):
+            sim = VectorizedSim(cfg.replace(seed=seed), data=data)
+            v0, total = consensus_distance(sim.params), sim.params.sum(0)
+            for k in ratios:
+                sim.rounds(1)  # n ticks
+                ratios[k].append(consensus_distance(sim.params) / v0)
+            drift = max(drift, float((sim.params.sum(0) - total).abs().max() / total.abs().max()))
+        for k, r in ratios.items():
+            theory, mean = (1 - 1 / (n - 1)) ** k, sum(r) / len(r)
+            check(f"randomized gossip, complete n={n}: E V_{k} / V_0 (400 runs)", theory, mean,
+                  abs(mean - theory) < 0.1 * theory)
+        check(f"randomized gossip, complete n={n}, float64: sum drift", 0.0, drift, drift < 1e-12, ".2e")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the vectorised engine only")
@@ -98,6 +125,7 @@ def main() -> int:
     rates(args.quick)
     messages()
     averages()
+    randomized_gossip()
     width = max(len(r[0]) for r in ROWS)
     print(f"{'check':<{width}}  {'theory':>12}  {'measured':>12}  verdict")
     for name, theory, measured, ok in ROWS:

@@ -14,6 +14,7 @@ name                   algorithm                             hyperparameters ([a
 ``gossip_partitioned`` gossip learning, one part per message ``partitions``, ``seed``
 ``gradex``             gradient exchange + model averaging   ``average_every``
 ``adpsgd``             AD-PSGD pairwise atomic averaging     ``mix``
+``pairwise_averaging`` randomized gossip (Boyd), no training ``mix``
 ``pushsum``            Stochastic Gradient Push (push-sum)   ``self_weight``
 ``pushsum_averaging``  pure push-sum averaging               ``self_weight``
 ``choco``              CHOCO-SGD, compressed gossip          ``compression``, ``fraction``, ``bits``,
@@ -30,7 +31,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from gossipfl.algorithms.adpsgd import ADPSGD
+from gossipfl.algorithms.adpsgd import ADPSGD, PairwiseAveraging
 from gossipfl.algorithms.base import (
     Algorithm,
     AlgorithmBase,
@@ -63,8 +64,8 @@ __all__ = [
 ALGORITHMS: dict[str, type] = {
     cls.name: cls
     for cls in (
-        DPSGD, GossipLearning, Averaging, PartitionedGossip, GradientExchange, ADPSGD, PushSum, PushSumAveraging,
-        CHOCO, DIGing, EpidemicLearning, ExactDiffusion, QuasiGlobalMomentum,
+        DPSGD, GossipLearning, Averaging, PartitionedGossip, GradientExchange, ADPSGD, PairwiseAveraging, PushSum,
+        PushSumAveraging, CHOCO, DIGing, EpidemicLearning, ExactDiffusion, QuasiGlobalMomentum,
     )
 }
 

@@ -35,7 +35,7 @@ import torch
 from gossipfl.algorithms._util import check_real
 from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, Send, State, Targets
 
-__all__ = ["ADPSGD", "exchange_delta"]
+__all__ = ["ADPSGD", "PairwiseAveraging", "exchange_delta"]
 
 
 def exchange_delta(own: torch.Tensor, other: torch.Tensor, mix: float = 0.5) -> torch.Tensor:
@@ -82,3 +82,20 @@ class ADPSGD(AlgorithmBase):
     @torch.no_grad()
     def merge(self, state: State, inbox: Inbox) -> None:
         state["params"].add_(exchange_delta(state["params"], inbox["params"], self.mix))
+
+
+class PairwiseAveraging(ADPSGD):
+    """Randomized gossip: no training; at each clock tick one node drawn uniformly at random
+    wakes and averages with one uniformly random neighbour (Boyd, Ghosh, Prabhakar, Shah,
+    "Randomized Gossip Algorithms", IEEE Trans. Inf. Theory 52(6), 2006).
+
+    The exchange is AD-PSGD's (sum-conserving deltas). In the lock-step schedule a round is N
+    ticks (`gossipfl.sim.wakeups`); on the complete graph the second moment then decays exactly as
+    E||x_k - mean||^2 = (1 - 1/(n-1))^k ||x_0 - mean||^2 after k ticks (each tick removes half of
+    the woken pair's squared difference, on average 2 V / (n - 1); Chatterjee et al.,
+    arXiv:1911.02756). In the async schedule each node wakes on its own clock instead.
+    """
+
+    name: ClassVar[str] = "pairwise_averaging"
+    requirements: ClassVar[Requirements] = Requirements(pairwise=True, weights="none", undirected=True,
+                                                        trains=False, wakes="random")

@@ -77,6 +77,9 @@ class Requirements:
     trains: bool = True  # runs local SGD steps (pure averaging does not)
     pairwise: bool = False  # exchanges with one peer atomically (AD-PSGD) instead of pushing
     static_topology: bool = False  # needs the same neighbours and weights every round (CHOCO's replicas)
+    # pairwise, lock-step: who initiates in a round. "all": every node once, in node order;
+    # "random": N clock ticks, each waking one node drawn uniformly at random (Boyd et al. 2006)
+    wakes: str = "all"
 
 
 @dataclass(frozen=True)

@@ -390,6 +390,11 @@ class Node:
             out = await self._clock.to_thread(self._worker.gossip_message)
         return out
 
+    async def wake_exchange(self) -> None:
+        """One clock tick of randomized gossip (``requirements.wakes == "random"``): exchange with
+        one random neighbour now, between rounds (the lock-step driver picks who wakes)."""
+        await self.send_round(await self._clock.to_thread(self._worker.partner))
+
     async def send_round(self, out: Outgoing | None) -> None:
         """Deliver this round's message to its targets, one after another (deterministic)."""
         if out is None:

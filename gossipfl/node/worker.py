@@ -123,11 +123,17 @@ class Worker:
             if trains:
                 self.loss = self.state.local_step()
             self.state.step += 1
-            if not exchange_now:
-                return None
-            self.view.set_round(self.state.step)
-            targets = draw_targets(self.algorithm.targets, self.view.neighbours, self._rng)
-            return (None, targets[:1]) if targets else None
+            return self._partner_locked() if exchange_now else None
+
+    def partner(self) -> Outgoing | None:
+        """(None, [peer]): the partner of a pairwise exchange drawn now, or None without neighbours."""
+        with self.lock:
+            return self._partner_locked()
+
+    def _partner_locked(self) -> Outgoing | None:
+        self.view.set_round(self.state.step)
+        targets = draw_targets(self.algorithm.targets, self.view.neighbours, self._rng)
+        return (None, targets[:1]) if targets else None
 
     def gossip_message(self) -> Outgoing | None:
         """This gossip point's message and its targets, or None (worker thread, send buffer free).

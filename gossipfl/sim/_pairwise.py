@@ -24,6 +24,7 @@ import torch
 from gossipfl.algorithms import Send
 from gossipfl.sim._links import Links
 from gossipfl.sim.events import Messages, merge_waves
+from gossipfl.sim.wakeups import wakeups
 
 if TYPE_CHECKING:
     from gossipfl.sim.vectorized import VectorizedSim
@@ -110,10 +111,15 @@ class Pairwise:
         sim.bytes_in.index_add_(0, init, size * okl)
 
     def sync_round(self, links: Links) -> None:
-        """This round's exchanges, one after another in node order (a node may be in several)."""
+        """This round's exchanges, one after another in node order (a node may be in several), or
+        in the order of the round's clock ticks where the algorithm wakes nodes at random."""
         sim = self.sim
-        which, link = sim.targets(torch.arange(sim.n, device=sim.device), links)
-        init, resp = which, links.send_col[link]
+        if sim.algorithm.requirements.wakes == "random":  # N clock ticks, one uniform node each
+            senders = torch.tensor(wakeups(sim.cfg.seed, sim.round, sim.n), dtype=torch.int64, device=sim.device)
+        else:
+            senders = torch.arange(sim.n, device=sim.device)
+        which, link = sim.targets(senders, links)
+        init, resp = senders[which], links.send_col[link]
         for wave in pair_waves(init, resp):
             i, j = init[wave], resp[wave]
             request = self._message(i)

@@ -21,6 +21,7 @@ from gossipfl.algorithms.aggregation import COUNTERS
 from gossipfl.convergence import consensus_summary
 from gossipfl.metrics import honest_accuracy, robust_counts
 from gossipfl.topology import summary_spectral_gap
+from gossipfl.topology.spectral import predicted_round_rate
 
 if TYPE_CHECKING:
     from gossipfl.sim.vectorized import VectorizedSim
@@ -249,7 +250,9 @@ def consensus_rates(sim: VectorizedSim) -> dict[str, Any]:
         if gap is None:  # the iterative eigensolver may give up on huge graphs
             log.warning("predicted consensus rate unavailable: the eigensolver did not converge")
         else:
-            predicted = (1.0 - gap) ** 2
+            req = sim.algorithm.requirements
+            predicted = predicted_round_rate(sim.graph, gap, pairwise=req.pairwise, random_wakes=req.wakes == "random",
+                                             mix=getattr(sim.algorithm, "mix", 0.5))
     return {**consensus_summary(points, eps=torch.finfo(sim.params.dtype).eps, predicted=predicted),
             **({"spectral_gap": gap} if gap is not None else {})}
 

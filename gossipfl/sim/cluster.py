@@ -28,9 +28,12 @@ from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy,
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
+from gossipfl.sim.wakeups import wakeups
 from gossipfl.topology import Schedule, summary_spectral_gap
+from gossipfl.topology.spectral import predicted_round_rate
 
 if TYPE_CHECKING:
+    from gossipfl.algorithms import Algorithm
     from gossipfl.web.live import Live
 
 __all__ = ["run_cluster"]
@@ -93,12 +96,17 @@ def _progress_line(row: dict[str, Any], nodes: list[Node], cfg: RunConfig) -> st
             f"{'  -  ' if acc is None else f'{acc:.3f}'}  consensus {row['consensus_distance']:.2e}  msgs {msgs}")
 
 
-def _consensus_rates(monitor: _Monitor, schedule: Schedule, gap: float | None, eps: float) -> dict[str, Any]:
+def _consensus_rates(monitor: _Monitor, schedule: Schedule, gap: float | None, eps: float,
+                     algorithm: Algorithm) -> dict[str, Any]:
     """The consensus-rate figures (`gossipfl.convergence`) over the lock-step trace (d after each
-    mixing round) or the monitor's samples against the mean step, vs SLEM(W)^2 = (1 - gap)^2
-    where it applies (a fixed symmetric W)."""
+    mixing round) or the monitor's samples against the mean step, vs what theory predicts where
+    it applies (`predicted_round_rate`: a fixed symmetric W, or randomized gossip)."""
     points = monitor.trace or [(h["mean_step"], h["consensus_distance"]) for h in monitor.history]
-    predicted = (1.0 - gap) ** 2 if gap is not None and not schedule.directed else None
+    req = algorithm.requirements
+    predicted = None
+    if schedule.period == 1:
+        predicted = predicted_round_rate(schedule(0), gap, pairwise=req.pairwise, random_wakes=req.wakes == "random",
+                                         mix=getattr(algorithm, "mix", 0.5))
     return consensus_summary(points, eps=eps, predicted=predicted)
 
 
@@ -194,13 +202,17 @@ async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
         await n.probe_peers()
     trace = not nodes[0].algorithm.requirements.trains
     pairwise = nodes[0].algorithm.requirements.pairwise
+    ticks = pairwise and nodes[0].algorithm.requirements.wakes == "random"  # randomized gossip's clock
     monitor.sync = True
     if trace:
         monitor.trace.append((0, consensus_distance(await monitor.snapshot())))
     sent = False
     for r in range(1, cfg.steps + 1):
         gossip = r % cfg.gossip_every == 0
-        outs = [await n.work_round(gossip=gossip) for n in nodes]
+        outs = [await n.work_round(gossip=gossip and not ticks) for n in nodes]
+        if gossip and ticks:  # N ticks, each waking one node drawn uniformly (gossipfl.sim.wakeups)
+            for w in wakeups(cfg.seed, r, len(nodes)):
+                await nodes[w].wake_exchange()
         if sent or (gossip and pairwise):  # this round merged what the last one sent (pairwise: its own)
             monitor.mixings += 1
             if trace:
@@ -286,5 +298,6 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         kind = "push_sum" if req.weights == "column" else cfg.weights  # as the vectorised engine's
         gap = summary["spectral_gap"] = summary_spectral_gap(plan.schedule(0), kind, always=not req.trains)
     if not req.trains:
-        summary.update(_consensus_rates(monitor, plan.schedule, gap, torch.finfo(nodes[0].trainer.params.dtype).eps))
+        summary.update(_consensus_rates(monitor, plan.schedule, gap, torch.finfo(nodes[0].trainer.params.dtype).eps,
+                                        nodes[0].algorithm))
     return summary

@@ -130,3 +130,47 @@ def summary_spectral_gap(graph: nx.Graph, kind: str, *, always: bool = False) ->
         return graph_spectral_gap(graph, kind)
     except TopologyError:  # ARPACK gave up, or weights this graph cannot take
         return None
+
+
+def randomized_gossip_rate(graph: nx.Graph, mix: float = 0.5) -> float:
+    """Per-round contraction of E||x - mean||^2 under randomized gossip: N clock ticks, each waking
+    a uniform node that moves ``mix`` of the way towards a uniform neighbour (both sides).
+
+    One tick applies W = I - mix P_ij with P_ij = (e_i - e_j)(e_i - e_j)^T, so
+    E[W^T W] = I - (2 mix - 2 mix^2) / N * L, L the Laplacian with edge weights 1/d_i + 1/d_j, and
+    E V_{k+1} <= lambda_2(E[W^T W]) E V_k (Boyd et al. 2006). The bound is equality on the
+    complete graph, where it is 1 - 1/(n - 1) per tick at mix 1/2. Returns lambda_2(E[W^T W])^N.
+    """
+    import scipy.sparse as sp
+
+    n = graph.number_of_nodes()
+    if n < 2:
+        return 0.0
+    index = {v: k for k, v in enumerate(graph.nodes)}
+    deg = dict(graph.degree())
+    rows, cols, vals = [], [], []
+    for u, v in graph.edges():
+        if u == v:
+            continue
+        w = 1.0 / deg[u] + 1.0 / deg[v]
+        a, b = index[u], index[v]
+        rows += [a, b, a, b]
+        cols += [b, a, a, b]
+        vals += [-w, -w, w, w]
+    laplacian = sp.csr_array((np.asarray(vals, dtype=np.float64), (rows, cols)), shape=(n, n))
+    expected = sp.identity(n, format="csr") - (2.0 * mix - 2.0 * mix * mix) / n * laplacian
+    # every eigenvalue of E[W^T W] lies in [0, 1] (lambda_max(L) <= 2n), so its SLEM is lambda_2
+    return slem(expected) ** n
+
+
+def predicted_round_rate(graph: nx.Graph, gap: float | None, *, pairwise: bool = False,
+                         random_wakes: bool = False, mix: float = 0.5) -> float | None:
+    """What theory predicts for a pure-averaging run's per-round contraction of the consensus
+    distance: SLEM(W)^2 = (1 - gap)^2 for a fixed symmetric W; randomized gossip's
+    `randomized_gossip_rate`; None where no closed form applies (directed graphs, pairwise
+    exchanges in node order, whose rate depends on the order)."""
+    if pairwise:
+        return randomized_gossip_rate(graph, mix) if random_wakes else None
+    if gap is None or graph.is_directed():
+        return None
+    return (1.0 - gap) ** 2

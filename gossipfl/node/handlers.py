@@ -135,6 +135,9 @@ class Handlers:
         except web.HTTPRequestEntityTooLarge:
             node.rejected["too_large"] += 1
             return _error_response(413, "too_large", f"body exceeds {limit} bytes")
+        except ConnectionError:  # the sender hung up mid-body (its timeout, a crash): counted, not a traceback
+            node.rejected["incomplete"] += 1
+            return _error_response(400, "incomplete", "the connection closed before the body was complete")
         status, out = await self.handle(request.method, request.path, body)
         binary = request.path == "/exchange" and status == 200
         return web.Response(status=status, body=out,

@@ -577,7 +577,7 @@ def test_choco_trains_and_keeps_its_replicas_consistent(digits: Dataset, kw: dic
         expect = sum(wj * drv.nodes[drv.ids.index(j)].state["x_hat"][0] for j, wj in w.items())
         torch.testing.assert_close(nd.state["s"][0], expect, atol=1e-4, rtol=1e-4)
     models = drv.models()
-    assert min(accuracy(trainers[0], z) for z in models) > 0.85
+    assert min(accuracy(trainers[0], z) for z in models) >= 0.85
 
 
 # --------------------------------------------------------------------------- 5. gossip variants

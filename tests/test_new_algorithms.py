@@ -133,7 +133,7 @@ def test_exact_diffusion_reaches_the_exact_minimiser_where_dpsgd_is_biased() -> 
     assert (ed - target).abs().max() < 1e-10
 
     # D-PSGD (merge, then an SGD step): x <- (1 - lr) W x + lr b, fixed point lr (I - (1 - lr) W)^-1 b
-    dp = run_sync(DPSGD(), x0, Quadratic(b, lr=lr), w, 600)[-1]
+    dp = run_sync(DPSGD(order="cta"), x0, Quadratic(b, lr=lr), w, 600)[-1]
     fixed = torch.linalg.solve(torch.eye(n, dtype=DT) - (1 - lr) * w, lr * b)
     fixed = w @ fixed  # the recorded model is after the last merge
     assert (dp - fixed).abs().max() < 1e-10
@@ -284,7 +284,7 @@ def test_qgm_with_beta_0_is_dpsgd_and_ignores_the_learners_momentum() -> None:
     b, x0 = problem(n, seed=8)
     w = mixing_matrix(ring(n))
     q0 = run_sync(QuasiGlobalMomentum(beta=0.0), x0, Quadratic(b, lr=0.2, momentum=0.9), w, 30)
-    dp = run_sync(DPSGD(), x0, Quadratic(b, lr=0.2), w, 30)
+    dp = run_sync(DPSGD(order="cta"), x0, Quadratic(b, lr=0.2), w, 30)  # QGM steps from the mixed point
     for x, y in zip(q0, dp, strict=True):
         assert (x - y).abs().max() < 1e-14
     q = run_sync(QuasiGlobalMomentum(), x0, Quadratic(b, lr=0.2), w, 30)
@@ -400,8 +400,9 @@ def test_registered_with_their_hyperparameters() -> None:
 def test_on_label_skewed_shards_exact_diffusion_removes_dpsgds_bias_and_qgm_learns() -> None:
     """Two classes per node (heterogeneous data), same budget, lock-step rounds in the vectorised
     engine with ``exact`` sampling (the local cluster's numbers, as the agreement matrix checks).
-    Measured: exact diffusion 0.959 vs. momentum-free D-PSGD 0.918 at the same lr; QGM 0.958
-    (D-PSGD with momentum 0.925). In the asynchronous cluster: 0.959, 0.862 and 0.943."""
+    Measured (mean / worst node): exact diffusion 0.959 / 0.956 vs. momentum-free D-PSGD at the
+    same lr 0.943 / 0.919 in Lian's order (the default) and 0.918 / 0.875 combine-then-adapt; QGM
+    0.958. (Before the default changed, in the asynchronous cluster: 0.959, 0.862 cta, 0.943.)"""
     from gossipfl.config import RunConfig
     from gossipfl.sim.vectorized import run_vectorized
 
@@ -413,10 +414,12 @@ def test_on_label_skewed_shards_exact_diffusion_removes_dpsgds_bias_and_qgm_lear
 
     ed = run(algorithm="exact_diffusion", lr=0.2)
     dp = run(algorithm="dpsgd", lr=0.2, momentum=0.0)
+    cta = run(algorithm="dpsgd", lr=0.2, momentum=0.0, algorithm_params={"order": "cta"})
     qgm = run(algorithm="qgm", lr=0.1)
     assert ed["mean_accuracy"] >= 0.95, ed["per_node"]
-    assert ed["mean_accuracy"] >= dp["mean_accuracy"] + 0.03, (ed["per_node"], dp["per_node"])
-    assert ed["min_accuracy"] >= dp["min_accuracy"] + 0.05, (ed["per_node"], dp["per_node"])
+    assert ed["mean_accuracy"] >= dp["mean_accuracy"] + 0.01, (ed["per_node"], dp["per_node"])
+    assert ed["min_accuracy"] >= dp["min_accuracy"] + 0.03, (ed["per_node"], dp["per_node"])
+    assert ed["min_accuracy"] >= cta["min_accuracy"] + 0.05, (ed["per_node"], cta["per_node"])
     assert qgm["mean_accuracy"] >= 0.94, qgm["per_node"]
 
 

@@ -14,13 +14,13 @@ in every round it is exactly synchronous D-PSGD.
 
 ``order``: where the gradient is taken relative to the mix (in lock-step, X the [N, D] models):
 
-- ``lian``: X <- W X - lr G(X), Lian et al.'s rule: the gradient at the point the node
+- ``lian`` (the default): X <- W X - lr G(X), Lian et al.'s rule: the gradient at the point the node
   sent (its model after its last step, kept as ``anchor``), applied to the mixed model; the
   gradient needs nothing from the neighbours, so a node computes while its messages travel.
 - ``atc`` (adapt then combine): X <- W (X - lr G(X)); the node sends its half step and deploys
   the combination (``model`` is the point before the local step, ``combined``).
-- ``cta`` (combine then adapt; the default for now, what every engine did before ``order``
-  existed; making ``lian`` the default is open): X <- W X - lr G(W X); the gradient at the mixed point, and the
+- ``cta`` (combine then adapt; what every engine did before ``order`` existed, and the order
+  QGM and exact diffusion build on): X <- W X - lr G(W X); the gradient at the mixed point, and the
   node deploys and sends the model after its step. (ATC and CTA are one recursion read at two
   points: X_atc = W X_cta.)
 
@@ -59,7 +59,7 @@ class DPSGD(AlgorithmBase):
     requirements: ClassVar[Requirements] = Requirements(weights="symmetric", undirected=True)
     channels = (Channel("params", "mix"),)
 
-    def __init__(self, *, aggregator: str = "mean", order: str = "cta", **rule_params: Any) -> None:
+    def __init__(self, *, aggregator: str = "mean", order: str = "lian", **rule_params: Any) -> None:
         check_choice("order", order, ORDERS)
         self.order = order if self.requirements.trains else "cta"  # no local step: nothing to order
         gathering(self, aggregator, rule_params)

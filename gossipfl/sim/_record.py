@@ -107,7 +107,7 @@ def evaluate_all(sim: VectorizedSim) -> tuple[torch.Tensor, torch.Tensor]:
         out = sim.model.logits(sim.models(a, a + sim.eval_block), sim.x_test)
         k, t, c = out.shape
         losses.append(F.cross_entropy(out.reshape(k * t, c), y.repeat(k), reduction="none").view(k, t).mean(1))
-        accs.append((out.argmax(-1) == y).float().mean(1))
+        accs.append((out.argmax(-1) == y).double().mean(1))  # float64: k / n_test as the node computes it
     return torch.cat(losses), torch.cat(accs)
 
 

@@ -152,7 +152,7 @@ class VectorizedSim:
         self.updates = [c.key for c in self.algorithm.channels if c.local_update]
         self.step = torch.zeros(n, dtype=torch.int64, device=dev)
         self.last_loss = torch.full((n,), float("nan"), device=dev)
-        self.accuracy = torch.full((n,), float("nan"), device=dev)
+        self.accuracy = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
         self.test_loss = torch.full((n,), float("nan"), device=dev)
         self.msgs_out = torch.zeros(n, dtype=torch.int64, device=dev)
         self.msgs_in = torch.zeros(n, dtype=torch.int64, device=dev)

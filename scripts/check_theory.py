@@ -6,8 +6,8 @@ float32, 60 rounds; `gossipfl.convergence`); the complete graph with uniform wei
 exactly in one round; D-PSGD and push-sum send one message per out-neighbour per training step
 whatever the emulated network (64 nodes, asynchronous); push-sum reaches the exact average on a
 directed graph; averaging keeps the nodes' mean (float32 rounding, and float64 without it);
-randomized gossip's second moment decays as (1 - 1/(n-1))^k on the complete graph. The
-output goes in the README ("Fidelity to theory").
+randomized gossip's second moment decays as (1 - 1/(n-1))^k on the complete graph; exact
+averaging every H steps is local SGD (FedAvg). The output goes in the README ("Fidelity to theory").
 
     python scripts/check_theory.py            # about a minute on 2 cores
     python scripts/check_theory.py --quick    # the vectorised engine only
@@ -117,6 +117,20 @@ def randomized_gossip() -> None:
         check(f"randomized gossip, complete n={n}, float64: sum drift", 0.0, drift, drift < 1e-12, ".2e")
 
 
+def fedavg() -> None:
+    """Exact averaging every H = 6 steps on the complete graph (cta order, plain SGD, float64) is
+    local SGD: the engine's models against `gossipfl.learning.fedavg.local_sgd`."""
+    from gossipfl.learning.fedavg import local_sgd
+
+    cfg = RunConfig(nodes=8, topology="complete", engine="vectorized", schedule="sync", steps=24, gossip_every=6,
+                    same_init=True, momentum=0.0, dtype="float64", algorithm_params={"order": "cta"})
+    copies, _ = local_sgd(cfg, 6, 4)
+    sim = VectorizedSim(cfg, sampling="exact")
+    sim.run(None)
+    err = float((sim.params - copies).abs().max())
+    check("local SGD / FedAvg, complete n=8, H=6, float64: max |x - x_fedavg|", 0.0, err, err < 1e-10, ".2e")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the vectorised engine only")
@@ -126,6 +140,7 @@ def main() -> int:
     messages()
     averages()
     randomized_gossip()
+    fedavg()
     width = max(len(r[0]) for r in ROWS)
     print(f"{'check':<{width}}  {'theory':>12}  {'measured':>12}  verdict")
     for name, theory, measured, ok in ROWS:

@@ -3,9 +3,9 @@
 Lock-step, one initial model on every node (``same_init``), uniform weights 1/n (Metropolis on
 the complete graph), plain SGD, float64, combine-then-adapt order (a node's first step after a
 merge takes its gradient at the average, as FedAvg's clients do; Lian's order would take that one
-gradient at the model sent). The reference trains each node's own copy, with the node's own
-minibatches (`Plan.trainer`), for H steps and averages the copies; after m cycles of H rounds the
-engines hold exactly the copies the reference holds before its m-th average.
+gradient at the model sent). The reference (`gossipfl.learning.fedavg.local_sgd`) trains each
+node's own copy, with the node's own minibatches, for H steps and averages the copies; after m
+cycles of H rounds the engines hold exactly the copies the reference holds before its m-th average.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gossipfl.config import RunConfig
+from gossipfl.learning.fedavg import local_sgd
 from gossipfl.plan import resolve
 from gossipfl.sim.vectorized import VectorizedSim
 
@@ -32,24 +33,7 @@ def _cfg(**kw: object) -> RunConfig:
 
 
 def _local_sgd(cfg: RunConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """FedAvg by hand: each node's copy trains H steps, then every copy becomes their average.
-    Returns the copies before the last average and the global model after each average."""
-    plan = resolve(cfg)
-    trainers = [plan.trainer(i) for i in range(cfg.nodes)]
-    start = trainers[0].params.clone()
-    for t in trainers:
-        assert torch.equal(t.params, start)  # one initial model
-    globals_: list[torch.Tensor] = []
-    for cycle in range(CYCLES):
-        for t in trainers:
-            for _ in range(H):
-                t.step()
-        copies = torch.stack([t.params.clone() for t in trainers])
-        globals_.append(copies.mean(0))
-        if cycle < CYCLES - 1:
-            for t in trainers:
-                t.params.copy_(globals_[-1])
-    return copies, globals_
+    return local_sgd(cfg, H, CYCLES)
 
 
 def test_the_vectorised_engine_is_local_sgd() -> None:
@@ -86,3 +70,8 @@ def test_lians_order_is_not_local_sgd() -> None:
     sim = VectorizedSim(cfg, sampling="exact")
     sim.run(None)
     assert (sim.params - copies).abs().max() > 1e-6
+
+
+def test_the_reference_refuses_nodes_that_do_not_start_from_one_model() -> None:
+    with pytest.raises(ValueError, match="same_init"):
+        local_sgd(_cfg(same_init=False), H, 1)

@@ -35,9 +35,10 @@ from gossipfl.errors import ConfigError
 from gossipfl.learning.trainer import Trainer
 from gossipfl.metrics import StalenessTally, robust_counts
 from gossipfl.node.checkpoint import Checkpoints
-from gossipfl.node.clock import Clock, as_clock
+from gossipfl.node.clock import Clock, WallClock, as_clock
 from gossipfl.node.discovery import Discovery, _default_addresses
 from gossipfl.node.handlers import Handlers, Validator
+from gossipfl.node.health import LoopMonitor
 from gossipfl.node.learner import NodeLearning
 from gossipfl.node.membership import Membership
 from gossipfl.node.peers import Peers
@@ -124,6 +125,7 @@ class Node:
         self.finished = asyncio.Event()
         self.failed = asyncio.Event()  # one of the node's loops crashed (``error`` says which and why)
         self.error: str | None = None
+        self.health = LoopMonitor()  # event-loop stalls, for /status (gossipfl.node.health)
         # the training loop waits for this, so a cluster can wire every node's peers first
         self.go = asyncio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
@@ -187,6 +189,8 @@ class Node:
                 tg.create_task(self._guard("gossip", self._protocol.gossip_loop), name=f"{self.id}-gossip"),
                 tg.create_task(self._guard("training", self._protocol.train_loop), name=f"{self.id}-train"),
             ]
+            if isinstance(self._clock, WallClock):  # stalls are real time; a virtual clock has none
+                self._tasks.append(tg.create_task(self._guard("health", self.health.loop), name=f"{self.id}-health"))
         except BaseException:
             self._stack = None
             await stack.aclose()
@@ -333,6 +337,7 @@ class Node:
                         for p, t in sorted(self.traffic.items())},
             **robust_counts(self.state.state),  # clipped / discarded, with a robust aggregator
             "finished": self.finished.is_set(),
+            **self.health.status(),  # rss_bytes, open_fds, tasks, loop_stall_max / _recent (seconds)
         }
 
     # ------------------------------------------------------------------ learning

@@ -31,8 +31,8 @@ from __future__ import annotations
 import ctypes
 import hmac
 import math
-import struct
 import sys
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +43,37 @@ import numpy as np
 import torch
 
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
+from gossipfl.wire_checks import (
+    _ALIGN,
+    _BITS_NUMPY,
+    _BITS_TORCH,
+    _DTYPE_NAMES,
+    _HEADER_KEYS,  # noqa: F401  (part of the format; tests and tools read it here)
+    _MAX_FIELD_LEN,
+    _MAX_HEADER_BYTES,
+    _MAX_NAME_LEN,
+    _MAX_NDIM,
+    _MAX_TENSORS,
+    _PREFIX,
+    _SIG_LEN,
+    _STR_FIELDS,
+    _UINT32,
+    _UINT_MAX,
+    _ZEROS,
+    SUPPORTED_DTYPES,
+    MetaValue,
+    _align,
+    _check_count,
+    _check_meta,
+    _check_real,
+    _check_str,
+    _check_table,
+    _check_zero,
+    _type_name,
+    _unpack_header,
+    _views,
+    require_finite,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -50,6 +81,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SUPPORTED_DTYPES",
     "Envelope",
+    "MetaValue",
     "decode",
     "encode",
     "encode_into",
@@ -66,65 +98,8 @@ DEFAULT_MAX_BYTES: Final[int] = 512 * 2**20
 MAGIC: Final[bytes] = b"GFL\x01"
 """First four bytes of every frame; the last byte is the frame layout's version."""
 
-SUPPORTED_DTYPES: Final[Mapping[str, torch.dtype]] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-"""Wire name -> dtype. Anything else (complex, quantised, fp8, ...) is refused both ways."""
-
-_DTYPE_NAMES: Final[dict[torch.dtype, str]] = {dt: name for name, dt in SUPPORTED_DTYPES.items()}
-_ITEMSIZE: Final[dict[str, int]] = {
-    name: torch.empty((), dtype=dt).element_size() for name, dt in SUPPORTED_DTYPES.items()
-}
-
-# Limits. They bound what a hostile header can make us allocate before it is rejected; every one
-# is far above what a real state dict needs (and the design sends one flat parameter vector).
-_ALIGN: Final = 64
-_PREFIX: Final = 8  # magic + header_len
-_SIG_LEN: Final = 32  # HMAC-SHA256 digest
-_MAX_HEADER_BYTES: Final = 4 * 2**20
-_MAX_TENSORS: Final = 4096
-_MAX_NDIM: Final = 32
-_MAX_NAME_LEN: Final = 512  # tensor names
-_MAX_FIELD_LEN: Final = 256  # cluster, sender, algorithm, kind, fingerprint, meta string values
-_MAX_META: Final = 64
-_MAX_META_KEY_LEN: Final = 64
-_MAX_ELEMENTS: Final = 2**62  # product of a shape's dims (zeros counted as one): no int64 overflow
-_INT_MIN: Final = -(2**63)  # what msgpack can carry
-_UINT_MAX: Final = 2**64 - 1
-
-_STR_FIELDS: Final = ("cluster", "sender", "algorithm", "fingerprint", "kind")
-_HEADER_KEYS: Final = frozenset(
-    (
-        *_STR_FIELDS,
-        "version",
-        "step",
-        "age",
-        "round",
-        "weight",
-        "meta",
-        "signed",
-        "total",
-        "tensors",
-    )
-)
-_UINT32: Final = struct.Struct("<I")
-_ZEROS: Final = bytes(_ALIGN)
 _LITTLE_ENDIAN_HOST: bool = sys.byteorder == "little"  # a module global so tests can flip it
 _NOT_WRITABLE_WARNING: Final = "The given buffer is not writable"
-# Same-size integer types, for moving any dtype's bits through NumPy.
-_BITS_TORCH: Final = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BITS_NUMPY: Final = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-MetaValue = int | float | str | bool | None
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -162,10 +137,82 @@ class Envelope:
 
 
 # --------------------------------------------------------------------------- encoding
+#
+# Gossip sends the same model shape over and over, so what depends only on the tensors' names,
+# dtypes and shapes -- their validation, the block offsets, the packed tensor table -- is worked out
+# once per shape (`_Layout`) and looked up after that; a message then costs one small msgpack pack
+# of its scalar fields, a few slices and one memcpy per tensor.
 
 
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+class _Layout:
+    """The blocks of one tensor signature (names, dtypes, shapes, in order).
+
+    Blocks sit at fixed distances from the first one (``data_start``, itself 64-byte aligned, so
+    each block stays aligned); only ``data_start`` moves with the header's length. The packed
+    table is kept for each ``data_start`` met (one or two in practice).
+    """
+
+    __slots__ = ("blocks", "length", "packed", "rows", "starts")
+
+    def __init__(self, rows: list[tuple[str, str, list[int], int]]) -> None:
+        self.rows = rows  # (name, dtype name, shape, nbytes)
+        # (offset from data_start, nbytes, zero padding before it), one per row
+        self.blocks: list[tuple[int, int, int]] = []
+        end = 0
+        for *_, nbytes in rows:
+            off = _align(end)
+            self.blocks.append((off, nbytes, off - end))
+            end = off + nbytes
+        self.length = end  # from data_start to the end of the last block
+        self.packed: dict[int, bytes] = {}
+        self.starts: dict[int, int] = {}  # length of the packed scalar fields -> data_start
+
+    def data_start(self, scalars_len: int, trailer: int) -> int:
+        """Where the first block starts after a header whose scalar fields pack to
+        ``scalars_len`` bytes: the least fixed point of data_start == align(8 + len(header)).
+
+        Offsets depend on the header's length and the header holds the offsets. Starting from the
+        smallest possible start the iteration climbs monotonically (a later start never shortens
+        the header) to the fixed point decode insists on; it depends on nothing but the scalars'
+        length (and the trailer, which only moves ``total``), so it is remembered per length.
+        """
+        key = scalars_len + (trailer << 32)
+        start = self.starts.get(key)
+        if start is None:
+            start = _ALIGN
+            while True:
+                end = start + self.length + trailer
+                header_len = scalars_len + len(self.table(start)) + len(_TOTAL_KEY) + len(msgpack.packb(end))
+                needed = _align(_PREFIX + header_len)  # the map's marker byte is replaced, not added
+                if needed == start:
+                    break
+                start = needed
+            if len(self.starts) >= 64:
+                self.starts.clear()
+            self.starts[key] = start
+        return start
+
+    def table(self, data_start: int) -> bytes:
+        """The header's ``"tensors"`` key and table, packed, for blocks from ``data_start`` on."""
+        packed = self.packed.get(data_start)
+        if packed is None:
+            table = [[name, dtype, shape, data_start + rel, nbytes]
+                     for (name, dtype, shape, nbytes), (rel, _, _) in zip(self.rows, self.blocks, strict=True)]
+            packed = _TENSORS_KEY + msgpack.packb(table, use_bin_type=True)
+            if len(self.packed) >= 8:
+                self.packed.clear()
+            self.packed[data_start] = packed
+        return packed
+
+
+_LAYOUTS: dict[tuple[tuple[Any, ...], ...], _Layout] = {}
+_MAX_LAYOUTS: Final = 64  # distinct tensor signatures remembered (a node uses one or two)
+_LAYOUTS_LOCK = threading.Lock()
+_TENSORS_KEY: Final = msgpack.packb("tensors")
+_TOTAL_KEY: Final = msgpack.packb("total")
+_FIXMAP_14: Final = b"\x8e"  # a msgpack map of the 12 scalar fields plus "tensors" and "total"
+_STRIDED: Final = torch.strided
+_TENSOR: Final = torch.Tensor
 
 
 class _Plan(NamedTuple):
@@ -175,7 +222,8 @@ class _Plan(NamedTuple):
     data_start: int
     body_end: int  # end of the last tensor; the trailer (if any) starts here
     total: int
-    blocks: list[tuple[int, int, torch.Tensor]]  # (offset, nbytes, tensor)
+    layout: _Layout
+    items: list[torch.Tensor]  # in table order
 
 
 def _check_field_types(env: Envelope) -> None:
@@ -201,17 +249,10 @@ def _check_field_types(env: Envelope) -> None:
     _check_meta(env.meta, prefix="cannot encode: ")
 
 
-def _plan(env: Envelope, secret: bytes | None) -> _Plan:
-    """Validate ``env`` and lay out its frame without touching any tensor data."""
-    _check_field_types(env)
-    _check_secret(secret)
-    if not isinstance(env.tensors, Mapping):
-        raise WireError("cannot encode: tensors must be a dict of name -> tensor")
-    if len(env.tensors) > _MAX_TENSORS:
-        raise WireError(f"cannot encode more than {_MAX_TENSORS} tensors, got {len(env.tensors)}")
+def _new_layout(tensors: Mapping[Any, Any]) -> _Layout:
+    """Validate every tensor of a signature not seen before and lay its blocks out."""
     rows: list[tuple[str, str, list[int], int]] = []
-    items: list[torch.Tensor] = []
-    for name, t in env.tensors.items():
+    for name, t in tensors.items():
         if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME_LEN:
             raise WireError(f"cannot encode tensor name {name!r}: need a str of 1-{_MAX_NAME_LEN}")
         if not isinstance(t, torch.Tensor):
@@ -221,54 +262,77 @@ def _plan(env: Envelope, secret: bytes | None) -> _Plan:
             raise WireError(
                 f"cannot encode tensor {name!r}: dtype {t.dtype} is not one of {', '.join(SUPPORTED_DTYPES)}"
             )
-        if t.layout is not torch.strided or t.is_meta:
+        if t.layout is not _STRIDED or t.is_meta:
             raise WireError(f"cannot encode tensor {name!r}: only dense tensors with data")
         shape = list(t.shape)
         if len(shape) > _MAX_NDIM:
             raise WireError(f"cannot encode tensor {name!r}: more than {_MAX_NDIM} dimensions")
         rows.append((name, dtype, shape, t.nbytes))
+    return _Layout(rows)
+
+
+def _layout(tensors: object) -> tuple[_Layout, list[torch.Tensor]]:
+    """The layout of ``tensors`` (from the cache when its signature was seen) and the tensors."""
+    if type(tensors) is not dict and not isinstance(tensors, Mapping):  # the ABC check is slow
+        raise WireError("cannot encode: tensors must be a dict of name -> tensor")
+    if len(tensors) > _MAX_TENSORS:
+        raise WireError(f"cannot encode more than {_MAX_TENSORS} tensors, got {len(tensors)}")
+    key: list[tuple[Any, ...]] = []
+    items: list[torch.Tensor] = []
+    for name, t in tensors.items():
+        # Layout and device-type are part of the key's validity: a sparse or meta tensor of a
+        # cached shape must still be refused, so anything unusual takes the full check.
+        if not isinstance(t, _TENSOR) or t.layout is not _STRIDED or t.is_meta:
+            _new_layout(tensors)  # raises, naming the tensor
+            raise AssertionError("unreachable: _new_layout refuses this tensor")
+        key.append((name, t.dtype, t.shape))
         items.append(t)
+    signature = tuple(key)
+    layout = _LAYOUTS.get(signature)
+    if layout is None:
+        layout = _new_layout(tensors)
+        with _LAYOUTS_LOCK:
+            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[signature] = layout
+    return layout, items
+
+
+def _plan(env: Envelope, secret: bytes | None) -> _Plan:
+    """Validate ``env`` and lay out its frame without touching any tensor data."""
+    _check_field_types(env)
+    _check_secret(secret)
+    layout, items = _layout(env.tensors)
     signed = secret is not None
     trailer = _SIG_LEN if signed else 0
-    header_fields: dict[str, Any] = {
-        "version": PROTOCOL_VERSION,
-        "cluster": env.cluster,
-        "sender": env.sender,
-        "algorithm": env.algorithm,
-        "fingerprint": env.fingerprint,
-        "kind": env.kind,
-        "step": int(env.step),
-        "age": float(env.age),
-        "round": int(env.round),
-        "weight": float(env.weight),
-        "meta": dict(env.meta),
-        "signed": signed,
-    }
-    # Offsets depend on the header's length and the header holds the offsets. Iterate to the fixed
-    # point data_start == align(8 + len(header)), which decode insists on; starting from the
-    # smallest possible start it climbs monotonically (a later start never shortens the header),
-    # and it takes two packs in practice.
-    data_start = _ALIGN
-    mask = ~(_ALIGN - 1)
-    while True:
-        table: list[list[Any]] = []
-        blocks: list[tuple[int, int, torch.Tensor]] = []
-        end = data_start
-        for (name, dtype, shape, nbytes), t in zip(rows, items, strict=True):
-            off = (end + _ALIGN - 1) & mask
-            table.append([name, dtype, shape, off, nbytes])
-            blocks.append((off, nbytes, t))
-            end = off + nbytes
-        header_fields["tensors"] = table
-        header_fields["total"] = end + trailer
-        header = msgpack.packb(header_fields, use_bin_type=True)
-        needed = _align(_PREFIX + len(header))
-        if needed == data_start:
-            break
-        data_start = needed
-    if len(header) > _MAX_HEADER_BYTES:
-        raise WireError(f"cannot encode: header of {len(header)} bytes is over the limit")
-    return _Plan(header, data_start, end, end + trailer, blocks)
+    # The header is a msgpack map of these twelve fields followed by "tensors" and "total"; the
+    # map is packed once here and the two entries that depend on where the data starts appended.
+    scalars = msgpack.packb(
+        {
+            "version": PROTOCOL_VERSION,
+            "cluster": env.cluster,
+            "sender": env.sender,
+            "algorithm": env.algorithm,
+            "fingerprint": env.fingerprint,
+            "kind": env.kind,
+            "step": int(env.step),
+            "age": float(env.age),
+            "round": int(env.round),
+            "weight": float(env.weight),
+            "meta": dict(env.meta),
+            "signed": signed,
+        },
+        use_bin_type=True,
+    )
+    data_start = layout.data_start(len(scalars), trailer)
+    table = layout.table(data_start)
+    end = data_start + layout.length
+    total = _TOTAL_KEY + msgpack.packb(end + trailer)
+    header_len = len(scalars) + len(table) + len(total)  # the map's marker byte is replaced
+    if header_len > _MAX_HEADER_BYTES:
+        raise WireError(f"cannot encode: header of {header_len} bytes is over the limit")
+    header = b"".join((_FIXMAP_14, memoryview(scalars)[1:], table, total))
+    return _Plan(header, data_start, end, end + trailer, layout, items)
 
 
 def _check_secret(secret: bytes | None) -> None:
@@ -294,23 +358,24 @@ def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> in
     header_end = _PREFIX + len(plan.header)
     mv[_PREFIX:header_end] = plan.header
     # Pad with zeros explicitly: a reused buffer holds the previous message's bytes.
-    mv[header_end : plan.data_start] = bytes(plan.data_start - header_end)
-    if plan.blocks:
-        dst = np.frombuffer(mv, dtype=np.uint8, count=plan.body_end)
-        address = dst.ctypes.data
-        prev_end = plan.data_start
-        for off, nbytes, t in plan.blocks:
-            if off > prev_end:
-                mv[prev_end:off] = _ZEROS[: off - prev_end]
-            if nbytes:
-                if t.is_cpu and t.is_contiguous() and not t.is_neg() and _LITTLE_ENDIAN_HOST:
-                    # The common case, and the fastest way there is: one memcpy of the
-                    # tensor's bytes, on this thread, without the GIL (ctypes drops it).
-                    # In bounds: nbytes is the tensor's size and the plan fits `out`.
-                    ctypes.memmove(address + off, t.data_ptr(), nbytes)
-                else:
-                    _copy_tensor(t, dst[off : off + nbytes])
-            prev_end = off + nbytes
+    mv[header_end : plan.data_start] = _ZEROS[: plan.data_start - header_end]
+    if plan.items:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mv))
+        data_start = plan.data_start
+        memmove, little = ctypes.memmove, _LITTLE_ENDIAN_HOST
+        for (rel, nbytes, gap), t in zip(plan.layout.blocks, plan.items, strict=True):
+            off = data_start + rel
+            if gap:
+                mv[off - gap : off] = _ZEROS[:gap]
+            if not nbytes:
+                continue
+            if little and t.is_cpu and t.is_contiguous() and not t.is_neg():
+                # The common case, and the fastest way there is: one memcpy of the tensor's
+                # bytes, on this thread, without the GIL (ctypes drops it).
+                # In bounds: nbytes is the tensor's size and the plan fits `out`.
+                memmove(address + off, t.data_ptr(), nbytes)
+            else:
+                _copy_tensor(t, np.frombuffer(mv, dtype=np.uint8, count=nbytes, offset=off))
     if secret is not None:
         mv[plan.body_end : plan.total] = hmac.digest(secret, mv[: plan.body_end], "sha256")
     return plan.total
@@ -375,179 +440,25 @@ def encode(env: Envelope, *, secret: bytes | None = None) -> bytearray:
 
 # --------------------------------------------------------------------------- decoding
 
-
-def _type_name(value: object) -> str:
-    return type(value).__name__
+_readonly_probe: list[bool] = []  # [whether torch warns on every read-only frombuffer], once known
 
 
-def _check_str(header: Mapping[str, Any], key: str, limit: int) -> str:
-    value = header[key]
-    if type(value) is not str:
-        raise WireError(f"header field {key!r} must be a str, got {_type_name(value)}")
-    if len(value) > limit:
-        raise WireError(f"header field {key!r} is longer than {limit} characters")
-    return value
+def _readonly_warns() -> bool:
+    """Whether views of a read-only buffer need the warning filter (see :func:`decode`).
 
-
-def _check_count(header: Mapping[str, Any], key: str) -> int:
-    value = header[key]
-    if type(value) is not int:  # bool is an int subclass, but True is not a step number
-        raise WireError(f"header field {key!r} must be an int, got {_type_name(value)}")
-    if value < 0:
-        raise WireError(f"header field {key!r} must be >= 0, got {value}")
-    return value
-
-
-def _check_real(header: Mapping[str, Any], key: str) -> float:
-    value = header[key]
-    if type(value) not in (float, int):
-        raise WireError(f"header field {key!r} must be a float, got {_type_name(value)}")
-    if not math.isfinite(value):
-        raise WireError(f"header field {key!r} must be finite, got {value}")
-    return float(value)
-
-
-def _check_meta(meta: object, *, prefix: str = "") -> dict[str, MetaValue]:
-    if not isinstance(meta, dict):
-        raise WireError(f"{prefix}meta must be a map, got {_type_name(meta)}")
-    if len(meta) > _MAX_META:
-        raise WireError(f"{prefix}meta has {len(meta)} entries, more than {_MAX_META}")
-    for key, value in meta.items():
-        if not isinstance(key, str) or len(key) > _MAX_META_KEY_LEN:
-            raise WireError(f"{prefix}meta key {key!r} must be a str of at most {_MAX_META_KEY_LEN} characters")
-        if value is None or isinstance(value, bool | float):
-            continue
-        if isinstance(value, int):
-            if not _INT_MIN <= value <= _UINT_MAX:
-                raise WireError(f"{prefix}meta[{key!r}] = {value} does not fit in 64 bits")
-        elif isinstance(value, str):
-            if len(value) > _MAX_FIELD_LEN:
-                raise WireError(f"{prefix}meta[{key!r}] is longer than {_MAX_FIELD_LEN} characters")
-        else:
-            raise WireError(f"{prefix}meta[{key!r}] must be None, bool, int, float or str, got {_type_name(value)}")
-    return meta
-
-
-def _unpack_header(mv: memoryview, header_len: int) -> dict[str, Any]:
-    try:
-        header = msgpack.unpackb(
-            mv[_PREFIX : _PREFIX + header_len],
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=_MAX_NAME_LEN,
-            max_bin_len=0,  # the header never carries raw bytes; tensors live outside it
-            max_ext_len=0,
-            max_array_len=_MAX_TENSORS,
-            max_map_len=_MAX_META,
-        )
-    except Exception as exc:  # untrusted bytes: whatever msgpack dislikes is the peer's fault
-        raise WireError(f"header is not valid msgpack: {exc}") from exc
-    if not isinstance(header, dict):
-        raise WireError(f"header must be a msgpack map, got {_type_name(header)}")
-    return header
-
-
-# One validated tensor-table row: name, dtype name, shape, offset, nbytes.
-_Row = tuple[str, str, list[int], int, int]
-
-
-def _check_table(table: object, data_start: int, body_end: int) -> list[_Row]:
-    """Validate the tensor table against the canonical layout (see the module docstring)."""
-    if not isinstance(table, list):
-        raise WireError(f"header field 'tensors' must be an array, got {_type_name(table)}")
-    if len(table) > _MAX_TENSORS:
-        raise WireError(f"frame has {len(table)} tensors, more than {_MAX_TENSORS}")
-    rows: list[_Row] = []
-    seen: set[str] = set()
-    prev_end = data_start
-    prev_name: str | None = None
-    for i, entry in enumerate(table):
-        if not isinstance(entry, list) or len(entry) != 5:
-            raise WireError(f"tensor table entry {i} must be [name, dtype, shape, offset, nbytes]")
-        name, dtype, shape, offset, nbytes = entry
-        if type(name) is not str or not 0 < len(name) <= _MAX_NAME_LEN:
-            raise WireError(f"tensor table entry {i}: name must be a str of 1-{_MAX_NAME_LEN} chars")
-        if name in seen:
-            raise WireError(f"tensor {name!r} appears twice in the tensor table")
-        seen.add(name)
-        if type(dtype) is not str or dtype not in SUPPORTED_DTYPES:
-            raise WireError(f"tensor {name!r}: unknown or unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > _MAX_NDIM:
-            raise WireError(f"tensor {name!r}: shape must be an array of at most {_MAX_NDIM} dims")
-        elements = 1
-        numel = 1
-        for dim in shape:
-            if type(dim) is not int or dim < 0:
-                raise WireError(f"tensor {name!r}: shape {shape!r} has a negative or non-int dim")
-            if dim:
-                elements *= dim
-            else:
-                numel = 0
-        if elements > _MAX_ELEMENTS:
-            raise WireError(f"tensor {name!r}: shape {shape!r} is absurdly large")
-        if numel:
-            numel = elements
-        if type(offset) is not int or offset < 0:
-            raise WireError(f"tensor {name!r}: offset must be a non-negative int, got {offset!r}")
-        if type(nbytes) is not int or nbytes < 0:
-            raise WireError(f"tensor {name!r}: nbytes must be a non-negative int, got {nbytes!r}")
-        if nbytes != numel * _ITEMSIZE[dtype]:
-            raise WireError(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {_ITEMSIZE[dtype]} bytes")
-        if offset % _ALIGN:
-            raise WireError(f"tensor {name!r}: offset {offset} is not {_ALIGN}-byte aligned")
-        if offset < data_start:
-            raise WireError(f"tensor {name!r}: offset {offset} overlaps the header")
-        if offset < prev_end:
-            raise WireError(f"tensor {name!r}: offset {offset} overlaps tensor {prev_name!r}")
-        if offset + nbytes > body_end:
-            raise WireError(
-                f"tensor {name!r}: bytes {offset}..{offset + nbytes} run past the data, which ends at {body_end}"
-            )
-        if offset - prev_end >= _ALIGN:
-            raise WireError(
-                f"tensor {name!r}: offset {offset} leaves a gap of unreferenced bytes (expected {_align(prev_end)})"
-            )
-        rows.append((name, dtype, shape, offset, nbytes))
-        prev_end = offset + nbytes
-        prev_name = name
-    if prev_end != body_end:
-        raise WireError(f"{body_end - prev_end} bytes of trailing garbage after the last tensor")
-    return rows
-
-
-def _check_zero(mv: memoryview, start: int, end: int, what: str) -> None:
-    # Padding is always shorter than _ALIGN: the layout was checked to be canonical first.
-    if end > start and mv[start:end] != _ZEROS[: end - start]:
-        raise WireError(f"non-zero padding {what}")
-
-
-def _views(mv: memoryview, rows: list[_Row], body_end: int) -> dict[str, torch.Tensor]:
-    """One tensor per row, each a view of ``mv`` (one ``frombuffer`` per dtype, then strides)."""
-    bases: dict[str, torch.Tensor] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, offset, nbytes in rows:
-        itemsize = _ITEMSIZE[dtype]
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=SUPPORTED_DTYPES[dtype])
-            continue
-        base = bases.get(dtype)
-        if base is None:
-            base = torch.frombuffer(mv, dtype=SUPPORTED_DTYPES[dtype], count=body_end // itemsize)
-            bases[dtype] = base
-        if len(shape) == 1:
-            t = base[offset // itemsize : (offset + nbytes) // itemsize]
-        else:
-            strides = [1] * len(shape)
-            for i in range(len(shape) - 1, 0, -1):
-                strides[i - 1] = strides[i] * shape[i]
-            t = base.as_strided(shape, strides, offset // itemsize)
-        if not _LITTLE_ENDIAN_HOST and itemsize > 1:
-            # Big-endian host: swap a copy; the caller's buffer stays as received.
-            t = t.clone()
-            t.view(_BITS_TORCH[itemsize]).numpy().byteswap(inplace=True)
-        tensors[name] = t
-    return tensors
+    torch warns about read-only buffers once per process (a C++ warn-once), so after it has
+    spoken the filter -- a swap of process-wide state that costs more than the rest of a small
+    decode -- is skipped. Probed once, on two throwaway buffers, under the filter: should a torch
+    version warn every time, the filter stays on.
+    """
+    if not _readonly_probe:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.frombuffer(bytes(8), dtype=torch.uint8)  # the warn-once fires here, if at all
+            del caught[:]
+            torch.frombuffer(bytes(8), dtype=torch.uint8)
+        _readonly_probe.append(any(_NOT_WRITABLE_WARNING in str(w.message) for w in caught))
+    return _readonly_probe[0]
 
 
 def decode(
@@ -663,16 +574,17 @@ def decode(
             _check_zero(mv, prev_end, offset, f"before tensor {name!r}")
         prev_end = offset + nbytes
     if rows:
-        if mv.readonly:
+        if mv.readonly and _readonly_warns():
             # torch.frombuffer warns that it cannot mark tensors read-only; the docstring says
             # so instead. Only that warning (matched by its text), and only here. In Python 3.11
             # catch_warnings swaps process-wide state, so decoding bytes from two threads at once
-            # is best avoided; torch emits this warning only once per process anyway.
+            # is best avoided; torch emits this warning only once per process, so in practice
+            # only the first read-only decode gets here (see _readonly_warns).
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_NOT_WRITABLE_WARNING, category=UserWarning)
-                tensors = _views(mv, rows, body_end)
+                tensors = _views(mv, rows, body_end, little_endian=_LITTLE_ENDIAN_HOST)
         else:
-            tensors = _views(mv, rows, body_end)
+            tensors = _views(mv, rows, body_end, little_endian=_LITTLE_ENDIAN_HOST)
 
     return Envelope(
         cluster=fields["cluster"],
@@ -690,55 +602,3 @@ def decode(
     )
 
 
-def require_finite(env: Envelope) -> None:
-    """Raise :class:`WireError` naming the first floating tensor holding NaN or Inf.
-
-    Separate from :func:`decode` so that decoding never reads the tensor data; a node calls both
-    before merging, because one NaN from a peer would poison every model it reaches.
-    """
-    for name, t in env.tensors.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        if _all_finite(t):
-            continue
-        t = t.detach()
-        nan = int(torch.isnan(t).sum())
-        inf = int(torch.isinf(t).sum())
-        raise WireError(f"tensor {name!r} holds {nan} NaN and {inf} Inf values")
-
-
-# IEEE-754 exponent bits per 16-bit float: all ones means Inf or NaN.
-_EXPONENT_16: Final = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
-_CHUNK: Final = 1 << 16
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite; one pass on the calling thread, no full-size temporary.
-
-    Torch reductions are avoided for the same reason as ``Tensor.copy_`` in encoding (they stall
-    when the cores are busy training). For float32/64 a finite sum proves every element finite
-    (NaN and Inf propagate); only a non-finite sum, maybe a harmless overflow, needs the exact
-    check. NumPy has no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are
-    checked on their exponent bits, chunk by chunk.
-    """
-    t = t.detach()
-    if t.device.type != "cpu":
-        return bool(torch.isfinite(t).all())
-    if t.is_neg():
-        t = t.resolve_neg()
-    mask = _EXPONENT_16.get(t.dtype)
-    if mask is None:
-        arr = t.numpy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(arr.sum()):
-                return True
-        return bool(np.isfinite(arr).all())
-    bits = t.view(torch.int16).numpy().reshape(-1)
-    scratch = np.empty(min(bits.size, _CHUNK), dtype=np.int16)
-    for start in range(0, bits.size, _CHUNK):
-        chunk = bits[start : start + _CHUNK]
-        out = scratch[: chunk.size]
-        np.bitwise_and(chunk, mask, out=out)
-        if (out == mask).any():
-            return False
-    return True

@@ -21,7 +21,7 @@ from gossipfl import wire
 from gossipfl.algorithms import Algorithm
 from gossipfl.config import RunConfig
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
-from gossipfl.node.buffers import BufferPool
+from gossipfl.node.buffers import Buffer, BufferPool
 from gossipfl.node.replay import RateLimit, ReplayGuard
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
 from gossipfl.node.worker import Worker
@@ -30,7 +30,14 @@ from gossipfl.web.page import page_response, serves
 if TYPE_CHECKING:
     from gossipfl.node.node import Node
 
-__all__ = ["Handlers", "Rejected", "Validator", "read_body"]
+__all__ = ["OFF_LOOP_BYTES", "Decoded", "Handlers", "Rejected", "Validator", "read_body"]
+
+Decoded = tuple[wire.Envelope, str | None]
+"""A frame `Validator.decode` read: the envelope, and its NaN/Inf finding (None: all finite)."""
+
+OFF_LOOP_BYTES = 4 * 2**20
+"""Bodies of at least this size are decoded in a worker thread: the HMAC and the NaN/Inf scan read
+every byte (~0.1-0.3 s for 400 MB) and release the GIL, so the event loop keeps serving meanwhile."""
 
 _REASONS: list[tuple[type[WireError], str]] = [
     (MessageTooLarge, "too_large"),
@@ -71,10 +78,22 @@ class Validator:
             name: (torch.Size(shape), dt) for name, (shape, dt) in algorithm.tensor_specs(numel, dtype).items()
         }
 
-    def accept(self, body: bytes | bytearray) -> wire.Envelope:
-        """The decoded envelope, or `WireError` (a `Rejected` for a well-formed refusal)."""
+    def decode(self, body: bytes | Buffer) -> Decoded:
+        """The passes over every byte of a frame -- HMAC, decoding, the NaN/Inf scan -- touching no
+        node state, so that a large frame's can run off the event loop (`Handlers.handle`).
+        Returns the envelope and what the scan found, refused by `accept` after the other checks."""
         env = wire.decode(body, secret=self.secret, max_bytes=self.cfg.max_message_bytes,
                           fingerprint=self.fingerprint)
+        try:
+            wire.require_finite(env)
+        except WireError as exc:
+            return env, str(exc)
+        return env, None
+
+    def accept(self, body: bytes | Buffer, decoded: Decoded | None = None) -> wire.Envelope:
+        """The decoded envelope, or `WireError` (a `Rejected` for a well-formed refusal);
+        ``decoded``: what `decode` returned for ``body``, if it already ran."""
+        env, nonfinite = self.decode(body) if decoded is None else decoded
         if env.cluster != self.cfg.cluster:
             raise Rejected("cluster", f"message for cluster {env.cluster!r}, this node is in "
                            f"{self.cfg.cluster!r}", 409)
@@ -97,10 +116,8 @@ class Validator:
             if t.shape != shape or t.dtype != dtype:
                 raise Rejected("shape", f"tensor {name!r} is {t.dtype}{list(t.shape)}, "
                                f"expected {dtype}{list(shape)}")
-        try:
-            wire.require_finite(env)
-        except WireError as exc:
-            raise Rejected("nonfinite", str(exc)) from None
+        if nonfinite is not None:
+            raise Rejected("nonfinite", nonfinite)
         return env
 
 
@@ -143,21 +160,38 @@ class Handlers:
         return web.Response(status=status, body=out,
                             content_type="application/octet-stream" if binary else "application/json")
 
-    async def handle(self, method: str, path: str, body: bytes | bytearray) -> tuple[int, bytes]:
+    async def handle(self, method: str, path: str, body: bytes | Buffer) -> tuple[int, bytes]:
         """The node's one entry point for requests, shared by HTTP and the in-memory network."""
         if path == "/status" and method == "GET":
             return 200, json_body(self._node.status())
         if path in ("/gossip", "/exchange"):
             if method != "POST":
                 return _refusal(405, "method", f"use POST for {path}")
-            return self.rpc_gossip(body) if path == "/gossip" else await self.rpc_exchange(body)
+            decoded = await self._decode_off_loop(body)
+            return self.rpc_gossip(body, decoded) if path == "/gossip" else await self.rpc_exchange(body, decoded)
         return _refusal(404, "not_found", f"no such endpoint: {method} {path}")
 
-    def rpc_gossip(self, body: bytes | bytearray) -> tuple[int, bytes]:
-        """Validate one message and queue it for the next merge; the model is untouched on error."""
+    async def _decode_off_loop(self, body: bytes | Buffer) -> Decoded | WireError | None:
+        """`Validator.decode` of a large body in a worker thread (None for a small one: decoded in
+        place, cheaper than a thread hop); a refusal comes back as the error, raised by `accept`."""
+        if len(body) < OFF_LOOP_BYTES:
+            return None
+        try:
+            return await self._node._clock.to_thread(self._validator.decode, body)
+        except WireError as exc:
+            return exc
+
+    def _accept(self, body: bytes | Buffer, decoded: Decoded | WireError | None) -> wire.Envelope:
+        if isinstance(decoded, WireError):
+            raise decoded
+        return self._validator.accept(body, decoded)
+
+    def rpc_gossip(self, body: bytes | Buffer, decoded: Decoded | WireError | None = None) -> tuple[int, bytes]:
+        """Validate one message and queue it for the next merge; the model is untouched on error.
+        ``decoded``: the body already decoded off the loop (`_decode_off_loop`)."""
         node, worker = self._node, self._worker
         try:
-            env = self._validator.accept(body)
+            env = self._accept(body, decoded)
         except WireError as exc:
             worker.rx_pool.give(body)
             reason = _reason(exc)
@@ -179,13 +213,14 @@ class Handlers:
             node.dropped += 1
         return 200, json_body({"ok": True})
 
-    async def rpc_exchange(self, body: bytes | bytearray) -> tuple[int, bytes]:
+    async def rpc_exchange(self, body: bytes | Buffer,
+                           decoded: Decoded | WireError | None = None) -> tuple[int, bytes]:
         """The responder's side of a pairwise exchange: average atomically, return our part."""
         node, worker = self._node, self._worker
         if not node.algorithm.requirements.pairwise:
             return _refusal(409, "algorithm", f"{node.algorithm.name} does not exchange pairwise")
         try:
-            env = self._validator.accept(body)
+            env = self._accept(body, decoded)
         except WireError as exc:
             reason = _reason(exc)
             node.rejected[reason] += 1
@@ -210,7 +245,7 @@ class Handlers:
         return 200, out
 
 
-async def read_body(request: web.Request, pool: BufferPool) -> bytes | bytearray:
+async def read_body(request: web.Request, pool: BufferPool) -> bytes | Buffer:
     """The request body, read straight into one buffer of the announced size when there is one.
 
     One copy per byte instead of aiohttp's chunk list + join; the frame's tensors then alias a

@@ -17,7 +17,7 @@ from gossipfl import wire
 from gossipfl.algorithms import Algorithm, Message
 from gossipfl.algorithms.base import draw_targets
 from gossipfl.metrics import StalenessTally
-from gossipfl.node.buffers import BufferPool
+from gossipfl.node.buffers import Buffer, BufferPool, new_buffer
 from gossipfl.node.clock import Clock, wall_time
 from gossipfl.node.learner import NodeLearning
 from gossipfl.node.replay import stamp
@@ -49,13 +49,13 @@ class Worker:
         self.wall = wall_time(clock)  # signed messages carry the sender's time
         self.lock = threading.Lock()
         self.inbox_lock = threading.Lock()
-        self.inbox: list[tuple[Message, bytes | bytearray]] = []  # message, and the buffer it aliases
+        self.inbox: list[tuple[Message, bytes | Buffer]] = []  # message, and the buffer it aliases
         self.rx_pool = BufferPool(keep=4)
-        self._tx_buf = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
+        self._tx_buf: Buffer = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
         self.arrived = asyncio.Event()  # set on every queued message (neighbour-local rounds wait on it)
         self.loss = float("nan")  # of the last local step
 
-    def queue(self, msg: Message, body: bytes | bytearray) -> bool:
+    def queue(self, msg: Message, body: bytes | Buffer) -> bool:
         """Queue an accepted message for the next merge; True if an older one was dropped for it:
         the sender's own oldest when it has `INBOX_PER_NEIGHBOUR` waiting (a fast or flooding
         peer cannot push the others' messages out), else the oldest of all."""
@@ -173,7 +173,7 @@ class Worker:
         )
         size = wire.encoded_size(env, secret=self.secret)
         if len(self._tx_buf) < size:
-            self._tx_buf = bytearray(size)
+            self._tx_buf = new_buffer(size)  # a large one without zeroing it under the GIL
         n = wire.encode_into(env, self._tx_buf, secret=self.secret)
         return memoryview(self._tx_buf)[:n]
 

@@ -263,15 +263,17 @@ def test_mixing_matrix_is_mix() -> None:
 
 @pytest.mark.slow
 def test_1024_nodes_on_an_exponential_graph_learn_digits() -> None:
-    """Acceptance: 1024 nodes (1-2 digits each), exponential graph, IID -> mean accuracy >= 0.90."""
+    """Acceptance: 1024 nodes (1-2 digits each), exponential graph, IID -> mean accuracy >= 0.90.
+    D-PSGD's default (Lian's) order gets there in 800 steps (0.910; 0.895 at 600, where the
+    combine-then-adapt order had 0.90 and adapt-then-combine has 0.959)."""
     t0 = time.monotonic()
-    cfg = RunConfig(nodes=1024, topology="exponential", steps=600, eval_every=100, schedule="sync")
+    cfg = RunConfig(nodes=1024, topology="exponential", steps=800, eval_every=100, schedule="sync")
     summary = run_vectorized(cfg, None, progress=None)
     elapsed = time.monotonic() - t0
-    print(f"1024 nodes, 600 steps: mean accuracy {summary['mean_accuracy']:.4f} "
+    print(f"1024 nodes, 800 steps: mean accuracy {summary['mean_accuracy']:.4f} "
           f"(averaged model {summary['avg_model_accuracy']:.4f}) in {elapsed:.1f} s")
     assert summary["mean_accuracy"] >= 0.90
-    assert summary["node_steps"] == 1024 * 600
+    assert summary["node_steps"] == 1024 * 800
     assert elapsed < 120
 
 

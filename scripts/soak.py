@@ -7,7 +7,8 @@
 Every node is its own process on 127.0.0.1 (no mDNS), told node00's address, trains on its shard
 and runs until stopped. After --warmup seconds and then every --churn-every seconds, --kill nodes
 (never node00, the one everybody was told about) are killed with SIGKILL -- no checkpoint on the
-way out -- and restarted --down seconds later from their --state-dir.
+way out -- and restarted --down seconds later from their --state-dir; each restart is judged as
+soon as the node answers again, and the watch goes on past --minutes until every one is.
 
 Every --every seconds the script reads each node's /status and prints one line: nodes up, each
 node's resident memory, open file descriptors and asyncio tasks (min / median / max), the longest
@@ -15,8 +16,9 @@ event-loop stall, and the cluster's accuracy (mean, min); the per-node table at 
 watch and at the end. At the end it says:
 
 * whether anything grew without bound: for each process that lived long enough, the mean of a
-  figure over the last half of its life against the first half (its first 20 % left out as
-  warm-up); growing means more than `GROWTH` allows (memory: 5 % and 16 MiB);
+  figure over the last half of its life against the first half (medians; its first 2 minutes,
+  or 20 %, left out: connections to the peers open as the node meets them); growing means more
+  than `GROWTH` allows (memory: 5 % and 16 MiB; open files: 4; tasks: 8);
 * whether every restarted node resumed: its step counter carried on from its last checkpoint
   (the first step it reports is at least the checkpoint's, which is > 0), and its first accuracy
   after the restart is within --tolerance (0.02) of its last one before the kill.
@@ -47,8 +49,10 @@ from typing import Any
 import msgpack
 
 # figure -> (relative, absolute) growth allowed between the two halves of a process's life
-GROWTH: dict[str, tuple[float, float]] = {"rss_bytes": (0.05, 16 * 2**20), "open_fds": (0.0, 4), "tasks": (0.0, 4)}
-WARMUP_SHARE = 0.2  # of a process's samples, left out of the growth check
+GROWTH: dict[str, tuple[float, float]] = {"rss_bytes": (0.05, 16 * 2**20), "open_fds": (0.0, 4), "tasks": (0.0, 8)}
+WARMUP_SHARE = 0.2  # of a process's life, left out of the growth check (at least SETTLE seconds)
+SETTLE = 120.0
+MIN_SAMPLES = 6  # after the warm-up, for a growth verdict on one process
 
 
 def status(address: str, timeout: float = 5.0) -> dict[str, Any] | None:
@@ -73,15 +77,21 @@ def checkpoint_step(state_dir: Path) -> int | None:
         return None
 
 
-def grew(values: list[float], figure: str) -> float | None:
-    """How much ``figure`` grew over one process's life (see the module docstring), or None if it
-    stayed within bounds or there are too few samples to say."""
-    values = [v for v in values if v is not None]
-    values = values[int(len(values) * WARMUP_SHARE):]
-    if len(values) < 4:
+def grew(points: list[tuple[float, float | None]], figure: str, settle: float = SETTLE) -> float | None:
+    """How much ``figure`` grew over one process's life, from its ``(t, value)`` samples, or None
+    if it stayed within bounds or too few samples are left to say. A process's first ``settle``
+    seconds (or 20 % of its life, if longer) are left out: a node opens a connection to each
+    peer as it meets them, so its files and tasks climb for a minute or two, then level off."""
+    points = [(t, v) for t, v in points if v is not None]
+    if not points:
+        return None
+    start = points[0][0] + max(settle, WARMUP_SHARE * (points[-1][0] - points[0][0]))
+    values = [v for t, v in points if t >= start]
+    if len(values) < MIN_SAMPLES:
         return None
     half = len(values) // 2
-    first, last = statistics.fmean(values[:half]), statistics.fmean(values[half:])
+    # medians: a sample caught mid-burst (tasks of requests in flight) must not decide it
+    first, last = statistics.median(values[:half]), statistics.median(values[half:])
     rel, absolute = GROWTH[figure]
     return last - first if last - first > max(rel * first, absolute) else None
 
@@ -126,7 +136,8 @@ class Soak:
         self.args, self.extra = args, extra
         self.root = Path(args.state_dir or tempfile.mkdtemp(prefix="gossipfl-soak-"))
         self.procs = [Proc(i, f"127.0.0.1:{args.base_port + i}", self.root / f"node{i:02d}") for i in range(args.nodes)]
-        self.restarts: list[dict[str, Any]] = []
+        self.restarts: list[dict[str, Any]] = []  # one verdict per restart
+        self.pending: list[dict[str, Any]] = []  # killed nodes not yet restarted or not yet back
         self.t0 = time.monotonic()
         self.out = open(args.out, "w") if args.out else None  # closed in close()
         self._pool = ThreadPoolExecutor(max(4, args.nodes))
@@ -177,33 +188,45 @@ class Soak:
             waiting = [p for p, st in zip(waiting, answers, strict=True) if st is None or st.get("accuracy") is None]
         return dead + waiting
 
-    def churn(self, rng: random.Random) -> None:
-        """SIGKILL --kill nodes, restart them after --down seconds, and check each resumed."""
-        victims = rng.sample(self.procs[1:], min(self.args.kill, len(self.procs) - 1))
-        before = {}
+    def kill(self, rng: random.Random) -> None:
+        """SIGKILL --kill nodes that are up (never node00); `tick` restarts and judges them."""
+        pending = {r["proc"].index for r in self.pending}
+        candidates = [p for p in self.procs[1:] if p.index not in pending]
+        victims = rng.sample(candidates, min(self.args.kill, len(candidates)))
         for p in victims:
-            before[p.index] = status(p.address) or p.last or {}
+            before = status(p.address) or p.last or {}
             assert p.popen is not None
             p.popen.send_signal(signal.SIGKILL)
             p.popen.wait()
-        print(f"{self.now():7.1f}s  killed {', '.join(p.id for p in victims)} (SIGKILL)", flush=True)
-        time.sleep(self.args.down)
-        saved = {p.index: checkpoint_step(p.state) for p in victims}
-        for p in victims:
-            p.life += 1
-            self.start(p)
-        self.wait_up(victims, within=120)
-        for p in victims:
-            after = status(p.address)
-            why = "did not come back within 120 s" if after is None or after.get("accuracy") is None \
-                else resumed(before[p.index], saved[p.index], after, self.args.tolerance)
-            record = {"t": round(self.now(), 1), "node": p.id, "step_before": before[p.index].get("step"),
-                      "checkpoint_step": saved[p.index], "step_after": after and after.get("step"),
-                      "accuracy_before": before[p.index].get("accuracy"),
-                      "accuracy_after": after and after.get("accuracy"), "resumed": why is None, "why": why}
+            self.pending.append({"proc": p, "before": before, "restart_at": self.now() + self.args.down})
+        if victims:
+            print(f"{self.now():7.1f}s  killed {', '.join(p.id for p in victims)} (SIGKILL)", flush=True)
+
+    def tick(self) -> None:
+        """Restart killed nodes whose --down time is over; judge those that are back (see `resumed`)."""
+        for r in list(self.pending):
+            p, now = r["proc"], self.now()
+            if "saved" not in r:
+                if now >= r["restart_at"]:
+                    r["saved"] = checkpoint_step(p.state)  # what the new process must resume from
+                    p.life += 1
+                    self.start(p)
+                    r["deadline"] = now + 300
+                continue
+            after = status(p.address, timeout=2.0)
+            back = after is not None and after.get("accuracy") is not None
+            if not back and now < r["deadline"]:
+                continue
+            self.pending.remove(r)
+            before = r["before"]
+            why = resumed(before, r["saved"], after, self.args.tolerance) if back else "not back within 300 s"
+            record = {"t": round(now, 1), "node": p.id, "step_before": before.get("step"),
+                      "checkpoint_step": r["saved"], "step_after": after and after.get("step"),
+                      "accuracy_before": before.get("accuracy"), "accuracy_after": after and after.get("accuracy"),
+                      "restart_seconds": round(now - r["restart_at"], 1), "resumed": why is None, "why": why}
             self.restarts.append(record)
-            print(f"{self.now():7.1f}s  {p.id} back: step {record['step_before']} -> checkpoint "
-                  f"{record['checkpoint_step']} -> {record['step_after']}, accuracy "
+            print(f"{now:7.1f}s  {p.id} back after {record['restart_seconds']:g} s: step {record['step_before']} "
+                  f"-> checkpoint {record['checkpoint_step']} -> {record['step_after']}, accuracy "
                   f"{_f(record['accuracy_before'])} -> {_f(record['accuracy_after'])}: "
                   f"{'resumed' if why is None else 'NOT RESUMED: ' + why}", flush=True)
 
@@ -265,7 +288,7 @@ def verdict(soak: Soak) -> dict[str, Any]:
     for p in soak.procs:
         for life, samples in p.samples.items():
             for figure in GROWTH:
-                g = grew([s[figure] for s in samples], figure)
+                g = grew([(s["t"], s[figure]) for s in samples], figure)
                 if g is not None:
                     growth[f"{p.id}#{life} {figure}"] = g
     firsts = [s[0] for p in soak.procs for s in [p.samples.get(0, [])] if s]
@@ -319,14 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{soak.now():7.1f}s  all up\n" + node_table(rows, soak.procs), flush=True)
         end = soak.now() + args.minutes * 60
         next_sample, next_churn = soak.now() + args.every, soak.now() + args.warmup
-        while not stop.is_set() and soak.now() < end:
-            stop.wait(max(0.0, min(next_sample, next_churn, end) - soak.now()))
-            if args.kill and soak.now() >= next_churn and soak.now() < end - args.down:
-                soak.churn(rng)
-                next_churn = soak.now() + args.churn_every  # from the end of this one: restarts take a while
+        while not stop.is_set() and (soak.now() < end or soak.pending):  # every restart gets judged
+            stop.wait(min(1.0, max(0.05, min(next_sample, next_churn, end) - soak.now())))
+            soak.tick()
+            if args.kill and next_churn <= soak.now() < end - args.down:
+                soak.kill(rng)
+                next_churn += args.churn_every
             if soak.now() >= next_sample:
                 print(summary_line(soak.now(), soak.sample()), flush=True)
                 next_sample += args.every
+                if next_sample < soak.now():  # a slow sample: skip the slots it missed
+                    next_sample = soak.now() + args.every
         rows = soak.sample()
         print(f"{soak.now():7.1f}s  end of the watch\n" + node_table(rows, soak.procs), flush=True)
     finally:

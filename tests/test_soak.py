@@ -20,17 +20,21 @@ import soak  # noqa: E402
 MB = 2**20
 
 
+def _every_10s(values: list) -> list[tuple[float, object]]:
+    return [(10.0 * k, v) for k, v in enumerate(values)]
+
+
 def test_a_steady_figure_does_not_grow_and_a_leak_does() -> None:
-    steady = [300 * MB + (k % 3) * MB for k in range(30)]  # noise of a few MB around a level
-    assert soak.grew(steady, "rss_bytes") is None
-    leak = [300 * MB + k * 2 * MB for k in range(30)]  # 2 MB per sample
-    assert soak.grew(leak, "rss_bytes") > 16 * MB
-    assert soak.grew([10 + k for k in range(20)], "open_fds") > 4  # one socket more per sample
-    assert soak.grew([10] * 10 + [11] * 10, "open_fds") is None  # one more for good is no leak
-    assert soak.grew([10, 10, 500], "tasks") is None  # too few samples to say
-    # A climb during the warm-up (the first 20 % of samples), then flat: not a leak.
-    assert soak.grew([100 * MB] * 4 + [400 * MB] * 16, "rss_bytes") is None
-    assert soak.grew([None, *steady], "rss_bytes") is None  # missing readings are skipped
+    steady = [300 * MB + (k % 3) * MB for k in range(60)]  # noise of a few MB around a level
+    assert soak.grew(_every_10s(steady), "rss_bytes") is None
+    leak = [300 * MB + k * 2 * MB for k in range(60)]  # 2 MB per sample
+    assert soak.grew(_every_10s(leak), "rss_bytes") > 16 * MB
+    assert soak.grew(_every_10s([10 + k for k in range(60)]), "open_fds") > 4  # a socket more per sample
+    assert soak.grew(_every_10s([10] * 30 + [11] * 30), "open_fds") is None  # one more for good is no leak
+    # Files climbing while the node meets its peers (its first 2 minutes), then flat: not a leak.
+    assert soak.grew(_every_10s([10 + 5 * k for k in range(12)] + [70] * 30), "open_fds") is None
+    assert soak.grew(_every_10s([10 + 5 * k for k in range(12)]), "open_fds") is None  # too short a life to say
+    assert soak.grew(_every_10s([None] * 5 + steady), "rss_bytes") is None  # missing readings are skipped
 
 
 def test_a_restart_resumes_only_from_its_checkpoint_with_its_accuracy() -> None:

@@ -88,10 +88,10 @@ def test_the_fuzzer_reports_a_crash_and_saves_the_frame(tmp_path: Path, monkeypa
 def test_the_fuzzer_reports_a_server_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = handlers.Handlers.rpc_gossip
 
-    def buggy(self, body):  # a handler that crashes on short bodies: aiohttp answers 500
+    def buggy(self, body, *rest):  # a handler that crashes on short bodies: aiohttp answers 500
         if len(body) < 64:
             raise RuntimeError("handler bug")
-        return real(self, body)
+        return real(self, body, *rest)
 
     monkeypatch.setattr(handlers.Handlers, "rpc_gossip", buggy)
     report = asyncio.run(fuzz_wire.fuzz_node(100, seed=2, out=tmp_path))

@@ -17,8 +17,9 @@ from gossipfl.algorithms import Algorithm, get_algorithm
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning import Dataset, Trainer, build_model, load_data, partition
+from gossipfl.learning.losses import Loss, get_loss
 
-__all__ = ["build_algorithm", "build_data", "build_trainer", "check_algorithm_fits", "check_model_fits",
+__all__ = ["build_algorithm", "build_data", "build_loss", "build_trainer", "check_algorithm_fits", "check_model_fits",
            "check_requirements", "node_seed", "stable_index"]
 
 
@@ -26,9 +27,15 @@ def build_data(cfg: RunConfig) -> Dataset:
     """The run's data, features in the models' dtype."""
     data = load_data(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
     dtype = getattr(torch, cfg.dtype)
-    if data.x_train.dtype == dtype:
+    if data.x_train.dtype == dtype and (not data.regression or data.y_train.dtype == dtype):
         return data
-    return dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
+    targets = {"y_train": data.y_train.to(dtype), "y_test": data.y_test.to(dtype)} if data.regression else {}
+    return dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype), **targets)
+
+
+def build_loss(cfg: RunConfig, data: Dataset) -> Loss:
+    """The run's training loss (`gossipfl.learning.losses`), checked against the data's targets."""
+    return get_loss(cfg.loss, regression=data.regression)
 
 
 def node_seed(cfg: RunConfig, index: int) -> int:
@@ -50,6 +57,7 @@ def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int,
     return Trainer(
         model, data, shards[index % n_shards], lr=cfg.lr, batch_size=cfg.batch_size,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 7919 + index,
+        loss=build_loss(cfg, data),
     )
 
 
@@ -72,6 +80,15 @@ def check_model_fits(cfg: RunConfig, data: Dataset, trainer: Trainer) -> None:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataError(f"model: {what}: a batch of {len(x)} gives output {got}, expected {list(expected)}")
+    if not trainer.loss.builtin:  # a user loss: per-sample values, finite, on a real batch
+        try:
+            values = trainer.loss.per_sample(out, trainer.y[:2])
+        except Exception as exc:  # user code: report, never a traceback
+            raise ConfigError(f"loss: {cfg.loss} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != (len(x),):
+            got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ConfigError(f"loss: {cfg.loss} must return one loss per sample (shape [{len(x)}] for a batch of "
+                              f"{len(x)}, reduction='none'), got {got}")
 
 
 def check_algorithm_fits(algorithm: Algorithm, params: torch.Tensor) -> None:

@@ -39,7 +39,8 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", help="ring, torus, complete, star, hypercube, exponential, ... or a file")
     p.add_argument("--algorithm", help="dpsgd (default), gossip, gossip_partitioned, averaging, epidemic, "
                    "gradex, pushsum, pushsum_averaging, adpsgd, choco, diging ([algorithm_params] in --config)")
-    p.add_argument("--data", help="digits (default), synthetic, or pkg.mod:load_data")
+    p.add_argument("--data", help="digits (default), synthetic, regression, or pkg.mod:load_data")
+    p.add_argument("--loss", help="cross_entropy (default), mse, or pkg.mod:fn (per-sample losses)")
     p.add_argument("--model", help="mlp (default), logreg, cnn, or pkg.mod:make_model")
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="MLP hidden layer sizes")
     p.add_argument("--dtype", help="the models' parameters: float32 (default) or float64 (theory checks); "
@@ -260,7 +261,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         return v / 1e6 if v is not None else None
 
     s = summary.get  # a summary from an older or interrupted run may lack figures: shown as "-"
-    lines = [f"{'node':<10}{'steps':>7}{'accuracy':>10}{'loss':>9}{'msgs out':>10}{'msgs in':>9}{'MB out':>9}"]
+    what = "R^2" if s("score") == "r2" else "accuracy"  # regression data: the coefficient of determination
+    lines = [f"{'node':<10}{'steps':>7}{what:>10}{'loss':>9}{'msgs out':>10}{'msgs in':>9}{'MB out':>9}"]
     for nid, row in summary.get("per_node", {}).items():
         lines.append(
             f"{nid:<10}{_fmt(row.get('steps'), ''):>7}{_fmt(row.get('accuracy')):>10}"
@@ -269,7 +271,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"mean accuracy        {_fmt(s('mean_accuracy'))}  (min {_fmt(s('min_accuracy'))}, "
+        f"{'mean ' + what:<21}{_fmt(s('mean_accuracy'))}  (min {_fmt(s('min_accuracy'))}, "
         f"max {_fmt(s('max_accuracy'))})",
         f"averaged model       {_fmt(s('avg_model_accuracy'))}",
         f"consensus distance   {_fmt(s('consensus_distance'), '.3e')}  "

@@ -41,6 +41,7 @@ class RunConfig:
     test_fraction: float = 0.2
     same_init: bool = False  # all nodes start from one model (else each node seeds its own)
     dtype: str = "float32"  # the models' parameters (and the data fed to them): float32 or float64
+    loss: str = "cross_entropy"  # or "mse", or a user's "pkg.mod:fn" (gossipfl.learning.losses)
     # local training
     lr: float = 0.1
     momentum: float = 0.9
@@ -102,6 +103,9 @@ class RunConfig:
                              ("schedule", SCHEDULES), ("dtype", DTYPES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        from gossipfl.learning.losses import check_loss_spec
+
+        check_loss_spec(self.loss)
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden: layer sizes must be positive integers, got {list(self.hidden)}")
         for addr in (self.listen, *self.peers):

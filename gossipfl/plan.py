@@ -77,12 +77,22 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
     algorithm = build_algorithm(cfg)
     emulation = parse_emulation(cfg.emulation)
     data = data if data is not None else build_data(cfg)
-    if cfg.shards is None and len(data.y_train) < cfg.nodes:
-        raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
-                        "nodes; give shards = K (--shards K) and node i trains on shard i % K")
-    shards = tuple(partition(data.y_train, cfg.shards or cfg.nodes, cfg.partition, seed=cfg.seed))
+    if data.shards is not None:  # the data says which node trains on which samples
+        if cfg.partition != "iid" or cfg.shards is not None:
+            raise ConfigError(f"partition: data {cfg.data!r} brings its own shards (node i trains on shard "
+                              "i % len(shards)); drop partition and shards from the configuration")
+        shards = data.shards
+    else:
+        if cfg.shards is None and len(data.y_train) < cfg.nodes:
+            raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
+                            "nodes; give shards = K (--shards K) and node i trains on shard i % K")
+        if data.regression and cfg.partition != "iid":
+            raise ConfigError(f"partition: {cfg.partition!r} deals samples by class label, and data {cfg.data!r} "
+                              "is regression (real-valued targets); use partition = \"iid\" or data with shards")
+        shards = tuple(partition(data.y_train, cfg.shards or cfg.nodes, cfg.partition, seed=cfg.seed))
     used = [len(shards[i % len(shards)]) for i in range(min(cfg.nodes, len(shards)))]
-    if used and min(used) < cfg.batch_size and algorithm.requirements.trains:
+    # (a batch as large as the whole data set asks for full-batch gradients: no warning)
+    if used and min(used) < cfg.batch_size < len(data.y_train) and algorithm.requirements.trains:
         k = max(1, len(data.y_train) // cfg.batch_size)
         log.warning("a node's data is smaller than a batch: %d training samples over %d shards leave as few as %d "
                     "per node (batch_size %d); give shards = K (--shards %d, node i trains on shard i %% K) for "
@@ -92,6 +102,8 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
                        loss=emulation.loss)
     attack = parse_attack(cfg.attack, schedule(0), seed=cfg.seed)  # hubs: by graph 0's degrees
     if attack is not None and attack.kind == "label_flip":
+        if data.regression:
+            raise ConfigError("attack.kind: label_flip flips class labels, and this data is regression")
         data, shards = _flipped(data, shards, attack, cfg.nodes)
     return Plan(cfg=cfg, algorithm=algorithm, emulation=emulation, data=data, shards=shards, schedule=schedule,
                 attack=attack)

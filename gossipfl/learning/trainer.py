@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from gossipfl.algorithms.optim import sgd_update
 from gossipfl.learning.data import Dataset
+from gossipfl.learning.losses import Loss, get_loss, score, spread_of
 from gossipfl.learning.params import ParamLayout, param_layout
 
 __all__ = ["Trainer", "TrainerLearner"]
@@ -38,6 +38,7 @@ class Trainer:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         seed: int = 0,
+        loss: Loss | None = None,
     ) -> None:
         self.model = model
         self.layout: ParamLayout = param_layout(model)
@@ -45,6 +46,8 @@ class Trainer:
         self.x = data.x_train[indices]
         self.y = data.y_train[indices]
         self.x_test, self.y_test = data.x_test, data.y_test
+        self.loss = loss if loss is not None else get_loss("cross_entropy", regression=data.regression)
+        self._spread = spread_of(self.y_test)  # None: accuracy; else R^2's denominator per sample
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.batch_size = min(batch_size, len(self.y))
         self._velocity = torch.zeros_like(self.params) if momentum else None
@@ -76,7 +79,7 @@ class Trainer:
         xb, yb = self._batch()
         with self._forward_lock:
             out = functional_call(self.model, self.layout.unflatten(p), (xb,))
-        loss = F.cross_entropy(out, yb)
+        loss = self.loss.mean(out, yb)
         (grad,) = torch.autograd.grad(loss, p)
         return float(loss.detach()), grad
 
@@ -96,12 +99,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, params: torch.Tensor | None = None) -> tuple[float, float]:
-        """(loss, accuracy) of ``params`` (default: the current model) on the held-out test split."""
+        """(loss, accuracy) of ``params`` (default: the current model) on the held-out test split
+        (accuracy: R^2 for regression data, `gossipfl.learning.losses.score`)."""
         p = self.params if params is None else params
         with self._forward_lock:
             out = functional_call(self.model, self.layout.unflatten(p), (self.x_test,))
-        loss = F.cross_entropy(out, self.y_test)
-        acc = (out.argmax(1) == self.y_test).double().mean()  # float64: k / n_test exactly as every engine computes it
+        loss = self.loss.mean(out, self.y_test)
+        # float64: k / n_test exactly as every engine computes it (regression: R^2)
+        acc = score(out, self.y_test, self._spread).mean()
         return float(loss), float(acc)
 
 

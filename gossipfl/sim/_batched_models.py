@@ -11,9 +11,10 @@ Two implementations of one small interface (`BatchedModel`):
 - `FuncModel`: any ``nn.Module`` (the CNN, user models) through ``torch.func``:
   ``vmap(grad_and_value(loss))`` over ``functional_call`` on views of each row.
 
-Both compute, per node, the mean cross-entropy over its minibatch (optionally over a ``weight``
-mask, for nodes whose shard is smaller than the batch) and its gradient, exactly the quantities
-`gossipfl.learning.Trainer.loss_and_grad` computes for one node.
+Both compute, per node, the mean of the run's loss (`gossipfl.learning.losses`: cross-entropy,
+mse, or a user's per-sample loss, which only the torch.func path runs) over its minibatch
+(optionally over a ``weight`` mask, for nodes whose shard is smaller than the batch) and its
+gradient, exactly the quantities `gossipfl.learning.Trainer.loss_and_grad` computes for one node.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gossipfl.algorithms.optim import sgd_update
 from gossipfl.errors import ConfigError
+from gossipfl.learning.losses import Loss, get_loss
 from gossipfl.learning.params import ParamLayout
 
 __all__ = ["BatchedMLP", "BatchedModel", "FuncModel", "batched_model"]
@@ -37,6 +38,7 @@ class BatchedModel(Protocol):
     """What the vectorised engine needs from a model family."""
 
     kind: str
+    loss: Loss  # the run's training loss (also the test loss a run reports)
 
     def loss_and_grad(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                       weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +64,14 @@ class BatchedMLP:
 
     kind = "batched"
 
-    def __init__(self, layers: list[tuple[int, int, int, int]], numel: int) -> None:
+    def __init__(self, layers: list[tuple[int, int, int, int]], numel: int, loss: Loss | None = None) -> None:
         # (weight offset, bias offset, out features, in features) per Linear, in order
         self.layers = layers
         self.numel = numel
+        self.loss = loss if loss is not None else get_loss("cross_entropy")
 
     @classmethod
-    def from_module(cls, model: nn.Module, layout: ParamLayout) -> BatchedMLP | None:
+    def from_module(cls, model: nn.Module, layout: ParamLayout, loss: Loss | None = None) -> BatchedMLP | None:
         """The fast path for ``model`` if it is a plain MLP (or logistic regression), else None."""
         if not isinstance(model, nn.Sequential) or len(model) < 2 or not isinstance(model[0], nn.Flatten):
             return None
@@ -83,7 +86,7 @@ class BatchedMLP:
             assert isinstance(m, nn.Linear)
             idx = 1 + 2 * i
             layers.append((offsets[f"{idx}.weight"], offsets[f"{idx}.bias"], m.out_features, m.in_features))
-        return cls(layers, layout.numel)
+        return cls(layers, layout.numel, loss)
 
     def _weights(self, p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         w_off, b_off, out, inp = self.layers[k]
@@ -110,12 +113,8 @@ class BatchedMLP:
         """Forward, loss, and backward; hands each layer's (weight, bias) gradient to ``sink``."""
         acts, pre = self._forward(p, x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2))
         z = pre[-1]  # [n, classes, B]
-        # softmax cross-entropy over the class axis (not the last one: no slow short-axis kernel)
-        logp = torch.log_softmax(z, 1)
-        yi = y.unsqueeze(1)
-        nll = logp.gather(1, yi).squeeze(1).neg_()  # [n, B]
-        dz = logp.exp_()
-        dz.scatter_add_(1, yi, torch.full(yi.shape, -1.0, dtype=dz.dtype, device=dz.device))
+        # the loss over the class axis (not the last one: no slow short-axis kernel), per sample
+        nll, dz = self.loss.output_grad(z, y)  # [n, B], [n, classes, B]
         if weight is None:
             loss = nll.mean(1)
             dz.mul_(1.0 / z.shape[2])
@@ -175,12 +174,14 @@ class FuncModel:
 
     kind = "func"
 
-    def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
+    def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: Loss | None = None) -> None:
         self.model, self.layout = model, layout
+        self.loss = loss_fn if loss_fn is not None else get_loss("cross_entropy")
+        per_sample = self.loss.per_sample
 
         def loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             out = functional_call(model, layout.unflatten(p), (x,))
-            return (F.cross_entropy(out, y, reduction="none") * w).sum() / w.sum()
+            return (per_sample(out, y) * w).sum() / w.sum()
 
         def forward(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return functional_call(model, layout.unflatten(p), (x,))
@@ -205,14 +206,18 @@ class FuncModel:
         return self._logits(p, x)
 
 
-def batched_model(model: nn.Module, layout: ParamLayout, kernel: str = "auto") -> BatchedModel:
-    """``kernel``: ``auto`` (batched matmuls for plain MLPs, torch.func otherwise), ``batched``, ``func``."""
+def batched_model(model: nn.Module, layout: ParamLayout, kernel: str = "auto",
+                  loss: Loss | None = None) -> BatchedModel:
+    """``kernel``: ``auto`` (batched matmuls for plain MLPs under a built-in loss, torch.func
+    otherwise), ``batched``, ``func``. ``loss``: the run's (default cross-entropy)."""
     if kernel not in ("auto", "batched", "func"):
         raise ConfigError(f"kernel: {kernel!r} is not one of auto, batched, func")
-    if kernel != "func":
-        fast = BatchedMLP.from_module(model, layout)
+    builtin = loss is None or loss.builtin
+    if kernel != "func" and builtin:
+        fast = BatchedMLP.from_module(model, layout, loss)
         if fast is not None:
             return fast
-        if kernel == "batched":
-            raise ConfigError("kernel: batched matmuls cover only the built-in mlp and logreg; use func")
-    return FuncModel(model, layout)
+    if kernel == "batched":
+        raise ConfigError("kernel: batched matmuls cover only the built-in mlp and logreg under a built-in loss; "
+                          "use func")
+    return FuncModel(model, layout, loss)

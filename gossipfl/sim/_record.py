@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
-import torch.nn.functional as F
 
 from gossipfl.algorithms.aggregation import COUNTERS
 from gossipfl.convergence import consensus_summary
+from gossipfl.learning.losses import score, spread_of
 from gossipfl.metrics import honest_accuracy, robust_counts
 from gossipfl.topology import summary_spectral_gap
 from gossipfl.topology.spectral import predicted_round_rate
@@ -102,12 +102,12 @@ class Progress:
 def evaluate_all(sim: VectorizedSim) -> tuple[torch.Tensor, torch.Tensor]:
     """Test loss and accuracy of every node's model (device tensors ``[N]``)."""
     losses, accs = [], []
-    y = sim.y_test
+    y, loss, spread = sim.y_test, sim.model.loss, spread_of(sim.y_test)
     for a in range(0, sim.n, sim.eval_block):
         out = sim.model.logits(sim.models(a, a + sim.eval_block), sim.x_test)
         k, t, c = out.shape
-        losses.append(F.cross_entropy(out.reshape(k * t, c), y.repeat(k), reduction="none").view(k, t).mean(1))
-        accs.append((out.argmax(-1) == y).double().mean(1))  # float64: k / n_test as the node computes it
+        losses.append(loss.per_sample(out.reshape(k * t, c), y.repeat(k)).view(k, t).mean(1))
+        accs.append(score(out, y, spread).mean(1))  # float64: k / n_test as the node computes it (or R^2)
     return torch.cat(losses), torch.cat(accs)
 
 
@@ -138,7 +138,7 @@ def consensus_distance(sim: VectorizedSim, among: torch.Tensor | None = None) ->
 def average_model_accuracy(sim: VectorizedSim) -> float:
     mean = mean_model(sim).to(sim.params.dtype).unsqueeze(0)
     out = sim.model.logits(mean, sim.x_test)[0]
-    return float((out.argmax(-1) == sim.y_test).float().mean())
+    return float(score(out, sim.y_test, spread_of(sim.y_test)).mean())
 
 
 def record(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None], t: float, *, node_rows: bool,
@@ -192,6 +192,7 @@ def summary(sim: VectorizedSim, wall: float) -> dict[str, Any]:
         "sampling": sim.sampling,
         "kernel": sim.model.kind,
         "nodes": sim.n,
+        "score": "r2" if sim.plan.data.regression else "accuracy",  # what the accuracy figures are
         "mean_accuracy": float(acc.mean()),
         "min_accuracy": float(acc.min()),
         "max_accuracy": float(acc.max()),

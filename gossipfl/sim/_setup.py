@@ -15,7 +15,7 @@ from torch import nn
 
 from gossipfl import wire
 from gossipfl.algorithms import Algorithm
-from gossipfl.build import node_seed
+from gossipfl.build import build_loss, node_seed
 from gossipfl.config import RunConfig
 from gossipfl.errors import ConfigError
 from gossipfl.learning import Dataset, ParamLayout, build_model, param_layout
@@ -98,7 +98,8 @@ def learning(plan: Plan, dev: torch.device, kernel: str, block: int | None, gen:
     budget = 2**20 * torch.get_num_threads() if dev.type == "cpu" else 2**27
     tsize = max(1, data.x_test.shape[0])
     return Built(
-        layout=layout, params=params, model=batched_model(model.to(dev), layout, kernel), batches=batches,
+        layout=layout, params=params, model=batched_model(model.to(dev), layout, kernel, build_loss(cfg, data)),
+        batches=batches,
         x_train=data.x_train.to(dev), y_train=data.y_train.to(dev), x_test=data.x_test.to(dev),
         y_test=data.y_test.to(dev), block=block or max(16, min(n, budget // (batches.bmax * width))),
         eval_block=max(1, min(n, (2**22 if dev.type == "cpu" else 2**28) // (tsize * width))),

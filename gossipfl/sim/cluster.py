@@ -253,6 +253,7 @@ def _summary(plan: Plan, nodes: list[Node], monitor: _Monitor, final: dict[str, 
         "engine": "cluster",
         "transport": cfg.transport,
         "nodes": len(nodes),
+        "score": "r2" if plan.data.regression else "accuracy",  # what the accuracy figures are
         "mean_accuracy": sum(accs) / len(accs),
         "min_accuracy": min(accs),
         "max_accuracy": max(accs),

@@ -14,7 +14,7 @@ import torch
 
 from gossipfl.algorithms.base import Channel, Inbox, Message
 
-__all__ = ["combine", "count_tensor", "latest_per_sender", "mix"]
+__all__ = ["combine", "count_tensor", "latest_per_sender", "mix", "mix_into"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -108,12 +108,17 @@ def combine(
 
 def _combine_one(c: Channel, own: Mapping[str, torch.Tensor], entries: list[tuple[str, torch.Tensor]],
                  weights: Mapping[str, float]) -> torch.Tensor:
-    """One channel's combined value ``[1, ...]`` from (sender, value ``[1, ...]``) entries."""
+    """One channel's combined value ``[1, ...]`` from (sender, value ``[1, ...]``) entries.
+
+    One message is used where it lies (a view, no ``torch.cat`` copy), and ``mix`` builds its
+    result in one fresh tensor: a node merging a 400 MB model then holds the receive buffer and
+    that result, not four model-sized temporaries. The arithmetic is the same operations on the
+    same values, so the numbers are the same bit for bit."""
     if not entries:
         if c.combine in ("mix", "mean"):
             return own[c.key]
         return torch.zeros_like(own[c.key] if c.key in own else own["params"])
-    others = torch.cat([v for _, v in entries])  # [K, ...]
+    others = entries[0][1] if len(entries) == 1 else torch.cat([v for _, v in entries])  # [K, ...]
     shape = others.shape[1:]
     flat = others.reshape(others.shape[0], -1)
     if c.combine == "sum":
@@ -123,4 +128,34 @@ def _combine_one(c: Channel, own: Mapping[str, torch.Tensor], entries: list[tupl
     w = _weights_row(tuple(float(weights.get(s, 0.0)) for s, _ in entries), others.dtype)
     if c.combine == "weighted":
         return (w.unsqueeze(0) @ flat).reshape(1, *shape)
-    return mix(own[c.key].reshape(-1), flat, w).reshape(1, *shape)  # "mix"
+    x = own[c.key].reshape(-1)
+    if x.dtype != flat.dtype or x.device != flat.device or not flat.is_contiguous():
+        return mix(x, flat, w).reshape(1, *shape)  # "mix", with type promotion
+    return mix_into(x, flat, w).reshape(1, *shape)  # "mix"
+
+
+MIX_CHUNK = 1 << 16
+"""Elements per slice of `mix_into`'s self term: a 256 KB scratch (float32) instead of a model-sized one."""
+
+
+@torch.no_grad()
+def mix_into(x: torch.Tensor, others: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`mix` for one receiver (x ``[D]``, others ``[K, D]`` contiguous, weights ``[K]``, one dtype)
+    into a single new ``[D]`` tensor, with no other model-sized temporary.
+
+    Bit-identical to `mix`: the neighbour term is the same matrix product (written into the
+    result), and the self term ``(1 - sum w) * x`` is added slice by slice; both are exact
+    elementwise roundings, and a + b == b + a in IEEE arithmetic. (``torch.add(..., alpha=)``
+    would fuse the multiply and add, rounding once: different numbers.)
+    """
+    self_w = 1.0 - weights.sum(-1, keepdim=True)
+    out = torch.empty(1, x.shape[0], dtype=x.dtype, device=x.device)
+    torch.mm(weights.unsqueeze(0), others, out=out)
+    acc = out[0]
+    scratch = torch.empty(min(MIX_CHUNK, x.shape[0]), dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], MIX_CHUNK):
+        n = min(MIX_CHUNK, x.shape[0] - start)
+        part = scratch[:n]
+        torch.mul(x[start:start + n], self_w, out=part)
+        acc[start:start + n].add_(part)
+    return acc

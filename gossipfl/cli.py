@@ -279,8 +279,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"messages             {_fmt(s('messages'), '')}  ({_fmt(mb(s('bytes')), '.2f')} MB; "
         f"{_fmt(s('messages_per_node_step'), '.2f')} per node-step while training, "
         f"{_fmt(s('linger_messages'), '')} after, {_fmt(s('lost'), '')} lost)",
-        f"staleness            {_fmt(s('staleness_mean'), '.2f')} steps mean, {_fmt(s('staleness_max'), '')} max "
-        "(receiver's step at merge - sender's at send)",
+        f"staleness            {_fmt(s('staleness_mean'), '.2f')} steps mean (receiver's step at merge - sender's "
+        f"at send; {_fmt(s('staleness_min'), '')} to {_fmt(s('staleness_max'), '')}): merged models "
+        f"{_fmt(s('staleness_behind_mean'), '.2f')} behind, {_fmt(s('staleness_ahead_mean'), '.2f')} ahead",
         f"node steps           {_fmt(s('node_steps'), '')} in {_fmt(s('wall_seconds'), '.1f')} s",
     ]
     if "consensus_rate" in summary or "predicted_rate" in summary:

@@ -50,23 +50,49 @@ def consensus_distance(params: torch.Tensor) -> float:
     return float(((p - p.mean(0, keepdim=True)) ** 2).sum(1).mean())
 
 
+STALENESS_KEYS = ("staleness_mean", "staleness_max", "staleness_min", "staleness_behind_mean",
+                  "staleness_ahead_mean")
+
+
+def staleness_totals(total: int, behind: int, count: int, high: int, low: int) -> dict[str, float | int]:
+    """A run's staleness figures from the sums over its merges: the signed step lag (receiver's
+    step at merge - sender's at send: negative where a slower node merges a faster neighbour's
+    model), and its two sides, how far the merged models were behind and ahead."""
+    return {"staleness_mean": total / count, "staleness_max": high, "staleness_min": low,
+            "staleness_behind_mean": behind / count, "staleness_ahead_mean": (behind - total) / count}
+
+
 class StalenessTally:
     """Running staleness of one node's merged messages (see the module docstring)."""
 
     def __init__(self) -> None:
         self.total = 0
         self.count = 0
+        self.behind = 0  # sum of max(0, lag): steps the merged models were behind the receiver
         self.max: int | None = None
+        self.min: int | None = None
         self._row = (0, 0)  # total and count at the previous metrics row
 
     def add(self, staleness: int) -> None:
         self.total += staleness
         self.count += 1
+        self.behind += max(staleness, 0)
         self.max = staleness if self.max is None else max(self.max, staleness)
+        self.min = staleness if self.min is None else min(self.min, staleness)
 
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
+
+    @property
+    def behind_mean(self) -> float | None:
+        """Mean of max(0, lag): how many steps a merged model was older than the receiver's."""
+        return self.behind / self.count if self.count else None
+
+    @property
+    def ahead_mean(self) -> float | None:
+        """Mean of max(0, -lag): how many steps a merged model was ahead (a faster sender's)."""
+        return (self.behind - self.total) / self.count if self.count else None
 
     def since_row(self) -> float | None:
         """Mean over the messages merged since the last call (the previous metrics row)."""

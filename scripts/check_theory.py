@@ -7,9 +7,11 @@ exactly in one round; D-PSGD and push-sum send one message per out-neighbour per
 whatever the emulated network (64 nodes, asynchronous); push-sum reaches the exact average on a
 directed graph; averaging keeps the nodes' mean (float32 rounding, and float64 without it);
 randomized gossip's second moment decays as (1 - 1/(n-1))^k on the complete graph; exact
-averaging every H steps is local SGD (FedAvg). The output goes in the README ("Fidelity to theory").
+averaging every H steps is local SGD (FedAvg); on per-node least squares D-SGD's three update
+orders reach their closed-form fixed points and DIGing the exact minimiser. The output goes in
+the README ("Fidelity to theory").
 
-    python scripts/check_theory.py            # about a minute on 2 cores
+    python scripts/check_theory.py            # about two minutes on 2 cores
     python scripts/check_theory.py --quick    # the vectorised engine only
 """
 
@@ -131,6 +133,30 @@ def fedavg() -> None:
     check("local SGD / FedAvg, complete n=8, H=6, float64: max |x - x_fedavg|", 0.0, err, err < 1e-10, ".2e")
 
 
+def least_squares_points() -> None:
+    """Per-node least squares, ring n = 16, full batch, float64: each D-SGD order at its closed-form
+    fixed point, and DIGing at the minimiser of the sum (`gossipfl.convergence_ls`)."""
+    import numpy as np
+
+    from gossipfl.convergence_ls import least_squares
+
+    base = RunConfig(nodes=16, topology="ring", schedule="sync", engine="vectorized", data="regression", loss="mse",
+                     model="logreg", momentum=0.0, batch_size=10_000, lr=0.2, dtype="float64", steps=1500,
+                     eval_every=500)
+    problem = least_squares(base)
+    for order in ("lian", "atc", "cta"):
+        sim = VectorizedSim(base.replace(algorithm_params={"order": order}), sampling="exact")
+        sim.run(None)
+        want = problem.fixed_point(order, 0.2)
+        err = float(np.abs(sim.models().double().numpy() - want).max() / np.abs(want).max())
+        check(f"D-SGD {order} order, least squares ring n=16: |x - x*| / |x*|", 0.0, err, err < 1e-8, ".2e")
+    sim = VectorizedSim(base.replace(algorithm="diging", lr=0.05, steps=3000), sampling="exact")
+    sim.run(None)
+    star = problem.optimum()
+    err = float(np.abs(sim.models().double().numpy() - star).max() / np.abs(star).max())
+    check("DIGing, least squares ring n=16: |x - argmin sum f_i| / |x*|", 0.0, err, err < 1e-8, ".2e")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the vectorised engine only")
@@ -141,6 +167,7 @@ def main() -> int:
     averages()
     randomized_gossip()
     fedavg()
+    least_squares_points()
     width = max(len(r[0]) for r in ROWS)
     print(f"{'check':<{width}}  {'theory':>12}  {'measured':>12}  verdict")
     for name, theory, measured, ok in ROWS:

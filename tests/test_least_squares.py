@@ -1,16 +1,9 @@
 """Losses other than cross-entropy, and D-SGD's fixed points in closed form, in both engines.
 
 Per-node least squares (``data = "regression"``, ``loss = "mse"``, the linear model ``logreg``
-with one output, full-batch gradients): f_i(t) = mean_k (a_k . t - y_k)^2 over node i's shard, so
-grad f_i(t) = H_i t - c_i with H_i = (2/m) A^T A, c_i = (2/m) A^T y (A with a column of ones: the
-bias). Stacking the nodes' models as X, D-SGD's three orders converge to (float64, to 1e-8):
-
-  lian  X = W X - lr G(X):          ((I - W) (x) I + lr H) x = lr c
-  atc   X = W (X - lr G(X)):        (I - (W (x) I)(I - lr H)) x = lr (W (x) I) c
-  cta   X = W X - lr G(W X):        (I - (I - lr H)(W (x) I)) x = lr c
-
-(H block-diagonal in the H_i), and DIGing to the minimiser of sum_i f_i, (sum H_i)^-1 sum c_i, on
-every node. The orders' fixed points differ from each other and from that minimiser.
+with one output, full-batch gradients); the closed forms are `gossipfl.convergence_ls`'s: each
+D-SGD order's fixed point (float64, to 1e-8), and DIGing's minimiser of the sum on every node.
+The orders' fixed points differ from each other and from that minimiser.
 """
 
 from __future__ import annotations
@@ -23,10 +16,9 @@ import pytest
 import torch
 
 from gossipfl.config import RunConfig
+from gossipfl.convergence_ls import least_squares
 from gossipfl.errors import ConfigError
-from gossipfl.plan import resolve
 from gossipfl.sim.vectorized import VectorizedSim
-from gossipfl.topology.weights import mixing_matrix
 
 N, LR = 16, 0.2
 
@@ -38,35 +30,6 @@ def _cfg(**kw: object) -> RunConfig:
     return RunConfig(**{**base, **kw})
 
 
-def _problem(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W [N, N], block-diagonal H [N D, N D] and c [N D] of the run's per-node least squares."""
-    plan = resolve(cfg)
-    x, y = plan.data.x_train.double().numpy(), plan.data.y_train.double().numpy()
-    blocks, cs = [], []
-    for i in range(cfg.nodes):
-        idx = plan.shard(i).numpy()
-        a = np.hstack([x[idx], np.ones((len(idx), 1))])  # the layout: weight row, then bias
-        blocks.append(2.0 / len(idx) * a.T @ a)
-        cs.append(2.0 / len(idx) * a.T @ y[idx])
-    d = blocks[0].shape[0]
-    h = np.zeros((cfg.nodes * d, cfg.nodes * d))
-    for i, b in enumerate(blocks):
-        h[i * d:(i + 1) * d, i * d:(i + 1) * d] = b
-    return mixing_matrix(plan.schedule(0)), h, np.concatenate(cs)
-
-
-def _fixed_point(order: str, w: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
-    d = h.shape[0] // w.shape[0]
-    wk, eye = np.kron(w, np.eye(d)), np.eye(h.shape[0])
-    if order == "lian":
-        x = np.linalg.solve(eye - wk + LR * h, LR * c)
-    elif order == "atc":
-        x = np.linalg.solve(eye - wk @ (eye - LR * h), LR * wk @ c)
-    else:
-        x = np.linalg.solve(eye - (eye - LR * h) @ wk, LR * c)
-    return x.reshape(w.shape[0], d)
-
-
 def _models(cfg: RunConfig) -> np.ndarray:
     sim = VectorizedSim(cfg, sampling="exact")
     sim.run(None)
@@ -76,25 +39,22 @@ def _models(cfg: RunConfig) -> np.ndarray:
 @pytest.mark.parametrize("order", ["lian", "atc", "cta"])
 def test_dsgd_reaches_each_orders_closed_form_fixed_point(order: str) -> None:
     cfg = _cfg(algorithm_params={"order": order})
-    w, h, c = _problem(cfg)
-    want = _fixed_point(order, w, h, c)
+    problem = least_squares(cfg)
+    want = problem.fixed_point(order, LR)
     got = _models(cfg)
     assert np.abs(got - want).max() < 1e-8 * np.abs(want).max()
-    others = [_fixed_point(o, w, h, c) for o in ("lian", "atc", "cta") if o != order]
+    others = [problem.fixed_point(o, LR) for o in ("lian", "atc", "cta") if o != order]
     assert min(np.abs(want - o).max() for o in others) > 1e-4  # the orders' points really differ
 
 
 @pytest.mark.slow
 def test_diging_reaches_the_minimiser_of_the_sum() -> None:
     cfg = _cfg(algorithm="diging", lr=0.05, steps=3000)  # gradient tracking diverges at lr 0.1 here
-    w, h, c = _problem(cfg)
-    d = h.shape[0] // N
-    total_h = sum(h[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(N))
-    total_c = c.reshape(N, d).sum(0)
-    star = np.linalg.solve(total_h, total_c)
+    problem = least_squares(cfg)
+    star = problem.optimum()
     got = _models(cfg)
     assert np.abs(got - star).max() < 1e-8 * np.abs(star).max()
-    lian = _fixed_point("lian", w, h, c)  # (at this run's lr 0.2)
+    lian = problem.fixed_point("lian", LR)  # D-SGD at lr 0.2
     assert np.abs(lian - star).max() > 1e-4  # D-SGD's point is biased; DIGing's is not
 
 

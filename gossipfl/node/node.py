@@ -332,7 +332,10 @@ class Node:
             "msgs_out": self.msgs_out,
             "dropped": self.dropped,
             "rejected": dict(self.rejected),
+            # signed step lag of merged models (ours at merge - the sender's at send), and its sides
             "staleness": self.staleness.mean,
+            "staleness_behind": self.staleness.behind_mean,
+            "staleness_ahead": self.staleness.ahead_mean,
             "traffic": {p: {"msgs_out": t[0], "bytes_out": t[1], "msgs_in": t[2], "bytes_in": t[3]}
                         for p, t in sorted(self.traffic.items())},
             **robust_counts(self.state.state),  # clipped / discarded, with a robust aggregator

@@ -19,7 +19,7 @@ import torch
 from gossipfl.algorithms.aggregation import COUNTERS
 from gossipfl.convergence import consensus_summary
 from gossipfl.learning.losses import score, spread_of
-from gossipfl.metrics import honest_accuracy, robust_counts
+from gossipfl.metrics import STALENESS_KEYS, honest_accuracy, robust_counts, staleness_totals
 from gossipfl.topology import summary_spectral_gap
 from gossipfl.topology.spectral import predicted_round_rate
 
@@ -36,22 +36,28 @@ class Staleness:
 
     def __init__(self, n: int, dev: torch.device) -> None:
         self.sum = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.behind = torch.zeros(n, dtype=torch.int64, device=dev)  # sum of max(0, lag)
         self.count = torch.zeros(n, dtype=torch.int64, device=dev)
         self.max = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
+        self.min = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
         self.row = (torch.zeros_like(self.sum), torch.zeros_like(self.count))  # at the last node rows
 
     def add(self, recv: torch.Tensor, staleness: torch.Tensor) -> None:
         self.sum.index_add_(0, recv, staleness)
+        self.behind.index_add_(0, recv, staleness.clamp_min(0))
         self.count.index_add_(0, recv, torch.ones_like(staleness))
         self.max.scatter_reduce_(0, recv, staleness, reduce="amax")
+        self.min.scatter_reduce_(0, recv, staleness, reduce="amin")
 
     def add_fresh(self, count: torch.Tensor, *, every: bool) -> None:
         """``count[i]`` messages of staleness 0 into node i (a lock-step round); ``every``: all counts > 0."""
         self.count.add_(count)
         if every:
             self.max.clamp_min_(0)
+            self.min.clamp_max_(0)
         else:
             self.max = torch.where(count > 0, self.max.clamp_min(0), self.max)
+            self.min = torch.where(count > 0, self.min.clamp_max(0), self.min)
 
     def since_row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) per node since the last node rows; starts a new row."""
@@ -63,9 +69,9 @@ class Staleness:
         """Mean and maximum over every merged message, as the cluster reports them."""
         count = int(self.count.sum())
         if not count:
-            return {"staleness_mean": None, "staleness_max": None}
-        return {"staleness_mean": float(self.sum.sum()) / count,
-                "staleness_max": int(self.max[self.count > 0].max())}
+            return dict.fromkeys(STALENESS_KEYS)
+        total, behind, seen = int(self.sum.sum()), int(self.behind.sum()), self.count > 0
+        return staleness_totals(total, behind, count, int(self.max[seen].max()), int(self.min[seen].min()))
 
 
 class Progress:

@@ -24,7 +24,14 @@ import torch
 from gossipfl.config import RunConfig
 from gossipfl.convergence import consensus_summary
 from gossipfl.errors import ConfigError
-from gossipfl.metrics import MetricsWriter, consensus_distance, honest_accuracy, robust_counts
+from gossipfl.metrics import (
+    STALENESS_KEYS,
+    MetricsWriter,
+    consensus_distance,
+    honest_accuracy,
+    robust_counts,
+    staleness_totals,
+)
 from gossipfl.node import HttpTransport, MemoryNetwork, Node
 from gossipfl.plan import Plan, resolve
 from gossipfl.sim.netem import EmulatedTransport
@@ -233,9 +240,12 @@ async def _run_lockstep(cfg: RunConfig, nodes: list[Node], monitor: _Monitor,
 def _staleness(nodes: list[Node]) -> dict[str, float | int | None]:
     """Mean and maximum staleness (local steps) over every message any node merged."""
     count = sum(n.staleness.count for n in nodes)
-    highs = [n.staleness.max for n in nodes if n.staleness.max is not None]
-    return {"staleness_mean": sum(n.staleness.total for n in nodes) / count if count else None,
-            "staleness_max": max(highs) if highs else None}
+    if not count:
+        return dict.fromkeys(STALENESS_KEYS)
+    tallies = [n.staleness for n in nodes if n.staleness.count]
+    return staleness_totals(sum(t.total for t in tallies), sum(t.behind for t in tallies), count,
+                            max(t.max for t in tallies if t.max is not None),
+                            min(t.min for t in tallies if t.min is not None))
 
 
 def _robust_totals(nodes: list[Node]) -> dict[str, int]:

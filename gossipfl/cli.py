@@ -354,6 +354,7 @@ async def _serve_node(cfg: RunConfig, *, quiet: bool = False, progress_every: fl
     )
     from gossipfl.metrics import MetricsWriter
     from gossipfl.node import Node
+    from gossipfl.node.health import freeze_heap
     from gossipfl.topology import check_spec
 
     check_spec(cfg.topology, seed=cfg.seed)
@@ -389,6 +390,7 @@ async def _serve_node(cfg: RunConfig, *, quiet: bool = False, progress_every: fl
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    freeze_heap()  # before serving: a full GC pass over the startup heap would stall the loop (node/health.py)
     try:
         async with Node(cfg, node_id=node_id, trainer=trainer, algorithm=build_algorithm(cfg),
                         metrics=metrics, secret=secret, state_dir=cfg.state_dir,

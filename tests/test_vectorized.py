@@ -632,7 +632,7 @@ def test_gossip_variants_learn_at_scale_with_delays() -> None:
 
 @pytest.mark.slow
 def test_adpsgd_exchanges_conserve_the_sum_and_reach_consensus_asynchronously() -> None:
-    """Pairwise exchanges on a clock (an initiator waits for its reply and answers others
+    """Pairwise exchanges on a clock (an initiator waits for its reply and answers nobody
     meanwhile; both sides move by deltas against what was sent): with lr = 0 the models only
     average, so their sum stays put and they contract; a lost reply moves mass once, which the
     sum shows."""
@@ -642,10 +642,12 @@ def test_adpsgd_exchanges_conserve_the_sum_and_reach_consensus_asynchronously() 
     sim = VectorizedSim(base)
     total = sim.params.double().sum(0)
     summary = sim.run(None)
-    # steps (4 ms at speed 1) never hold a responder for timeout / 2: every exchange completes,
-    # a request and a reply each
+    # steps (4 ms at speed 1) never hold a responder for timeout / 2, but latencies up to 20 ms
+    # keep many initiators in flight: refused ones retry a fresh partner, most gossip points
+    # complete an exchange (a request and a reply each)
     assert sim.pairwise is not None
-    assert summary["messages"] == 2 * sim.pairwise.tried == 2 * 64 * 200
+    assert 64 * 200 < sim.pairwise.tried <= 3 * 64 * 200
+    assert summary["messages"] >= 2 * 0.7 * 64 * 200
     assert torch.allclose(sim.params.double().sum(0), total, rtol=0, atol=1e-3)
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 1000
     lossy = VectorizedSim(base.replace(emulation={**base.emulation, "loss": 0.05}))
@@ -656,24 +658,27 @@ def test_adpsgd_exchanges_conserve_the_sum_and_reach_consensus_asynchronously() 
 
 
 def test_adpsgd_exchanges_complete_on_identical_nodes() -> None:
-    """Every node starts its exchange at the same instant: each request finds its partner waiting
-    for its own reply, with its lock free, and is answered at once (a node that held its lock for
-    the round trip refused them all as busy, and no exchange ever completed)."""
+    """Every node starts its exchange at the same instant: each request finds its partner in
+    flight; lower ids are refused at once, higher ones wait until the partner's own exchange
+    settles, refused initiators retry a fresh partner, and most gossip points complete an
+    exchange (a node that held its lock for the round trip refused them all as busy, and no
+    exchange ever completed)."""
     cfg = RunConfig(nodes=32, topology="exponential", algorithm="adpsgd", lr=0.0, steps=50, eval_every=25,
                     shards=32, schedule="async", emulation={"latency": 0.002})
     sim = VectorizedSim(cfg)
     total = sim.params.double().sum(0)
     summary = sim.run(None)
-    assert summary["messages"] == 2 * 32 * 50
+    assert summary["messages"] >= 2 * 0.8 * 32 * 50
     assert torch.allclose(sim.params.double().sum(0), total, rtol=0, atol=1e-3)
     assert summary["consensus_distance"] < summary["initial_consensus_distance"] / 100
 
 
-def test_adpsgd_node_answers_while_its_own_exchange_is_in_flight(
+def test_adpsgd_node_exchanges_complete_when_initiators_collide(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The node service, on identical emulated nodes: simultaneous initiators answer each other
-    (no 423 busy), and with lr = 0 the sum of the models is conserved."""
+    """The node service, on identical emulated nodes: simultaneous initiators refuse (lower ids)
+    or defer (higher ids) each other, refused ones retry, most gossip points complete an exchange,
+    and with lr = 0 the sum of the models is conserved."""
     cfg = RunConfig(nodes=6, topology="ring", algorithm="adpsgd", lr=0.0, steps=30, eval_every=15,
                     transport="memory", emulation={"step_time": 0.01, "latency": 0.005})
     captured: dict[str, Any] = {}
@@ -687,8 +692,8 @@ def test_adpsgd_node_answers_while_its_own_exchange_is_in_flight(
     monkeypatch.setattr(cluster, "_summary", capture)
     start = VectorizedSim(cfg).params.double().sum(0)  # the same initial models
     summary = asyncio.run(cluster.run_cluster(cfg, tmp_path, progress=None))
-    assert captured["busy"] == 0
-    assert summary["messages"] >= 2 * 6 * 30 * 0.9  # (a few may meet a partner that has finished)
+    assert captured["busy"] > 0  # refusals happened (and were retried)
+    assert summary["messages"] >= 2 * 6 * 30 * 0.8  # (some may meet a partner that has finished)
     assert torch.allclose(captured["sum"], start, rtol=0, atol=1e-3)
 
 
@@ -786,7 +791,7 @@ def test_adpsgd_keeps_exchanging_in_duration_runs_and_ends_with_coarse_time_slic
     with caplog.at_level("WARNING", logger="gossipfl.sim"):
         summary = VectorizedSim(coarse).run(None)
     assert summary["node_steps"] == 60
-    assert summary["messages"] == 2 * 60  # every exchange completes
+    assert summary["messages"] >= 2 * 60 * 0.6  # most exchanges complete (in-flight partners refuse)
     assert "none of" not in caplog.text
     # on a time-varying topology each initiator picks its partner in its own round's matching
     matching = VectorizedSim(base.replace(topology="random_matching", steps=40))

@@ -17,9 +17,14 @@ The exchange (``POST /exchange``) in three atomic pieces, each under its own nod
 3. initiator ``apply_reply``: ``x_i <- x_i + mix (x_j^old - x_i^s)``.
 
 The two updates are exact negatives of each other, so every completed exchange preserves the sum
-of all parameters, whatever else happens to either node in between: a local step taken or an
-exchange answered by the initiator while its request is in flight is kept, not overwritten (no
-lost update), and no step needs two locks at once (no deadlock). An exchange whose reply is lost
+of all parameters, whatever else happens to either node in between, and no step needs two locks at
+once. Both engines also keep the exchange atomic: an initiator whose exchange is in flight takes
+no step and answers nobody -- it refuses a request from a lower id at once (423; the refused
+initiator tries a fresh partner) and defers one from a higher id until its own exchange settles --
+so ``x_i = x_i^s`` when the reply arrives and both sides end exactly at the average
+``(x_i^s + x_j^old) / 2`` (variance shrinks as theory says). No deadlock: a request waits only for
+an in-flight initiator with a lower id, so a chain of waits has decreasing ids and never closes
+into a cycle (`gossipfl.sim._pairwise` spells out the protocol). An exchange whose reply is lost
 after the responder updated moves mass once; nothing else breaks. Pushed messages, which a
 pairwise engine does not send, are merged one-sidedly (``x_i <- x_i + mix (x_j - x_i)``).
 Rows of ``respond``'s and ``apply_reply``'s arguments pair up: row k of the state is the node

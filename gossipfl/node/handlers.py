@@ -228,8 +228,9 @@ class Handlers:
         if self.closed_for_merges():
             return _refusal(503, "finished", f"node {node.id} has finished training")
         wait = node.cfg.timeout / 2
-        if not await worker.acquire(wait):  # a step outlasting timeout / 2
-            return _refusal(423, "busy", f"node {node.id} is busy (a local step held its state for {wait:g} s)")
+        why = await worker.acquire_to_answer(env.sender, wait)  # our own exchange in flight, or a long step
+        if why is not None:
+            return _refusal(423, why, f"node {node.id} is {why} (refused, or not free within {wait:g} s)")
         try:
             incoming = message_of(env)
             worker.staleness.add(worker.state.step - incoming.step)

@@ -11,6 +11,7 @@ instead of sending: the initiator takes no step until the reply is in.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING
 
 from gossipfl import wire
@@ -27,7 +28,11 @@ from gossipfl.node.worker import Outgoing, Worker
 if TYPE_CHECKING:
     from gossipfl.node.node import Node
 
-__all__ = ["Protocol"]
+__all__ = ["EXCHANGE_TRIES", "Protocol"]
+
+EXCHANGE_TRIES = 3
+"""Requests a pairwise initiator sends at one gossip point when partners refuse it for being in
+flight themselves, each to a fresh random partner (the vectorised engine's ``EXCHANGE_TRIES``)."""
 
 
 class Protocol:
@@ -198,38 +203,59 @@ class Protocol:
                        peer_id, reply.status, reply.body[:200].decode(errors="replace"))
 
     async def exchange(self, peer_id: str) -> None:
-        """Pairwise (AD-PSGD): snapshot our model, send it, add the reply's delta.
+        """Pairwise (AD-PSGD): one atomic exchange (`exchange_once`); a partner that refuses us
+        because its own exchange is in flight is replaced by a fresh random one, up to
+        `EXCHANGE_TRIES` requests. Between tries our exchange has settled: the requests we
+        deferred are answered first."""
+        for _ in range(EXCHANGE_TRIES - 1):
+            if not await self.exchange_once(peer_id):
+                return
+            await self._clock.sleep(0)  # the requests we deferred run now, before our next snapshot
+            out = await self._worker.partner_async(self._node.cfg.timeout)
+            if out is None:
+                return
+            peer_id = out[1][0]
+        await self.exchange_once(peer_id)
 
-        The lock is held only to take the snapshot and to apply the reply, not for the round
-        trip: meanwhile this node answers other nodes' exchanges (nobody is refused because it is
-        exchanging itself, so simultaneous initiators do not all collide). Both sides move by
-        deltas against what was sent (`ADPSGD.respond` / `apply_reply`), so the sum of the
-        models is conserved however exchanges interleave. The training loop takes no step until
-        this returns.
+    async def exchange_once(self, peer_id: str) -> bool:
+        """Snapshot our model, send it, add the reply's delta -- atomically. True if the partner
+        refused because its own exchange was in flight (worth another partner).
+
+        From the snapshot until the reply is applied our exchange is in flight: we answer no other
+        exchange meanwhile (`Worker.acquire_to_answer`: a lower id is refused, a higher one waits
+        until this returns), so nothing changes our model between the snapshot and the reply and
+        the two sides end exactly at their average. The lock is held only to take the snapshot and
+        to apply the reply. Both sides move by deltas against what was sent (`ADPSGD.respond` /
+        `apply_reply`), so the sum of the models is conserved whatever happens. The training loop
+        takes no step until this returns.
         """
         node, worker = self._node, self._worker
         address = node.membership.address(peer_id)
         if address is None or not await worker.acquire(node.cfg.timeout):
-            return
+            return False
         try:
-            # a copy: answering an exchange meanwhile reuses the send buffer
-            body = bytes(worker.encode_locked(worker.state.message(1), kind="exchange"))
+            worker.begin_exchange_locked()
+            try:  # a copy: the send buffer is reused
+                body = bytes(worker.encode_locked(worker.state.message(1), kind="exchange"))
+            finally:
+                worker.lock.release()
+            reply = await self._post(peer_id, address, "/exchange", body)
+            env = self._exchange_reply(peer_id, reply)
+            if env is None or not await worker.acquire(node.cfg.timeout):
+                return reply is not None and _refused_in_flight(reply)  # the snapshot is dropped
+            try:
+                reply_msg = message_of(env)
+                worker.staleness.add(worker.state.step - reply_msg.step)
+                worker.state.apply_reply(reply_msg)
+            finally:
+                worker.lock.release()
         finally:
-            worker.lock.release()
-        reply = await self._post(peer_id, address, "/exchange", body)
-        env = self._exchange_reply(peer_id, reply)
-        if env is None or not await worker.acquire(node.cfg.timeout):
-            return  # the snapshot is dropped by the next exchange's message()
-        try:
-            reply_msg = message_of(env)
-            worker.staleness.add(worker.state.step - reply_msg.step)
-            worker.state.apply_reply(reply_msg)
-        finally:
-            worker.lock.release()
+            worker.end_exchange()
         node.count_out(peer_id, len(body))
         assert reply is not None  # a decoded reply came in it
         node.count_in(peer_id, len(reply.body))
         node.membership.seen(peer_id, address)
+        return False
 
     def _exchange_reply(self, peer_id: str, reply: Reply | None) -> wire.Envelope | None:
         """The decoded reply to our exchange request, or None (refused, failed, malformed)."""
@@ -249,3 +275,13 @@ class Protocol:
         except WireError as exc:
             self._warn(f"xbad-{peer_id}", "bad exchange reply from %s: %s", peer_id, exc)
             return None
+
+
+def _refused_in_flight(reply: Reply) -> bool:
+    """A 423 whose reason says the partner's own exchange was in flight (`Worker.acquire_to_answer`)."""
+    if reply.status != 423:
+        return False
+    try:
+        return bool(json.loads(reply.body).get("reason") == "exchanging")
+    except (ValueError, AttributeError):
+        return False

@@ -53,6 +53,10 @@ class Worker:
         self.rx_pool = BufferPool(keep=4)
         self._tx_buf: Buffer = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
         self.arrived = asyncio.Event()  # set on every queued message (neighbour-local rounds wait on it)
+        # pairwise: our own exchange is in flight (snapshot sent, reply not yet applied); event-loop only
+        self.exchanging = False
+        self.settled = asyncio.Event()  # set whenever no exchange of ours is in flight
+        self.settled.set()
         self.loss = float("nan")  # of the last local step
 
     def queue(self, msg: Message, body: bytes | Buffer) -> bool:
@@ -84,6 +88,39 @@ class Worker:
                 return False
             await self._clock.sleep(0.0005)
         return True
+
+    def begin_exchange_locked(self) -> None:
+        """Our exchange is in flight from its snapshot on (called under ``lock``, on the event loop)."""
+        self.exchanging = True
+        self.settled.clear()
+
+    def end_exchange(self) -> None:
+        """Our exchange has settled (reply applied, refused, failed): the requests it deferred go on
+        (they wake before the training loop takes its next step, which waits for the send to finish)."""
+        self.exchanging = False
+        self.settled.set()
+
+    async def acquire_to_answer(self, sender: str, within: float) -> str | None:
+        """Take the lock to answer ``sender``'s exchange request: None when held, else why not.
+
+        While our own exchange is in flight we answer nobody (the exchange stays an atomic average):
+        a request from a lower id is refused at once ("exchanging"), one from a higher id waits
+        until our exchange settles. Waits only point from higher to lower ids, so they form no cycle
+        (`gossipfl.algorithms.adpsgd`). All of it within ``within`` seconds ("busy")."""
+        deadline = self._clock.now() + within
+        while True:
+            if not await self.acquire(max(0.0, deadline - self._clock.now())):
+                return "busy"
+            if not self.exchanging:
+                return None
+            self.lock.release()
+            if sender < self.id:
+                return "exchanging"
+            try:
+                async with self._clock.timeout(max(0.0, deadline - self._clock.now())):
+                    await self.settled.wait()
+            except TimeoutError:
+                return "busy"
 
     def merge_pending(self) -> int:
         with self.lock:
@@ -129,6 +166,15 @@ class Worker:
         """(None, [peer]): the partner of a pairwise exchange drawn now, or None without neighbours."""
         with self.lock:
             return self._partner_locked()
+
+    async def partner_async(self, within: float) -> Outgoing | None:
+        """`partner` from the event loop without blocking it (None also if the lock stays taken)."""
+        if not await self.acquire(within):
+            return None
+        try:
+            return self._partner_locked()
+        finally:
+            self.lock.release()
 
     def _partner_locked(self) -> Outgoing | None:
         self.view.set_round(self.state.step)

@@ -132,8 +132,9 @@ def run_async(sim: VectorizedSim, writer: Callable[[dict[str, Any]], None]) -> N
         t_end = t0 + width
         sim.sim_time = t0
         if pair is not None:  # exchanges happen at the responder's step start, before the batch
-            # a node waiting for its reply (t_next = inf) has not finished, whatever `training` says
-            t_next = pair.deliver(t_next, t_end, up, ~active & ~pair.waiting)
+            # a node waiting for its reply or retrying (t_next = inf) has not finished, whatever
+            # `training` says
+            t_next = pair.deliver(t_next, t_end, up, ~active & ~pair.exchanging)
         stepping = up & active & (t_next < t_end)
         inflight = _batch(sim, stepping, training, t_next, t_end, dur, up, ~active, ring, inflight)
         tick = torch.where(training, dur, dur * cfg.gossip_every)  # a lingering node's gossip period

@@ -91,6 +91,9 @@ class Channel:
     that are multiples of ``every`` (gradient exchange sends its model every k steps).
     ``local_update``: before combining, the receiver takes one plain SGD step on its own data
     from each arrived model (gossip learning's update-merge order); ``each`` channels only.
+    ``replaces``: the algorithm's ``merge`` sets ``state[key]`` to the combined value and reads
+    nothing else of its old value (``mix`` channels), so a node may combine into ``state[key]``
+    itself: no model-sized result beside the receive buffer (the vectorised engine ignores it).
     """
 
     key: str
@@ -98,6 +101,7 @@ class Channel:
     latest: bool = True
     every: int = 1
     local_update: bool = False
+    replaces: bool = False
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINES:

@@ -57,7 +57,7 @@ class DPSGD(AlgorithmBase):
 
     name: ClassVar[str] = "dpsgd"
     requirements: ClassVar[Requirements] = Requirements(weights="symmetric", undirected=True)
-    channels = (Channel("params", "mix"),)
+    channels = (Channel("params", "mix", replaces=True),)  # merge: params <- the mix (robust rules: gather)
 
     def __init__(self, *, aggregator: str = "mean", order: str = "lian", **rule_params: Any) -> None:
         check_choice("order", order, ORDERS)

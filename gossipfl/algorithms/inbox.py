@@ -65,11 +65,15 @@ def combine(
     weights: Mapping[str, float],
     neighbour_weight: float,
     decode: Decoder,
+    *,
+    in_place: bool = False,
 ) -> list[Inbox]:
     """The inbox(es) of one receiver: one `Inbox` for combining channels, one per message for
     ``each`` channels (in arrival order). ``own``: the receiver's state (``[1, ...]`` tensors);
     ``weights``: sender -> mixing weight (0 for senders it lacks); ``decode``: the algorithm's
-    wire-to-channel decoding, applied to ``[1, ...]`` tensors."""
+    wire-to-channel decoding, applied to ``[1, ...]`` tensors. ``in_place``: a ``replaces``
+    channel is combined into ``own[key]`` itself, whose old value is then gone (a node: its
+    merge replaces it anyway; the same numbers, without a model-sized result)."""
     if not messages:
         return []
     nw = _weight_tensor(float(neighbour_weight))
@@ -102,12 +106,12 @@ def combine(
             wsum[c.key] = torch.tensor([[float(weights.get(s, 0.0)) for s, _ in entries]], dtype=torch.float64)
             continue
         wsum[c.key] = _weight_tensor(float(sum(weights.get(s, 0.0) for s in senders)))
-        values[c.key] = _combine_one(c, own, entries, weights)
+        values[c.key] = _combine_one(c, own, entries, weights, in_place and c.replaces)
     return [Inbox(values=values, count=count, weight=wsum, neighbour_weight=nw)]
 
 
 def _combine_one(c: Channel, own: Mapping[str, torch.Tensor], entries: list[tuple[str, torch.Tensor]],
-                 weights: Mapping[str, float]) -> torch.Tensor:
+                 weights: Mapping[str, float], in_place: bool = False) -> torch.Tensor:
     """One channel's combined value ``[1, ...]`` from (sender, value ``[1, ...]``) entries.
 
     One message is used where it lies (a view, no ``torch.cat`` copy), and ``mix`` builds its
@@ -131,7 +135,7 @@ def _combine_one(c: Channel, own: Mapping[str, torch.Tensor], entries: list[tupl
     x = own[c.key].reshape(-1)
     if x.dtype != flat.dtype or x.device != flat.device or not flat.is_contiguous():
         return mix(x, flat, w).reshape(1, *shape)  # "mix", with type promotion
-    return mix_into(x, flat, w).reshape(1, *shape)  # "mix"
+    return mix_into(x, flat, w, in_place=in_place).reshape(1, *shape)  # "mix"
 
 
 MIX_CHUNK = 1 << 16
@@ -139,23 +143,34 @@ MIX_CHUNK = 1 << 16
 
 
 @torch.no_grad()
-def mix_into(x: torch.Tensor, others: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def mix_into(x: torch.Tensor, others: torch.Tensor, weights: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     """`mix` for one receiver (x ``[D]``, others ``[K, D]`` contiguous, weights ``[K]``, one dtype)
-    into a single new ``[D]`` tensor, with no other model-sized temporary.
+    into one new ``[D]`` tensor, or with ``in_place`` into ``x`` itself, with no other
+    model-sized temporary (one, the neighbour term, for K > 1 senders).
 
-    Bit-identical to `mix`: the neighbour term is the same matrix product (written into the
-    result), and the self term ``(1 - sum w) * x`` is added slice by slice; both are exact
-    elementwise roundings, and a + b == b + a in IEEE arithmetic. (``torch.add(..., alpha=)``
-    would fuse the multiply and add, rounding once: different numbers.)
+    Bit-identical to `mix`: the neighbour term is the same matrix product (for one sender, whose
+    product is a single rounding w * v per element, the elementwise product), the self term
+    ``(1 - sum w) * x`` the same elementwise product, and they are added slice by slice; each
+    slice depends on the same slice of x only, and a + b == b + a in IEEE arithmetic.
+    (``torch.add(..., alpha=)`` would fuse the multiply and add, rounding once: other numbers.)
     """
     self_w = 1.0 - weights.sum(-1, keepdim=True)
-    out = torch.empty(1, x.shape[0], dtype=x.dtype, device=x.device)
-    torch.mm(weights.unsqueeze(0), others, out=out)
-    acc = out[0]
-    scratch = torch.empty(min(MIX_CHUNK, x.shape[0]), dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[0], MIX_CHUNK):
-        n = min(MIX_CHUNK, x.shape[0] - start)
-        part = scratch[:n]
-        torch.mul(x[start:start + n], self_w, out=part)
-        acc[start:start + n].add_(part)
-    return acc
+    n = x.shape[0]
+    one = others.shape[0] == 1  # one sender: no BLAS call (nor its packing buffers)
+    product = None if one else torch.mm(weights.unsqueeze(0), others)[0]  # rounded as `mix` rounds it
+    out = x if in_place else product if product is not None else torch.empty_like(x)
+    scratch = torch.empty(min(MIX_CHUNK, n), dtype=x.dtype, device=x.device)
+    for start in range(0, n, MIX_CHUNK):
+        end = min(start + MIX_CHUNK, n)
+        part = scratch[:end - start]
+        if in_place:  # x <- self_w * x + neighbour term
+            neighbours = part if product is None else product[start:end]
+            if product is None:
+                torch.mul(others[0, start:end], weights, out=part)
+            x[start:end].mul_(self_w).add_(neighbours)
+        else:  # out (the neighbour term, or filled with it) += self_w * x
+            if product is None:
+                torch.mul(others[0, start:end], weights, out=out[start:end])
+            torch.mul(x[start:end], self_w, out=part)
+            out[start:end].add_(part)
+    return out

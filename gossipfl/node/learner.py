@@ -67,7 +67,7 @@ class NodeLearning:
     def merge(self, messages: Sequence[Message], weights: Mapping[str, float]) -> None:
         """Fold ``messages`` in (in the order given); ``weights``: sender -> mixing weight."""
         inboxes = combine(self.algorithm.channels, self.state, messages, weights, sum(weights.values()),
-                          self._decode)
+                          self._decode, in_place=True)  # a ``replaces`` channel: into the state itself
         if self._heard is not None:
             self._listen(messages, weights)
         for inbox in inboxes:

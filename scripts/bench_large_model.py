@@ -40,6 +40,7 @@ from gossipfl.algorithms import get_algorithm  # noqa: E402
 from gossipfl.config import RunConfig  # noqa: E402
 from gossipfl.node import Node  # noqa: E402
 from gossipfl.node.buffers import new_buffer  # noqa: E402
+from gossipfl.node.health import freeze_heap  # noqa: E402
 from gossipfl.node.transport import HttpTransport  # noqa: E402
 
 STALL_TARGET = 0.1
@@ -57,6 +58,13 @@ def _rss(field: str) -> int:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+async def _settle() -> None:
+    """Collect garbage before a measurement, then let the stall monitor wake: its late wake-up
+    from the collection itself would otherwise land after the reset and count as the message's."""
+    gc.collect()
+    await asyncio.sleep(0.02)
 
 
 class StallMonitor:
@@ -87,6 +95,7 @@ def _receiver(nbytes: int, algorithm: str, conn: Any) -> None:
         cfg = RunConfig(listen="127.0.0.1:0", max_message_mb=2 * nbytes / 2**20 + 16, steps=1,
                         max_peer_rate=0, algorithm=algorithm)
         node = Node(cfg, node_id="receiver", trainer=_trainer(nbytes), algorithm=get_algorithm(algorithm))
+        freeze_heap()  # as `gossipfl node` does before serving: no full GC pass over the startup heap
         await node.start(hold=True)  # serve only; merges happen below, as at a training step's start
         monitor = StallMonitor()
         monitor.start()
@@ -97,7 +106,7 @@ def _receiver(nbytes: int, algorithm: str, conn: Any) -> None:
                 command = await loop.run_in_executor(None, conn.recv)
                 if command == "stop":
                     return
-                gc.collect()
+                await _settle()
                 base = _rss("VmRSS")
                 _reset_peak()
                 monitor.longest = 0.0
@@ -117,6 +126,7 @@ def _receiver(nbytes: int, algorithm: str, conn: Any) -> None:
 
 async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: int) -> list[dict[str, float]]:
     params = torch.randn(numel)
+    freeze_heap()
     transport = HttpTransport()
     monitor = StallMonitor()
     monitor.start()
@@ -126,7 +136,7 @@ async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: i
         for _ in range(repeat):
             conn.send("go")
             assert await asyncio.to_thread(conn.recv) == "ready"
-            gc.collect()
+            await _settle()
             base = _rss("VmRSS")
             _reset_peak()
             monitor.longest = 0.0

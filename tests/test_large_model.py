@@ -97,3 +97,28 @@ def test_large_body_is_decoded_off_the_event_loop_and_still_checked() -> None:
             await node.aclose()
 
     asyncio.run(main())
+
+
+def test_a_large_body_goes_out_with_the_loop_running_between_slices() -> None:
+    """A socket that takes every write whole makes aiohttp await nothing: the slices themselves
+    must yield, or a 400 MB body holds the sender's loop ~0.1 s (bench_large_model)."""
+    from gossipfl.node.transport import _SLICE, _slices
+
+    async def main() -> list[int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        seen = [ticks async for _ in _slices(bytearray(8 * _SLICE))]
+        task.cancel()
+        return seen
+
+    seen = asyncio.run(main())
+    assert len(seen) == 8
+    assert all(b > a for a, b in zip(seen, seen[1:], strict=False))  # the loop ran before every slice

@@ -99,6 +99,7 @@ def test_a_served_node_takes_its_startup_heap_out_of_the_collector() -> None:
     from gossipfl.cli import _serve_node
 
     cfg = RunConfig(listen="127.0.0.1:0", steps=2, mdns=False, eval_every=1000)
+    gc.unfreeze()  # an earlier test in this worker may have served a node (tests/test_cli.py) and frozen its heap
     before = gc.get_freeze_count()
     try:
         assert asyncio.run(_serve_node(cfg, quiet=True)) == 0

@@ -42,8 +42,14 @@ def preflight(cfg: RunConfig) -> Plan:
 
 
 def default_run_folder(cfg: RunConfig) -> Path:
+    """``runs/STAMP-ALGORITHM-TOPOLOGY-N``; a second run in the same second gets ``-2``, ``-3``..."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.algorithm}-{cfg.topology.replace('/', '_')}-{cfg.nodes}"
+    base = Path("runs") / f"{stamp}-{cfg.algorithm}-{cfg.topology.replace('/', '_')}-{cfg.nodes}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
 
 
 def make_run_folder(cfg: RunConfig, out: Path) -> None:

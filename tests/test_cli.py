@@ -355,3 +355,15 @@ def test_help_describes_every_flag_with_its_default(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["node", "--help"])
     assert "(default: run until stopped)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_two_runs_in_the_same_second_get_their_own_default_folders(tmp_path, monkeypatch) -> None:
+    from gossipfl.config import RunConfig
+    from gossipfl.runs import default_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    first = default_run_folder(RunConfig())
+    first.mkdir(parents=True)
+    second = default_run_folder(RunConfig())
+    assert second != first
+    assert second.name.startswith(first.name)

@@ -235,8 +235,8 @@ class Protocol:
             return False
         try:
             worker.begin_exchange_locked()
-            try:  # a copy: the send buffer is reused
-                body = bytes(worker.encode_locked(worker.state.message(1), kind="exchange"))
+            try:  # the exchange request's own buffer: answering others meanwhile reuses the send buffer
+                body = worker.encode_locked(worker.state.message(1), kind="exchange")
             finally:
                 worker.lock.release()
             reply = await self._post(peer_id, address, "/exchange", body)

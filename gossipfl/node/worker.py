@@ -52,6 +52,9 @@ class Worker:
         self.inbox: list[tuple[Message, bytes | Buffer]] = []  # message, and the buffer it aliases
         self.rx_pool = BufferPool(keep=4)
         self._tx_buf: Buffer = bytearray()  # reused for every outgoing frame (back-pressure: one send at a time)
+        # an exchange request's own buffer: answering others meanwhile reuses _tx_buf, and a node has
+        # at most one exchange of its own in flight, so this one is never overwritten while it travels
+        self._exchange_buf: Buffer = bytearray()
         self.arrived = asyncio.Event()  # set on every queued message (neighbour-local rounds wait on it)
         # pairwise: our own exchange is in flight (snapshot sent, reply not yet applied); event-loop only
         self.exchanging = False
@@ -208,8 +211,9 @@ class Worker:
             return self.encode_locked(self.state.message(len(targets))), targets
 
     def encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
-        """Frame ``msg`` into the send buffer (a view of it: valid until the next encode); signed
-        frames carry their time and a nonce (`gossipfl.node.replay`)."""
+        """Frame ``msg`` into the send buffer (a view of it: valid until the next encode; an
+        exchange request: until the node's next exchange request); signed frames carry their time
+        and a nonce (`gossipfl.node.replay`)."""
         meta = {**msg.meta, "addr": self.address, "deg": self.view.degree}
         env = wire.Envelope(
             cluster=self.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
@@ -218,10 +222,13 @@ class Worker:
             tensors=dict(msg.tensors),
         )
         size = wire.encoded_size(env, secret=self.secret)
-        if len(self._tx_buf) < size:
-            self._tx_buf = new_buffer(size)  # a large one without zeroing it under the GIL
-        n = wire.encode_into(env, self._tx_buf, secret=self.secret)
-        return memoryview(self._tx_buf)[:n]
+        name = "_exchange_buf" if kind == "exchange" else "_tx_buf"
+        buf = getattr(self, name)
+        if len(buf) < size:
+            buf = new_buffer(size)  # a large one without zeroing it under the GIL
+            setattr(self, name, buf)
+        n = wire.encode_into(env, buf, secret=self.secret)
+        return memoryview(buf)[:n]
 
     def evaluate(self) -> tuple[float, float, tuple[float | None, int]]:
         """Test loss and accuracy of the model this node would deploy, and the consensus estimate

@@ -20,7 +20,7 @@ from gossipfl.learning import Dataset, Trainer, build_model, load_data, partitio
 from gossipfl.learning.losses import Loss, get_loss
 
 __all__ = ["build_algorithm", "build_data", "build_loss", "build_trainer", "check_algorithm_fits", "check_model_fits",
-           "check_requirements", "node_seed", "stable_index"]
+           "check_requirements", "cut_shards", "node_seed", "stable_index"]
 
 
 def build_data(cfg: RunConfig) -> Dataset:
@@ -43,19 +43,34 @@ def node_seed(cfg: RunConfig, index: int) -> int:
     return cfg.seed if cfg.same_init else cfg.seed * 100_003 + index + 1
 
 
+def cut_shards(cfg: RunConfig, data: Dataset, n_shards: int) -> tuple[torch.Tensor, ...]:
+    """The training-set indices of each of ``n_shards`` shards (node i trains on shard i % K): the
+    data's own ``shards`` where it brings them, else ``cfg.partition`` cut with the run's seed (so
+    every process of a cluster, and every engine, cuts the same ones)."""
+    if data.shards is not None:  # the data says which node trains on which samples
+        if cfg.partition != "iid" or (cfg.shards is not None and cfg.shards != len(data.shards)):
+            raise ConfigError(f"partition: data {cfg.data!r} brings its own {len(data.shards)} shards (node i "
+                              "trains on shard i % shards); drop partition and shards from the configuration")
+        return data.shards
+    if data.regression and cfg.partition != "iid":
+        raise ConfigError(f"partition: {cfg.partition!r} deals samples by class label, and data {cfg.data!r} "
+                          "is regression (real-valued targets); use partition = \"iid\" or data with shards")
+    return tuple(partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed))
+
+
 def build_trainer(cfg: RunConfig, data: Dataset, index: int, n_shards: int,
                   shards: Sequence[torch.Tensor] | None = None) -> Trainer:
     """The Trainer of node ``index`` of ``n_shards``: its data shard, its initial model, its batch order.
 
-    ``shards``: the partition already cut (`gossipfl.plan.Plan.shards`), else cut here."""
+    ``shards``: the partition already cut (`gossipfl.plan.Plan.shards`), else cut here (`cut_shards`)."""
     if shards is None:
-        shards = partition(data.y_train, n_shards, cfg.partition, seed=cfg.seed)
+        shards = cut_shards(cfg, data, n_shards)
     model = build_model(
         cfg.model, input_shape=data.input_shape, n_classes=data.n_classes,
         hidden=cfg.hidden, seed=node_seed(cfg, index), dtype=getattr(torch, cfg.dtype),
     )
     return Trainer(
-        model, data, shards[index % n_shards], lr=cfg.lr, batch_size=cfg.batch_size,
+        model, data, shards[index % len(shards)], lr=cfg.lr, batch_size=cfg.batch_size,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 7919 + index,
         loss=build_loss(cfg, data),
     )

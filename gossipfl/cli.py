@@ -379,6 +379,8 @@ async def _serve_node(cfg: RunConfig, *, quiet: bool = False, progress_every: fl
             raise ConfigError("attack.kind: dissensus crafts each receiver's message from that receiver's whole "
                               "inbox, which a node service cannot see; run it in the vectorised engine")
         if attack.kind == "label_flip":  # data poisoning: this node learns from flipped labels
+            if data.regression:
+                raise ConfigError("attack.kind: label_flip flips class labels, and this data is regression")
             data = dataclasses.replace(data, y_train=flip_labels(data.y_train, data.n_classes))
         log.warning("node %s is an attacker: %s", node_id, attack.kind)
     trainer = build_trainer(cfg, data, index, shards)

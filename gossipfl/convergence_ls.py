@@ -64,6 +64,14 @@ def least_squares(cfg: RunConfig) -> LeastSquares:
     plan = resolve(cfg)
     if not plan.data.regression:
         raise ValueError("least_squares: the run's data must be regression (real-valued targets)")
+    # the closed forms hold for exactly this problem: say which setting breaks them
+    wrong = [f"{key} = {getattr(cfg, key)!r} (needs {want!r})" for key, want in
+             (("model", "logreg"), ("loss", "mse"), ("momentum", 0.0), ("weight_decay", 0.0))
+             if getattr(cfg, key) != want]
+    if cfg.batch_size < max(len(s) for s in plan.shards):
+        wrong.append(f"batch_size = {cfg.batch_size} (needs full batches: at least {max(len(s) for s in plan.shards)})")
+    if wrong:
+        raise ValueError("least_squares: " + "; ".join(wrong))
     x, y = plan.data.x_train.double().numpy(), plan.data.y_train.double().numpy()
     hs, cs = [], []
     for i in range(cfg.nodes):

@@ -21,11 +21,11 @@ import torch
 
 from gossipfl.algorithms import Algorithm
 from gossipfl.attacks import Attack, flip_labels, parse_attack
-from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements
+from gossipfl.build import build_algorithm, build_data, build_trainer, check_requirements, cut_shards
 from gossipfl.config import RunConfig
 from gossipfl.emulation import Emulation, parse_emulation
 from gossipfl.errors import ConfigError, DataError
-from gossipfl.learning import Dataset, Trainer, partition
+from gossipfl.learning import Dataset, Trainer
 from gossipfl.topology import Schedule, build_schedule
 
 log = logging.getLogger("gossipfl")
@@ -77,19 +77,10 @@ def resolve(cfg: RunConfig | Plan, *, data: Dataset | None = None) -> Plan:
     algorithm = build_algorithm(cfg)
     emulation = parse_emulation(cfg.emulation)
     data = data if data is not None else build_data(cfg)
-    if data.shards is not None:  # the data says which node trains on which samples
-        if cfg.partition != "iid" or cfg.shards is not None:
-            raise ConfigError(f"partition: data {cfg.data!r} brings its own shards (node i trains on shard "
-                              "i % len(shards)); drop partition and shards from the configuration")
-        shards = data.shards
-    else:
-        if cfg.shards is None and len(data.y_train) < cfg.nodes:
-            raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
-                            "nodes; give shards = K (--shards K) and node i trains on shard i % K")
-        if data.regression and cfg.partition != "iid":
-            raise ConfigError(f"partition: {cfg.partition!r} deals samples by class label, and data {cfg.data!r} "
-                              "is regression (real-valued targets); use partition = \"iid\" or data with shards")
-        shards = tuple(partition(data.y_train, cfg.shards or cfg.nodes, cfg.partition, seed=cfg.seed))
+    if data.shards is None and cfg.shards is None and len(data.y_train) < cfg.nodes:
+        raise DataError(f"partition: {len(data.y_train)} training samples cannot be split among {cfg.nodes} "
+                        "nodes; give shards = K (--shards K) and node i trains on shard i % K")
+    shards = cut_shards(cfg, data, cfg.shards or cfg.nodes)
     used = [len(shards[i % len(shards)]) for i in range(min(cfg.nodes, len(shards)))]
     # (a batch as large as the whole data set asks for full-batch gradients: no warning)
     if used and min(used) < cfg.batch_size < len(data.y_train) and algorithm.requirements.trains:

@@ -102,3 +102,8 @@ def test_bad_loss_settings_are_refused_with_the_key(settings: dict[str, object],
 
     with pytest.raises(ConfigError, match=match):
         preflight(_cfg(nodes=4, steps=1, **settings))
+
+
+def test_the_closed_forms_refuse_a_run_they_do_not_describe() -> None:
+    with pytest.raises(ValueError, match="model = 'mlp'.*batch_size = 32"):
+        least_squares(_cfg(model="mlp", batch_size=32))

@@ -29,7 +29,7 @@ def test_each_node_trains_on_the_shard_its_data_names() -> None:
 
 
 def test_own_shards_and_a_partition_conflict() -> None:
-    with pytest.raises(ConfigError, match="brings its own shards"):
+    with pytest.raises(ConfigError, match="brings its own 10 shards"):
         resolve(RunConfig(nodes=10, data="tests.test_user_shards:by_class", partition="dirichlet:0.1"))
 
 
@@ -41,3 +41,18 @@ def test_bad_shards_are_refused() -> None:
         Dataset(**base, shards=(torch.tensor([0, len(d.y_train)]),))
     with pytest.raises(DataError, match="empty"):
         Dataset(**base, shards=(torch.tensor([0]), torch.tensor([], dtype=torch.int64)))
+
+
+def test_a_lan_node_trains_on_the_shard_its_data_names_too() -> None:
+    """`gossipfl node` builds its Trainer without a plan (`build_trainer` cuts the shards itself)."""
+    from gossipfl.build import build_data, build_trainer
+
+    cfg = RunConfig(data="tests.test_user_shards:by_class", shards=10)
+    trainer = build_trainer(cfg, build_data(cfg), 7, 10)
+    assert trainer.y.unique().tolist() == [7]
+    with pytest.raises(ConfigError, match="brings its own 10 shards"):
+        build_trainer(cfg.replace(shards=4), build_data(cfg), 1, 4)
+    reg = RunConfig(data="regression", loss="mse", partition="dirichlet:0.5")
+    reg_data = build_data(reg)
+    with pytest.raises(ConfigError, match="regression"):
+        build_trainer(reg, reg_data, 0, 4)

@@ -270,12 +270,14 @@ def require_finite(env: Envelope) -> None:
     for name, t in env.tensors.items():
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        if _all_finite(t):
-            continue
-        t = t.detach()
-        nan = int(torch.isnan(t).sum())
-        inf = int(torch.isinf(t).sum())
-        raise WireError(f"tensor {name!r} holds {nan} NaN and {inf} Inf values")
+        if not _all_finite(t):
+            raise WireError(nonfinite_message(name, t))
+
+
+def nonfinite_message(name: str, t: torch.Tensor) -> str:
+    """What a refusal says about tensor ``name`` found holding NaN or Inf (the rare path: counts)."""
+    t = t.detach()
+    return f"tensor {name!r} holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} Inf values"
 
 
 # IEEE-754 exponent bits per 16-bit float: all ones means Inf or NaN.
@@ -287,10 +289,11 @@ def _all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite; one pass on the calling thread, no full-size temporary.
 
     Torch reductions are avoided for the same reason as ``Tensor.copy_`` in encoding (they stall
-    when the cores are busy training). For float32/64 a finite sum proves every element finite
-    (NaN and Inf propagate); only a non-finite sum, maybe a harmless overflow, needs the exact
-    check. NumPy has no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are
-    checked on their exponent bits, chunk by chunk.
+    when the cores are busy training). For float32/64 the maximum and the minimum are finite
+    exactly when every element is (both propagate NaN, and an Inf is one of them): two vector
+    passes, the second in cache, twice as fast as a sum and never fooled by overflow. NumPy has
+    no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are checked on their
+    exponent bits, chunk by chunk.
     """
     t = t.detach()
     if t.device.type != "cpu":
@@ -300,10 +303,9 @@ def _all_finite(t: torch.Tensor) -> bool:
     mask = _EXPONENT_16.get(t.dtype)
     if mask is None:
         arr = t.numpy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(arr.sum()):
-                return True
-        return bool(np.isfinite(arr).all())
+        if arr.size == 0:
+            return True
+        return math.isfinite(arr.max()) and math.isfinite(arr.min())  # NaN propagates silently
     bits = t.view(torch.int16).numpy().reshape(-1)
     scratch = np.empty(min(bits.size, _CHUNK), dtype=np.int16)
     for start in range(0, bits.size, _CHUNK):

@@ -10,6 +10,7 @@ reason (``{"error": ..., "reason": ...}``), is counted by reason, and changes no
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from gossipfl.node.replay import RateLimit, ReplayGuard
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
 from gossipfl.node.worker import Worker
 from gossipfl.web.page import page_response, serves
+from gossipfl.wire_scan import FiniteScan
 
 if TYPE_CHECKING:
     from gossipfl.node.node import Node
@@ -78,12 +80,15 @@ class Validator:
             name: (torch.Size(shape), dt) for name, (shape, dt) in algorithm.tensor_specs(numel, dtype).items()
         }
 
-    def decode(self, body: bytes | Buffer) -> Decoded:
+    def decode(self, body: bytes | Buffer, scan: FiniteScan | None = None) -> Decoded:
         """The passes over every byte of a frame -- HMAC, decoding, the NaN/Inf scan -- touching no
         node state, so that a large frame's can run off the event loop (`Handlers.handle`).
-        Returns the envelope and what the scan found, refused by `accept` after the other checks."""
+        Returns the envelope and what the scan found, refused by `accept` after the other checks.
+        ``scan``: a completed scan of ``body`` made on arrival, which replaces the NaN/Inf pass."""
         env = wire.decode(body, secret=self.secret, max_bytes=self.cfg.max_message_bytes,
                           fingerprint=self.fingerprint)
+        if scan is not None and scan.complete:
+            return env, scan.finding(env)
         try:
             wire.require_finite(env)
         except WireError as exc:
@@ -148,35 +153,44 @@ class Handlers:
             node.rejected["too_large"] += 1
             return _error_response(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
         try:
-            body = await read_body(request, self._worker.rx_pool)
+            # No secret: the floats are scanned as they arrive (a signed frame's bytes must
+            # verify before they are parsed, so a signed node scans after decoding).
+            body, scan = await read_body(request, self._worker.rx_pool, scan=self._validator.secret is None)
         except web.HTTPRequestEntityTooLarge:
             node.rejected["too_large"] += 1
             return _error_response(413, "too_large", f"body exceeds {limit} bytes")
         except ConnectionError:  # the sender hung up mid-body (its timeout, a crash): counted, not a traceback
             node.rejected["incomplete"] += 1
             return _error_response(400, "incomplete", "the connection closed before the body was complete")
-        status, out = await self.handle(request.method, request.path, body)
+        status, out = await self.handle(request.method, request.path, body, scan)
         binary = request.path == "/exchange" and status == 200
         return web.Response(status=status, body=out,
                             content_type="application/octet-stream" if binary else "application/json")
 
-    async def handle(self, method: str, path: str, body: bytes | Buffer) -> tuple[int, bytes]:
-        """The node's one entry point for requests, shared by HTTP and the in-memory network."""
+    async def handle(self, method: str, path: str, body: bytes | Buffer,
+                     scan: FiniteScan | None = None) -> tuple[int, bytes]:
+        """The node's one entry point for requests, shared by HTTP and the in-memory network.
+        ``scan``: the NaN/Inf scan `read_body` ran over ``body`` as it arrived, if any."""
         if path == "/status" and method == "GET":
             return 200, json_body(self._node.status())
         if path in ("/gossip", "/exchange"):
             if method != "POST":
                 return _refusal(405, "method", f"use POST for {path}")
-            decoded = await self._decode_off_loop(body)
+            decoded = await self._decode_off_loop(body, scan)
             return self.rpc_gossip(body, decoded) if path == "/gossip" else await self.rpc_exchange(body, decoded)
         return _refusal(404, "not_found", f"no such endpoint: {method} {path}")
 
-    async def _decode_off_loop(self, body: bytes | Buffer) -> Decoded | WireError | None:
+    async def _decode_off_loop(self, body: bytes | Buffer,
+                               scan: FiniteScan | None = None) -> Decoded | WireError | None:
         """`Validator.decode` of a large body in a worker thread (None for a small one: decoded in
-        place, cheaper than a thread hop); a refusal comes back as the error, raised by `accept`."""
+        place, cheaper than a thread hop); a refusal comes back as the error, raised by `accept`.
+        A body whose floats were scanned on arrival is decoded here on the loop: nothing is left
+        that reads every byte (decoding makes views), so a thread hop would only add latency."""
         if len(body) < OFF_LOOP_BYTES:
             return None
         try:
+            if scan is not None and scan.complete and sys.byteorder == "little":  # big-endian decoding swaps a copy
+                return self._validator.decode(body, scan)
             return await self._node._clock.to_thread(self._validator.decode, body)
         except WireError as exc:
             return exc
@@ -246,24 +260,29 @@ class Handlers:
         return 200, out
 
 
-async def read_body(request: web.Request, pool: BufferPool) -> bytes | Buffer:
-    """The request body, read straight into one buffer of the announced size when there is one.
+async def read_body(request: web.Request, pool: BufferPool, *, scan: bool = False
+                    ) -> tuple[bytes | Buffer, FiniteScan | None]:
+    """The request body, read straight into one buffer of the announced size when there is one,
+    and (with ``scan``) the NaN/Inf scan of its floats made chunk by chunk as they arrived.
 
     One copy per byte instead of aiohttp's chunk list + join; the frame's tensors then alias a
     writable buffer. A body longer or shorter than its Content-Length is malformed."""
     n = request.content_length
     if n is None or n < 1 << 16:
-        return await request.read()
+        return await request.read(), None
     buf = pool.take(n)
     view = memoryview(buf)
+    scanner = FiniteScan(view) if scan else None
     off = 0
     async for chunk in request.content.iter_any():
         end = off + len(chunk)
         if end > n:
-            return b""  # longer than announced: let the codec reject an empty frame
+            return b"", None  # longer than announced: let the codec reject an empty frame
         view[off:end] = chunk
         off = end
-    return buf if off == n else b""
+        if scanner is not None:
+            scanner.feed(off)  # while the chunk is in cache
+    return (buf, scanner) if off == n else (b"", None)
 
 
 def _error_response(status: int, reason: str, message: str) -> web.Response:

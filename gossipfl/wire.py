@@ -74,6 +74,7 @@ from gossipfl.wire_checks import (
     _views,
     require_finite,
 )
+from gossipfl.wire_copy import PARALLEL_FROM, copy_pieces, split
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -363,6 +364,8 @@ def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> in
         address = ctypes.addressof(ctypes.c_char.from_buffer(mv))
         data_start = plan.data_start
         memmove, little = ctypes.memmove, _LITTLE_ENDIAN_HOST
+        shared = plan.layout.length >= PARALLEL_FROM
+        pieces: list[tuple[int, int, int]] = []
         for (rel, nbytes, gap), t in zip(plan.layout.blocks, plan.items, strict=True):
             off = data_start + rel
             if gap:
@@ -371,11 +374,17 @@ def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> in
                 continue
             if little and t.is_cpu and t.is_contiguous() and not t.is_neg():
                 # The common case, and the fastest way there is: one memcpy of the tensor's
-                # bytes, on this thread, without the GIL (ctypes drops it).
+                # bytes without the GIL (ctypes drops it); a large frame's shared with a helper
+                # thread that never makes this one wait (`gossipfl.wire_copy`).
                 # In bounds: nbytes is the tensor's size and the plan fits `out`.
-                memmove(address + off, t.data_ptr(), nbytes)
+                if shared:
+                    split(address + off, t.data_ptr(), nbytes, pieces)
+                else:
+                    memmove(address + off, t.data_ptr(), nbytes)
             else:
                 _copy_tensor(t, np.frombuffer(mv, dtype=np.uint8, count=nbytes, offset=off))
+        if pieces:
+            copy_pieces(pieces)  # the tensors and `out` outlive the call: it waits for every piece
     if secret is not None:
         mv[plan.body_end : plan.total] = hmac.digest(secret, mv[: plan.body_end], "sha256")
     return plan.total

@@ -43,7 +43,7 @@ from gossipfl.node.learner import NodeLearning
 from gossipfl.node.membership import Membership
 from gossipfl.node.peers import Peers
 from gossipfl.node.protocol import Protocol
-from gossipfl.node.transport import HttpTransport, MemoryNetwork, Reply, Transport
+from gossipfl.node.transport import READ_BUFSIZE, HttpTransport, MemoryNetwork, Reply, Transport
 from gossipfl.node.util import WarnOnce
 from gossipfl.node.view import NeighbourView
 from gossipfl.node.worker import Outgoing, Worker
@@ -234,7 +234,7 @@ class Node:
             host, port = parse_address(self.cfg.listen, key="listen")
             app = web.Application(client_max_size=self.cfg.max_message_bytes + 2**20)
             app.router.add_route("*", "/{tail:.*}", self._handlers.http_entry)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -219,16 +219,33 @@ _TENSOR: Final = torch.Tensor
 class _Plan(NamedTuple):
     """Where everything goes in one frame; computed once per message."""
 
-    header: bytes
+    head: bytes  # the frame's first data_start bytes: magic, header length, header, zero padding
     data_start: int
     body_end: int  # end of the last tensor; the trailer (if any) starts here
     total: int
     layout: _Layout
     items: list[torch.Tensor]  # in table order
+    sources: list[int]  # each item's data address when one memcpy copies it, else 0
 
 
 def _check_field_types(env: Envelope) -> None:
     """Refuse to build a frame that the receiving node would reject anyway."""
+    # The usual envelope in one expression (this is part of every message's fixed cost): exact
+    # types, numbers in range, short strings; anything else gets the checks below, which explain.
+    step, round_, age, weight = env.step, env.round, env.age, env.weight
+    cluster, sender, algorithm, fingerprint, kind = env.cluster, env.sender, env.algorithm, env.fingerprint, env.kind
+    if (
+        env.version == PROTOCOL_VERSION
+        and type(step) is int and 0 <= step <= _UINT_MAX
+        and type(round_) is int and 0 <= round_ <= _UINT_MAX
+        and type(age) is float and 0 <= age < math.inf
+        and type(weight) is float and -math.inf < weight < math.inf
+        and type(cluster) is str and type(sender) is str and type(algorithm) is str
+        and type(fingerprint) is str and type(kind) is str
+        and max(len(cluster), len(sender), len(algorithm), len(fingerprint), len(kind)) <= _MAX_FIELD_LEN
+    ):
+        _check_meta(env.meta, prefix="cannot encode: ")
+        return
     if env.version != PROTOCOL_VERSION:
         raise WireError(f"cannot encode protocol version {env.version!r}; this is {PROTOCOL_VERSION}")
     for key in _STR_FIELDS:
@@ -272,20 +289,30 @@ def _new_layout(tensors: Mapping[Any, Any]) -> _Layout:
     return _Layout(rows)
 
 
-def _layout(tensors: object) -> tuple[_Layout, list[torch.Tensor]]:
-    """The layout of ``tensors`` (from the cache when its signature was seen) and the tensors."""
+def _layout(tensors: object) -> tuple[_Layout, list[torch.Tensor], list[int]]:
+    """The layout of ``tensors`` (from the cache when its signature was seen), the tensors, and
+    where each one's bytes start when a plain memcpy can take them (else 0: `_copy_tensor`)."""
     if type(tensors) is not dict and not isinstance(tensors, Mapping):  # the ABC check is slow
         raise WireError("cannot encode: tensors must be a dict of name -> tensor")
     if len(tensors) > _MAX_TENSORS:
         raise WireError(f"cannot encode more than {_MAX_TENSORS} tensors, got {len(tensors)}")
     key: list[tuple[Any, ...]] = []
     items: list[torch.Tensor] = []
+    sources: list[int] = []
+    little = _LITTLE_ENDIAN_HOST
     for name, t in tensors.items():
         # Layout and device-type are part of the key's validity: a sparse or meta tensor of a
         # cached shape must still be refused, so anything unusual takes the full check.
-        if not isinstance(t, _TENSOR) or t.layout is not _STRIDED or t.is_meta:
+        if not isinstance(t, _TENSOR) or t.layout is not _STRIDED:
             _new_layout(tensors)  # raises, naming the tensor
             raise AssertionError("unreachable: _new_layout refuses this tensor")
+        if t.is_cpu:  # (never meta) the common case: one memcpy when contiguous and not negated
+            sources.append(t.data_ptr() if little and t.is_contiguous() and not t.is_neg() else 0)
+        elif t.is_meta:
+            _new_layout(tensors)
+            raise AssertionError("unreachable: _new_layout refuses a meta tensor")
+        else:
+            sources.append(0)
         key.append((name, t.dtype, t.shape))
         items.append(t)
     signature = tuple(key)
@@ -296,14 +323,14 @@ def _layout(tensors: object) -> tuple[_Layout, list[torch.Tensor]]:
             if len(_LAYOUTS) >= _MAX_LAYOUTS:
                 _LAYOUTS.clear()
             _LAYOUTS[signature] = layout
-    return layout, items
+    return layout, items, sources
 
 
 def _plan(env: Envelope, secret: bytes | None) -> _Plan:
     """Validate ``env`` and lay out its frame without touching any tensor data."""
     _check_field_types(env)
     _check_secret(secret)
-    layout, items = _layout(env.tensors)
+    layout, items, sources = _layout(env.tensors)
     signed = secret is not None
     trailer = _SIG_LEN if signed else 0
     # The header is a msgpack map of these twelve fields followed by "tensors" and "total"; the
@@ -332,8 +359,10 @@ def _plan(env: Envelope, secret: bytes | None) -> _Plan:
     header_len = len(scalars) + len(table) + len(total)  # the map's marker byte is replaced
     if header_len > _MAX_HEADER_BYTES:
         raise WireError(f"cannot encode: header of {header_len} bytes is over the limit")
-    header = b"".join((_FIXMAP_14, memoryview(scalars)[1:], table, total))
-    return _Plan(header, data_start, end, end + trailer, layout, items)
+    # Padded with zeros explicitly: a reused buffer holds the previous message's bytes.
+    head = b"".join((MAGIC, _UINT32.pack(header_len), _FIXMAP_14, memoryview(scalars)[1:], table, total,
+                     _ZEROS[: data_start - _PREFIX - header_len]))
+    return _Plan(head, data_start, end, end + trailer, layout, items, sources)
 
 
 def _check_secret(secret: bytes | None) -> None:
@@ -354,33 +383,28 @@ def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> in
         mv = mv.cast("B")
     if mv.nbytes < plan.total:
         raise ValueError(f"output buffer of {mv.nbytes} bytes is too small for {plan.total}")
-    mv[0:4] = MAGIC
-    _UINT32.pack_into(mv, 4, len(plan.header))
-    header_end = _PREFIX + len(plan.header)
-    mv[_PREFIX:header_end] = plan.header
-    # Pad with zeros explicitly: a reused buffer holds the previous message's bytes.
-    mv[header_end : plan.data_start] = _ZEROS[: plan.data_start - header_end]
+    data_start = plan.data_start
+    mv[:data_start] = plan.head
     if plan.items:
         address = ctypes.addressof(ctypes.c_char.from_buffer(mv))
-        data_start = plan.data_start
-        memmove, little = ctypes.memmove, _LITTLE_ENDIAN_HOST
+        memmove = ctypes.memmove
         shared = plan.layout.length >= PARALLEL_FROM
         pieces: list[tuple[int, int, int]] = []
-        for (rel, nbytes, gap), t in zip(plan.layout.blocks, plan.items, strict=True):
+        for (rel, nbytes, gap), src, t in zip(plan.layout.blocks, plan.sources, plan.items, strict=True):
             off = data_start + rel
             if gap:
                 mv[off - gap : off] = _ZEROS[:gap]
             if not nbytes:
                 continue
-            if little and t.is_cpu and t.is_contiguous() and not t.is_neg():
+            if src:
                 # The common case, and the fastest way there is: one memcpy of the tensor's
                 # bytes without the GIL (ctypes drops it); a large frame's shared with a helper
                 # thread that never makes this one wait (`gossipfl.wire_copy`).
                 # In bounds: nbytes is the tensor's size and the plan fits `out`.
                 if shared:
-                    split(address + off, t.data_ptr(), nbytes, pieces)
+                    split(address + off, src, nbytes, pieces)
                 else:
-                    memmove(address + off, t.data_ptr(), nbytes)
+                    memmove(address + off, src, nbytes)
             else:
                 _copy_tensor(t, np.frombuffer(mv, dtype=np.uint8, count=nbytes, offset=off))
         if pieces:

@@ -289,11 +289,11 @@ def _all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite; one pass on the calling thread, no full-size temporary.
 
     Torch reductions are avoided for the same reason as ``Tensor.copy_`` in encoding (they stall
-    when the cores are busy training). For float32/64 the maximum and the minimum are finite
-    exactly when every element is (both propagate NaN, and an Inf is one of them): two vector
-    passes, the second in cache, twice as fast as a sum and never fooled by overflow. NumPy has
-    no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are checked on their
-    exponent bits, chunk by chunk.
+    when the cores are busy training). For float32/64 a finite sum proves every element finite
+    (NaN and Inf propagate); only a non-finite sum, maybe a harmless overflow, needs the exact
+    check. (One pass: over a tensor larger than the cache it beats the max-and-min pair that
+    `gossipfl.wire_scan` uses on chunks still in cache.) NumPy has no bfloat16, and float16
+    arithmetic there is slow, so 16-bit floats are checked on their exponent bits, chunk by chunk.
     """
     t = t.detach()
     if t.device.type != "cpu":
@@ -303,9 +303,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     mask = _EXPONENT_16.get(t.dtype)
     if mask is None:
         arr = t.numpy()
-        if arr.size == 0:
-            return True
-        return math.isfinite(arr.max()) and math.isfinite(arr.min())  # NaN propagates silently
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(arr.sum()):
+                return True
+        return bool(np.isfinite(arr).all())
     bits = t.view(torch.int16).numpy().reshape(-1)
     scratch = np.empty(min(bits.size, _CHUNK), dtype=np.int16)
     for start in range(0, bits.size, _CHUNK):

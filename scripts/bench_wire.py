@@ -55,6 +55,17 @@ def best_of(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
+def best_in_rounds(fns: list[Callable[[], object]], reps: int, rounds: int = 5) -> list[float]:
+    """Fastest of ``reps`` timed calls of each of ``fns``, taken in ``rounds`` turns of
+    ``reps / rounds`` back-to-back calls each: every row is measured warm (as before), and a noisy
+    neighbour who comes and goes slows every row alike instead of whichever ran then."""
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], best_of(fn, max(1, reps // rounds)))
+    return best
+
+
 def bench_state(state: dict[str, torch.Tensor], reps: int) -> list[tuple[str, float, float | None]]:
     """Rows of (operation, best seconds, target ratio to the copy or None) for one state dict."""
     payload = sum(t.nbytes for t in state.values())
@@ -102,7 +113,8 @@ def bench_state(state: dict[str, torch.Tensor], reps: int) -> list[tuple[str, fl
         ("pickle.dumps", lambda: pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), None),
         ("pickle.loads", lambda: pickle.loads(pickled), None),  # our own bytes
     ]
-    return [(name, best_of(fn, reps), target) for name, fn, target in rows]
+    times = best_in_rounds([fn for _, fn, _ in rows], reps)
+    return [(name, seconds, target) for (name, _, target), seconds in zip(rows, times, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.machine()}"
     )
     print(
-        "GB/s = state-dict payload bytes / best time. x copy = ratio to the faster of the two copy\n"
-        "rows (targets are judged on it); x memcpy = ratio to the single-threaded memoryview copy.\n"
+        "GB/s = state-dict payload bytes / best time (rows timed warm, in turns). x copy = ratio to\n"
+        "the faster of the two copy rows (targets are judged on it); x memcpy = ratio to the\n"
+        "single-threaded memoryview copy.\n"
         "tensor.copy_ uses all torch threads: ~2x memcpy on an idle machine, far slower when another\n"
         "process keeps a core busy; wire copies on the calling thread (see gossipfl/wire.py)."
     )
     failed = False
     for megabytes in sizes:
-        reps = 60 if megabytes <= 1 else 20 if megabytes <= 10 else 7
+        reps = 200 if megabytes <= 1 else 30 if megabytes <= 10 else 7
         if args.quick:
             reps = max(3, reps // 3)
         state = mlp_state(megabytes * 2**20)

@@ -186,10 +186,11 @@ class Handlers:
         place, cheaper than a thread hop); a refusal comes back as the error, raised by `accept`.
         A body whose floats were scanned on arrival is decoded here on the loop: nothing is left
         that reads every byte (decoding makes views), so a thread hop would only add latency."""
-        if len(body) < OFF_LOOP_BYTES:
+        scanned = scan is not None and scan.complete and sys.byteorder == "little"  # big-endian: swaps a copy
+        if not scanned and len(body) < OFF_LOOP_BYTES:
             return None
         try:
-            if scan is not None and scan.complete and sys.byteorder == "little":  # big-endian decoding swaps a copy
+            if scanned:
                 return self._validator.decode(body, scan)
             return await self._node._clock.to_thread(self._validator.decode, body)
         except WireError as exc:

@@ -31,12 +31,13 @@ from __future__ import annotations
 import ctypes
 import hmac
 import math
+import mmap
 import sys
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack
 import numpy as np
@@ -86,6 +87,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_into",
+    "encode_reusing",
     "encoded_size",
     "require_finite",
 ]
@@ -375,7 +377,7 @@ def _check_secret(secret: bytes | None) -> None:
         raise ValueError("secret must not be empty")
 
 
-def _write(plan: _Plan, out: bytearray | memoryview, secret: bytes | None) -> int:
+def _write(plan: _Plan, out: bytearray | memoryview | mmap.mmap, secret: bytes | None) -> int:
     mv = memoryview(out)
     if mv.readonly:
         raise TypeError("output buffer is read-only")
@@ -455,6 +457,23 @@ def encode_into(env: Envelope, out: bytearray | memoryview, *, secret: bytes | N
     Raises :class:`WireError` if ``env`` holds something the wire cannot carry.
     """
     return _write(_plan(env, secret), out, secret)
+
+
+_B = TypeVar("_B", bytearray, memoryview, mmap.mmap)
+
+
+def encode_reusing(env: Envelope, buf: _B, alloc: Callable[[int], _B], *,
+                   secret: bytes | None = None) -> tuple[_B, int]:
+    """Write ``env``'s frame into ``buf``, or into ``alloc(size)`` when ``buf`` is too small;
+    return the buffer written and the frame's length.
+
+    For a sender that keeps one buffer for every message: the same as `encoded_size` and then
+    `encode_into`, with the frame laid out once instead of twice (a small message's fixed cost).
+    """
+    plan = _plan(env, secret)
+    if len(buf) < plan.total:
+        buf = alloc(plan.total)
+    return buf, _write(plan, buf, secret)
 
 
 def encode(env: Envelope, *, secret: bytes | None = None) -> bytearray:

@@ -283,6 +283,7 @@ def nonfinite_message(name: str, t: torch.Tensor) -> str:
 # IEEE-754 exponent bits per 16-bit float: all ones means Inf or NaN.
 _EXPONENT_16: Final = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 _CHUNK: Final = 1 << 16
+_SMALL: Final = 1 << 16  # elements: a tensor this small is checked by max and min (see _all_finite)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -291,9 +292,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     Torch reductions are avoided for the same reason as ``Tensor.copy_`` in encoding (they stall
     when the cores are busy training). For float32/64 a finite sum proves every element finite
     (NaN and Inf propagate); only a non-finite sum, maybe a harmless overflow, needs the exact
-    check. (One pass: over a tensor larger than the cache it beats the max-and-min pair that
-    `gossipfl.wire_scan` uses on chunks still in cache.) NumPy has no bfloat16, and float16
-    arithmetic there is slow, so 16-bit floats are checked on their exponent bits, chunk by chunk.
+    check. (One pass: over a tensor larger than the cache it beats the max-and-min pair, which is
+    faster on one that fits, and needs no ``errstate``: small tensors, and `gossipfl.wire_scan`.)
+    NumPy has no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are checked on
+    their exponent bits, chunk by chunk.
     """
     t = t.detach()
     if t.device.type != "cpu":
@@ -303,6 +305,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     mask = _EXPONENT_16.get(t.dtype)
     if mask is None:
         arr = t.numpy()
+        if arr.size <= _SMALL:  # in cache: max and min, which never warn (no errstate to set up)
+            return arr.size == 0 or (math.isfinite(arr.max()) and math.isfinite(arr.min()))
         with np.errstate(over="ignore", invalid="ignore"):
             if np.isfinite(arr.sum()):
                 return True

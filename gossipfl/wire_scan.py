@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["FiniteScan"]
 
 # Little-endian as on the wire, whatever the host: NumPy swaps on the fly on a big-endian one.
-_FLOATS: Final = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+_FLOATS: Final[dict[str, np.dtype[np.floating]]] = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 # 16-bit floats (NumPy has no bfloat16): Inf/NaN iff the exponent bits are all ones.
 _EXPONENT_16: Final = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _BITS_16: Final = np.dtype("<u2")

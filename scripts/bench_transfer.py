@@ -39,6 +39,7 @@ from gossipfl import wire
 from gossipfl.config import RunConfig
 from gossipfl.learning import Dataset, Trainer
 from gossipfl.node import Node
+from gossipfl.node.health import freeze_heap
 from gossipfl.node.transport import HttpTransport
 
 TRANSFER_TARGET = 0.5
@@ -70,6 +71,7 @@ def _receiver_node(nbytes: int, conn: Any) -> None:
 
         node = Node(cfg, node_id="receiver", trainer=trainer, algorithm=get_algorithm("dpsgd"))
         await node.start(hold=True)  # serve only: never train, never merge
+        freeze_heap()  # as `gossipfl node` does before it serves (gossipfl/node/health.py)
         try:
             conn.send((node.address, node.fingerprint))
 
@@ -150,6 +152,7 @@ async def _send_models(address: str, fingerprint: str, nbytes: int, repeat: int,
                        batch: int) -> tuple[list[float], int]:
     params = torch.randn(_model(nbytes).weight.numel())
     transport = HttpTransport()
+    freeze_heap()  # the sending node froze its start-up heap too
     times: list[float] = []
     size = 0
     tx = bytearray()  # the node reuses one send buffer the same way
@@ -160,10 +163,8 @@ async def _send_models(address: str, fingerprint: str, nbytes: int, repeat: int,
                 env = wire.Envelope(cluster="default", sender="sender", algorithm="dpsgd",
                                     fingerprint=fingerprint, tensors={"params": params},
                                     meta={"addr": "127.0.0.1:1", "deg": 1})
-                n = wire.encoded_size(env)
-                if len(tx) < n:
-                    tx = bytearray(n)
-                body = memoryview(tx)[: wire.encode_into(env, tx)]
+                tx, n = wire.encode_reusing(env, tx, bytearray)
+                body = memoryview(tx)[:n]
                 reply = await transport.request(address, "POST", "/gossip", body, timeout=120)
                 assert reply.status == 200, reply.body
             if i:

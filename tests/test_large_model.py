@@ -102,7 +102,7 @@ def test_large_body_is_decoded_off_the_event_loop_and_still_checked() -> None:
 def test_a_large_body_goes_out_with_the_loop_running_between_slices() -> None:
     """A socket that takes every write whole makes aiohttp await nothing: the slices themselves
     must yield, or a 400 MB body holds the sender's loop ~0.1 s (bench_large_model)."""
-    from gossipfl.node.transport import _SLICE, _slices
+    from gossipfl.node.transport import _FIRST_SLICE, _SLICE, _slices
 
     async def main() -> list[int]:
         ticks = 0
@@ -115,10 +115,18 @@ def test_a_large_body_goes_out_with_the_loop_running_between_slices() -> None:
 
         task = asyncio.create_task(ticker())
         await asyncio.sleep(0)
-        seen = [ticks async for _ in _slices(bytearray(8 * _SLICE))]
+        body = bytearray(range(256)) * (8 * _SLICE // 256)
+        pieces: list[bytes] = []
+        seen: list[int] = []
+        async for piece in _slices(body):
+            seen.append(ticks)
+            pieces.append(bytes(piece))
         task.cancel()
+        assert b"".join(pieces) == body  # every byte once, in order
+        assert len(pieces[0]) == _FIRST_SLICE  # what aiohttp copies to join the headers to it
+        assert max(map(len, pieces)) == _SLICE
         return seen
 
     seen = asyncio.run(main())
-    assert len(seen) == 8
+    assert len(seen) == 9  # the small first slice, then 8 of _SLICE (the last one shorter)
     assert all(b > a for a, b in zip(seen, seen[1:], strict=False))  # the loop ran before every slice

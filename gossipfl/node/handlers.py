@@ -61,6 +61,9 @@ def _reason(exc: WireError) -> str:
     return getattr(exc, "reason", None) or next((r for cls, r in _REASONS if isinstance(exc, cls)), "malformed")
 
 
+_OK = json_body({"ok": True})  # every accepted message's reply
+
+
 def _refusal(status: int, reason: str, message: str) -> tuple[int, bytes]:
     return status, json_body({"error": message, "reason": reason})
 
@@ -226,7 +229,7 @@ class Handlers:
         del env
         if worker.queue(msg, body):
             node.dropped += 1
-        return 200, json_body({"ok": True})
+        return 200, _OK
 
     async def rpc_exchange(self, body: bytes | Buffer,
                            decoded: Decoded | WireError | None = None) -> tuple[int, bytes]:

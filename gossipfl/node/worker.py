@@ -221,13 +221,10 @@ class Worker:
             meta=stamp(meta, self.wall) if self.secret is not None else meta,
             tensors=dict(msg.tensors),
         )
-        size = wire.encoded_size(env, secret=self.secret)
         name = "_exchange_buf" if kind == "exchange" else "_tx_buf"
-        buf = getattr(self, name)
-        if len(buf) < size:
-            buf = new_buffer(size)  # a large one without zeroing it under the GIL
-            setattr(self, name, buf)
-        n = wire.encode_into(env, buf, secret=self.secret)
+        # a new buffer when this one is too small: a large one without zeroing it under the GIL
+        buf, n = wire.encode_reusing(env, getattr(self, name), new_buffer, secret=self.secret)
+        setattr(self, name, buf)
         return memoryview(buf)[:n]
 
     def evaluate(self) -> tuple[float, float, tuple[float | None, int]]:

@@ -155,7 +155,7 @@ class _Layout:
     table is kept for each ``data_start`` met (one or two in practice).
     """
 
-    __slots__ = ("blocks", "length", "packed", "rows", "starts")
+    __slots__ = ("blocks", "length", "packed", "rows", "starts", "writes")
 
     def __init__(self, rows: list[tuple[str, str, list[int], int]]) -> None:
         self.rows = rows  # (name, dtype name, shape, nbytes)
@@ -169,6 +169,7 @@ class _Layout:
         self.length = end  # from data_start to the end of the last block
         self.packed: dict[int, bytes] = {}
         self.starts: dict[int, int] = {}  # length of the packed scalar fields -> data_start
+        self.writes: dict[int, list[tuple[int, int, int, bytes]]] = {}
 
     def data_start(self, scalars_len: int, trailer: int) -> int:
         """Where the first block starts after a header whose scalar fields pack to
@@ -194,6 +195,18 @@ class _Layout:
                 self.starts.clear()
             self.starts[key] = start
         return start
+
+    def blocks_at(self, data_start: int) -> list[tuple[int, int, int, bytes]]:
+        """Each block's (offset, nbytes, where its zero padding starts, the padding) for blocks
+        from ``data_start`` on: `_write`'s loop, with nothing left to work out per message."""
+        writes = self.writes.get(data_start)
+        if writes is None:
+            writes = [(data_start + rel, nbytes, data_start + rel - gap, _ZEROS[:gap])
+                      for rel, nbytes, gap in self.blocks]
+            if len(self.writes) >= 8:
+                self.writes.clear()
+            self.writes[data_start] = writes
+        return writes
 
     def table(self, data_start: int) -> bytes:
         """The header's ``"tensors"`` key and table, packed, for blocks from ``data_start`` on."""
@@ -392,10 +405,10 @@ def _write(plan: _Plan, out: bytearray | memoryview | mmap.mmap, secret: bytes |
         memmove = ctypes.memmove
         shared = plan.layout.length >= PARALLEL_FROM
         pieces: list[tuple[int, int, int]] = []
-        for (rel, nbytes, gap), src, t in zip(plan.layout.blocks, plan.sources, plan.items, strict=True):
-            off = data_start + rel
-            if gap:
-                mv[off - gap : off] = _ZEROS[:gap]
+        for (off, nbytes, pad_start, pad), src, t in zip(plan.layout.blocks_at(data_start), plan.sources,
+                                                           plan.items, strict=True):
+            if pad:
+                mv[pad_start:off] = pad
             if not nbytes:
                 continue
             if src:

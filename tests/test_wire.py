@@ -259,6 +259,30 @@ def test_encode_into_a_dirty_reused_buffer_matches_encode(env: Envelope) -> None
     assert view[:used] == frame
 
 
+@FAST
+@given(env=envelopes())
+def test_encode_reusing_grows_only_a_buffer_too_small(env: Envelope) -> None:
+    frame = encode(env, secret=SECRET)
+    made: list[int] = []
+
+    def alloc(size: int) -> bytearray:
+        made.append(size)
+        return bytearray(b"\xcd" * size)
+
+    small = bytearray(3)
+    buf, n = wire.encode_reusing(env, small, alloc, secret=SECRET)
+    assert made == [len(frame)]
+    assert buf is not small
+    assert n == len(frame)
+    assert buf[:n] == frame
+    dirty = bytearray(b"\xab" * (len(frame) + 7))
+    again, n = wire.encode_reusing(env, dirty, alloc, secret=SECRET)
+    assert again is dirty  # big enough: reused, nothing allocated
+    assert made == [len(frame)]
+    assert dirty[:n] == frame
+    assert dirty[n:] == b"\xab" * 7
+
+
 def test_layout_matches_the_documented_format() -> None:
     env = _envelope()
     frame = encode(env, secret=SECRET)

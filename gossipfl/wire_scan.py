@@ -126,7 +126,7 @@ class FiniteScan:
             # A node without a secret ignores a signed frame's trailer (decode's rule) and so does this.
             body_end = total - _SIG_LEN if signed else total
             rows = _check_table(header.get("tensors"), _align(_PREFIX + header_len), body_end)
-        except WireError:
+        except (WireError, LookupError, TypeError, ValueError):  # untrusted bytes: a missing field too
             self._given_up = True  # decode will say what is wrong
             return False
         self._blocks = [(name, dtype, offset, nbytes) for name, dtype, _, offset, nbytes in rows

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 
+import msgpack
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -184,3 +186,41 @@ def test_a_node_refuses_a_poisoned_body_scanned_on_arrival_over_http() -> None:
             await node.aclose()
 
     asyncio.run(main())
+
+
+_BIG = _frame({"w": torch.randn(20_000), "b": torch.randn(7).half(), "i": torch.arange(5)})
+
+
+def test_a_mutated_header_never_breaks_the_scan_nor_fools_it() -> None:
+    """5000 frames with up to six bytes of the header and the first tensor rewritten at random,
+    fed in random chunks: feeding never raises, and whenever the scan completes its verdict is
+    the one decode + require_finite give. (A seeded loop rather than hypothesis, whose small-value
+    bias missed a header whose mutation dropped the 'total' key.)"""
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(5000):
+        frame = bytearray(_BIG)
+        for _ in range(rng.randint(1, 6)):
+            frame[rng.randrange(600)] = rng.randrange(256)
+        scan = _scan(frame, [rng.randrange(len(frame) + 1) for _ in range(rng.randint(0, 5))])
+        if not scan.complete:
+            continue
+        try:
+            env = wire.decode(frame)
+        except WireError:
+            continue  # decode refuses it; the node never asks the scan
+        assert scan.finding(env) == _verdict(frame)
+        checked += 1
+    assert checked > 500  # the loop does reach frames that scan and decode
+
+
+def test_a_header_without_its_total_is_left_to_decode() -> None:
+    frame = _frame({"w": torch.ones(100)})
+    header_len = int.from_bytes(frame[4:8], "little")
+    header = msgpack.unpackb(bytes(frame[8 : 8 + header_len]))
+    del header["total"]
+    packed = msgpack.packb(header)
+    frame[8 : 8 + len(packed)] = packed
+    frame[4:8] = len(packed).to_bytes(4, "little")
+    scan = _scan(frame, [])
+    assert not scan.complete

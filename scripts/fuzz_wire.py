@@ -1,6 +1,7 @@
 """Fuzz the wire decoder and a live node's ``POST /gossip`` with random and mutated frames.
 
-    python scripts/fuzz_wire.py --cases 10000          # 10 000 frames at decode, 10 000 at a node
+    python scripts/fuzz_wire.py --cases 10000          # 10 000 frames at decode, 10 000 at a node,
+                                                       # then 2000 at a node with a ~200 KB model
     python scripts/fuzz_wire.py --cases 2000 --only node --seed 7
 
 Frames come from `fuzz_frames` (real frames, signed and unsigned, broken in one or two ways).
@@ -17,7 +18,8 @@ the same bytes: 200 for a message it accepts, else the 4xx of the refusal; never
 (no answer within --hang seconds) or a logged error. After every batch the node merges its
 inbox: if it accepted nothing, its state must be bit-for-bit what it was, and ``/status`` must
 answer with counters that add up. A few raw HTTP cases follow (lying Content-Length, broken
-chunking, wrong method).
+chunking, wrong method). A second round (--large-cases) does the same with a ~200 KB model, whose
+bodies an unsigned node reads into a pooled buffer and scans for NaN/Inf as they arrive.
 
 Prints the case count, outcome counts by kind and cases/s; exits 1 on any failure, saving each
 offending frame under --out (``<target>-<case>.bin`` and a ``.txt`` saying what went wrong).
@@ -301,12 +303,15 @@ def raw_requests(frame: bytes) -> list[tuple[str, bytes, bool]]:
 
 
 async def fuzz_node(cases: int, *, seed: int = 0, out: Path | None = None, hang: float = 10.0,
-                    concurrency: int = 4) -> Report:
-    """Throw ``cases`` frames at live nodes' ``POST /gossip``; see the module docstring."""
-    cfg = RunConfig(cluster="fuzz", listen="127.0.0.1:0", max_peer_rate=0, max_message_mb=0.1, steps=10,
-                    mdns=False, seed=seed)
+                    concurrency: int = 4, hidden: int = 32) -> Report:
+    """Throw ``cases`` frames at live nodes' ``POST /gossip``; see the module docstring.
+    ``hidden``: the nodes' MLP width (32: ~10 KB frames; 640: ~200 KB, which a node without a
+    secret scans for NaN/Inf chunk by chunk as they arrive)."""
+    frame_mb = (64 * hidden + hidden + 10 * hidden + 10) * 4 / 1e6
+    cfg = RunConfig(cluster="fuzz", listen="127.0.0.1:0", max_peer_rate=0, max_message_mb=max(0.1, 4 * frame_mb),
+                    steps=10, mdns=False, seed=seed, hidden=(hidden,))
     rng = random.Random(seed)
-    report = Report("node")
+    report = Report("node" if hidden == 32 else f"node, {frame_mb * 1000:.0f} KB frames")
     errors = _Errors()
     logging.getLogger().addHandler(errors)
     accepted_total = [0, 0]
@@ -395,6 +400,9 @@ def main() -> int:
     ap.add_argument("--only", choices=("decode", "node"), help="fuzz one target only")
     ap.add_argument("--out", default="fuzz-failures", help="folder for offending frames")
     ap.add_argument("--hang", type=float, default=10.0, help="seconds before a case counts as a hang")
+    ap.add_argument("--large-cases", type=int, default=2000,
+                    help="frames at nodes with a ~200 KB model, whose bodies are scanned as they arrive "
+                         "(default 2000; 0: none)")
     args = ap.parse_args()
     if args.cases < 1 or not math.isfinite(args.hang) or args.hang <= 0:
         ap.error("--cases must be >= 1 and --hang > 0")
@@ -407,6 +415,10 @@ def main() -> int:
     if args.only in (None, "node"):
         reports.append(asyncio.run(fuzz_node(args.cases, seed=args.seed, out=Path(args.out), hang=args.hang)))
         reports[-1].print()
+        if args.large_cases > 0:
+            reports.append(asyncio.run(fuzz_node(args.large_cases, seed=args.seed + 1, out=Path(args.out),
+                                                 hang=args.hang, hidden=640)))
+            reports[-1].print()
     failed = sum(len(r.failures) for r in reports)
     print(f"total: {sum(r.cases for r in reports)} cases, {failed} failures")
     return 1 if failed else 0

@@ -14,6 +14,10 @@ Prints, for one gossip message of that model:
   (target <= 0.1 s);
 * the sender's peak extra memory (its one reusable send buffer: one copy).
 
+With a pairwise algorithm (``--algorithm adpsgd``) the message is an exchange: the responder
+averages as it answers and sends its model back, which the sender decodes and checks; the
+transfer time then covers both directions, and the sender's memory the reply.
+
     python scripts/bench_large_model.py [--params 100000000] [--algorithm dpsgd] [--repeat 3]
 
 Exit 1 if a target is missed. Needs about 4 GB of memory for 100M parameters.
@@ -112,10 +116,16 @@ def _receiver(nbytes: int, algorithm: str, conn: Any) -> None:
                 monitor.longest = 0.0
                 conn.send("ready")
                 worker = node._worker
-                worker.arrived.clear()
-                while not worker.inbox:  # the message arrives
-                    await worker.arrived.wait()
-                merged = await asyncio.to_thread(worker.merge_pending)
+                if node.algorithm.requirements.pairwise:  # the exchange merges as it answers
+                    answered = node.msgs_in
+                    while node.msgs_in == answered:  # noqa: ASYNC110  (a counter: the node has no event)
+                        await asyncio.sleep(0.001)
+                    merged = 1
+                else:
+                    worker.arrived.clear()
+                    while not worker.inbox:  # the message arrives
+                        await worker.arrived.wait()
+                    merged = await asyncio.to_thread(worker.merge_pending)
                 conn.send({"merged": merged, "extra": _rss("VmHWM") - base, "stall": monitor.longest})
         finally:
             monitor.stop()
@@ -124,7 +134,13 @@ def _receiver(nbytes: int, algorithm: str, conn: Any) -> None:
     asyncio.run(main())
 
 
-async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: int) -> list[dict[str, float]]:
+def _check_reply(body: bytes, fingerprint: str) -> None:
+    """What a node does with an exchange reply before applying it: decode and check for NaN/Inf."""
+    wire.require_finite(wire.decode(body, fingerprint=fingerprint, max_bytes=2**31))
+
+
+async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: int,
+                algorithm: str) -> list[dict[str, float]]:
     params = torch.randn(numel)
     freeze_heap()
     transport = HttpTransport()
@@ -140,7 +156,9 @@ async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: i
             base = _rss("VmRSS")
             _reset_peak()
             monitor.longest = 0.0
-            env = wire.Envelope(cluster="default", sender="sender", algorithm="dpsgd", fingerprint=fingerprint,
+            pairwise = get_algorithm(algorithm).requirements.pairwise
+            env = wire.Envelope(cluster="default", sender="sender", algorithm=algorithm, fingerprint=fingerprint,
+                                kind="exchange" if pairwise else "gossip",
                                 tensors={"params": params}, meta={"addr": "127.0.0.1:1", "deg": 1})
             t0 = time.perf_counter()
             n = wire.encoded_size(env)
@@ -148,7 +166,11 @@ async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: i
                 tx = new_buffer(n)
             body = memoryview(tx)[: await asyncio.to_thread(wire.encode_into, env, tx)]  # as a node: off the loop
             t1 = time.perf_counter()
-            reply = await transport.request(address, "POST", "/gossip", body, timeout=300)
+            # a pairwise algorithm's exchange: the reply is the responder's model, decoded as a node does
+            reply = await transport.request(address, "POST", "/exchange" if pairwise else "/gossip", body,
+                                            timeout=300)
+            if pairwise and reply.status == 200:
+                await asyncio.to_thread(_check_reply, reply.body, fingerprint)
             t2 = time.perf_counter()
             assert reply.status == 200, reply.body[:200]
             report = await asyncio.to_thread(conn.recv)
@@ -165,7 +187,9 @@ async def _send(address: str, fingerprint: str, numel: int, conn: Any, repeat: i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", type=int, default=100_000_000)
-    ap.add_argument("--algorithm", default="dpsgd")
+    ap.add_argument("--algorithm", default="dpsgd",
+                    help="the nodes' algorithm; a pairwise one (adpsgd) makes the message an exchange, "
+                         "timed until the responder's model is back and decoded")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     nbytes = args.params * 4
@@ -175,12 +199,15 @@ def main() -> int:
     address, fingerprint = parent.recv()
     numel = int((nbytes / 4) ** 0.5) ** 2  # the receiver's model (bench_transfer._model): one square Linear
     try:
-        rows = asyncio.run(_send(address, fingerprint, numel, parent, args.repeat))
+        rows = asyncio.run(_send(address, fingerprint, numel, parent, args.repeat, args.algorithm))
     finally:
         parent.send("stop")
         proc.join(60)
     model = numel * 4
     t_sock = min(bench_socket(rows[0]["size"], args.repeat))  # best of, as the rows above
+    pairwise = get_algorithm(args.algorithm).requirements.pairwise
+    if pairwise:
+        t_sock *= 2  # an exchange carries the model both ways: the socket's baseline does too
     best = min(r["transfer"] for r in rows)
     rx_extra = max(r["rx_extra"] for r in rows) / model
     tx_extra = max(r["tx_extra"] for r in rows) / model
@@ -189,7 +216,8 @@ def main() -> int:
           f"algorithm {args.algorithm}; best of {args.repeat}")
     print(f"encode (sender, worker thread)     {min(r['encode'] for r in rows):8.3f} s")
     print(f"transfer (POST -> 200)             {best:8.3f} s   {model / 1e6 / best:6.0f} MB/s")
-    print(f"raw TCP socket, same bytes         {t_sock:8.3f} s   ratio {t_sock / best:.2f}x  "
+    label = "raw TCP socket, same bytes x2" if pairwise else "raw TCP socket, same bytes"
+    print(f"{label:<34} {t_sock:8.3f} s   ratio {t_sock / best:.2f}x  "
           f"(target >= {TRANSFER_TARGET}x)")
     print(f"receiver peak extra RSS (receive + merge) {rx_extra:5.2f}x the model  (target <= {MEMORY_TARGET}x)")
     print(f"sender peak extra RSS (encode + send)     {tx_extra:5.2f}x the model")

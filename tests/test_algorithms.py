@@ -874,3 +874,24 @@ def test_update_rules_take_a_leading_node_axis() -> None:
         keep[p::parts] = False
         assert torch.equal(xb[i, keep], x[i, keep])
         assert float(ab[i, p]) == max(own, float(age[i]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [(), (3,)])
+def test_the_chunked_exchange_update_is_the_plain_one_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rows: tuple[int, ...]) -> None:
+    """`add_exchange_delta` slices its temporary (4 MB instead of two model-size ones): the floats
+    must be exactly those of ``target += mix * (other - own)``, also with ``target`` as ``own``."""
+    from gossipfl.algorithms import adpsgd
+
+    monkeypatch.setattr(adpsgd, "_CHUNK", 7)  # 5 slices of a 31-wide model, the last one short
+    g = torch.Generator().manual_seed(3)
+    own, other = (torch.randn(*rows, 31, generator=g, dtype=dtype) for _ in range(2))
+    for mix in (0.5, 0.3):
+        want = own + adpsgd.exchange_delta(own, other, mix)
+        target = own.clone()
+        adpsgd.add_exchange_delta(target, own, other, mix)
+        assert torch.equal(target, want)
+        aliased = own.clone()
+        adpsgd.add_exchange_delta(aliased, aliased, other, mix)  # a merge: own is the target
+        assert torch.equal(aliased, want)

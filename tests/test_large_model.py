@@ -102,7 +102,7 @@ def test_large_body_is_decoded_off_the_event_loop_and_still_checked() -> None:
 def test_a_large_body_goes_out_with_the_loop_running_between_slices() -> None:
     """A socket that takes every write whole makes aiohttp await nothing: the slices themselves
     must yield, or a 400 MB body holds the sender's loop ~0.1 s (bench_large_model)."""
-    from gossipfl.node.transport import _FIRST_SLICE, _SLICE, _slices
+    from gossipfl.node.transport import _FIRST_SLICE, SLICE, slices
 
     async def main() -> list[int]:
         ticks = 0
@@ -115,18 +115,73 @@ def test_a_large_body_goes_out_with_the_loop_running_between_slices() -> None:
 
         task = asyncio.create_task(ticker())
         await asyncio.sleep(0)
-        body = bytearray(range(256)) * (8 * _SLICE // 256)
+        body = bytearray(range(256)) * (8 * SLICE // 256)
         pieces: list[bytes] = []
         seen: list[int] = []
-        async for piece in _slices(body):
+        async for piece in slices(body):
             seen.append(ticks)
             pieces.append(bytes(piece))
         task.cancel()
         assert b"".join(pieces) == body  # every byte once, in order
         assert len(pieces[0]) == _FIRST_SLICE  # what aiohttp copies to join the headers to it
-        assert max(map(len, pieces)) == _SLICE
+        assert max(map(len, pieces)) == SLICE
         return seen
 
     seen = asyncio.run(main())
-    assert len(seen) == 9  # the small first slice, then 8 of _SLICE (the last one shorter)
+    assert len(seen) == 9  # the small first slice, then 8 of SLICE (the last one shorter)
     assert all(b > a for a, b in zip(seen, seen[1:], strict=False))  # the loop ran before every slice
+
+
+def test_a_large_exchange_is_answered_off_the_loop_and_its_reply_buffer_recycled() -> None:
+    """AD-PSGD over real HTTP with a 4.8 MB model: the responder averages exactly
+    (``own + 0.5 (other - own)``, its reply the model from before), answers in a worker thread,
+    streams the reply and then keeps its buffer for the next reply; the initiator reads the reply
+    into one buffer of its size (a memoryview, not aiohttp's joined bytes)."""
+    from gossipfl.node.transport import HttpTransport
+
+    torch.manual_seed(0)
+    model = nn.Linear(SIDE, SIDE, bias=False)
+    data = Dataset(name="big", x_train=torch.zeros(4, SIDE), y_train=torch.zeros(4, dtype=torch.long),
+                   x_test=torch.zeros(2, SIDE), y_test=torch.zeros(2, dtype=torch.long),
+                   n_classes=SIDE, input_shape=(SIDE,))
+    cfg = RunConfig(listen="127.0.0.1:0", steps=1, max_peer_rate=0, algorithm="adpsgd", max_message_mb=64)
+
+    async def main() -> None:
+        node = Node(cfg, node_id="rx", trainer=Trainer(model, data, torch.arange(4)),
+                    algorithm=get_algorithm("adpsgd"), secret=None)
+        await node.start(hold=True)
+        transport = HttpTransport()
+        threads: list[str] = []
+        worker = node._worker
+        real = worker.encode_locked
+
+        def spy(msg: object, **kw: object) -> memoryview:
+            import threading
+            threads.append(threading.current_thread().name)
+            return real(msg, **kw)  # type: ignore[arg-type]
+
+        worker.encode_locked = spy  # type: ignore[method-assign]
+        try:
+            buffers = []
+            for k in range(2):
+                own = node.state.params.detach().reshape(-1).clone()
+                other = torch.randn(SIDE * SIDE, generator=torch.Generator().manual_seed(k))
+                env = wire.Envelope(cluster=node.cfg.cluster, sender="tx", algorithm="adpsgd", kind="exchange",
+                                    fingerprint=node.fingerprint, tensors={"params": other},
+                                    meta={"addr": "127.0.0.1:1", "deg": 1})
+                reply = await transport.request(node.address, "POST", "/exchange", wire.encode(env), timeout=60)
+                assert reply.status == 200
+                assert isinstance(reply.body, memoryview)  # read into one buffer of the announced size
+                back = wire.decode(reply.body, fingerprint=node.fingerprint).tensors["params"]
+                assert torch.equal(back, own)  # the reply is the model from before the average
+                assert torch.equal(node.state.params.detach().reshape(-1), own + 0.5 * (other - own))
+                assert len(worker.reply_pool._spare) == 1  # the reply's buffer came back after sending
+                buffers.append(worker.reply_pool._spare[0])
+            assert buffers[0] is buffers[1]  # and the second reply reused it: no new 4.8 MB buffer
+            assert threads
+            assert all(name != "MainThread" for name in threads)  # answered off the event loop
+        finally:
+            await transport.aclose()
+            await node.aclose()
+
+    asyncio.run(main())

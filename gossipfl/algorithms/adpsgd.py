@@ -40,7 +40,7 @@ import torch
 from gossipfl.algorithms._util import check_real
 from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, Send, State, Targets
 
-__all__ = ["ADPSGD", "PairwiseAveraging", "exchange_delta"]
+__all__ = ["ADPSGD", "PairwiseAveraging", "add_exchange_delta", "exchange_delta"]
 
 
 def exchange_delta(own: torch.Tensor, other: torch.Tensor, mix: float = 0.5) -> torch.Tensor:
@@ -49,6 +49,27 @@ def exchange_delta(own: torch.Tensor, other: torch.Tensor, mix: float = 0.5) -> 
     The other side adds ``exchange_delta(other, own, mix)``, its exact negative.
     """
     return mix * (other - own)
+
+
+_CHUNK = 1 << 20  # elements per slice of `add_exchange_delta`'s temporary (4 MB of float32)
+
+
+def add_exchange_delta(target: torch.Tensor, own: torch.Tensor, other: torch.Tensor, mix: float = 0.5) -> None:
+    """``target += exchange_delta(own, other, mix)``, element for element the same floats, with a
+    temporary of at most `_CHUNK` elements per row instead of two of the model's size: for a
+    100M-parameter model the difference between 1.2 GB and 4 MB of scratch per exchange.
+    ``target`` may be ``own`` itself."""
+    width = target.shape[-1] if target.dim() else 1
+    if width <= _CHUNK:
+        target.add_(exchange_delta(own, other, mix))
+        return
+    scratch = torch.empty((*target.shape[:-1], _CHUNK), dtype=target.dtype, device=target.device)
+    for start in range(0, width, _CHUNK):
+        end = min(start + _CHUNK, width)
+        tmp = scratch[..., : end - start]
+        torch.sub(other[..., start:end], own[..., start:end], out=tmp)
+        tmp.mul_(mix)
+        target[..., start:end].add_(tmp)
 
 
 class ADPSGD(AlgorithmBase):
@@ -77,16 +98,16 @@ class ADPSGD(AlgorithmBase):
     @torch.no_grad()
     def respond(self, state: State, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         old = state["params"].clone()
-        state["params"].add_(exchange_delta(old, incoming["params"], self.mix))
+        add_exchange_delta(state["params"], old, incoming["params"], self.mix)
         return {"params": old}
 
     @torch.no_grad()
     def apply_reply(self, state: State, reply: dict[str, torch.Tensor]) -> None:
-        state["params"].add_(exchange_delta(state["sent"], reply["params"], self.mix))
+        add_exchange_delta(state["params"], state["sent"], reply["params"], self.mix)
 
     @torch.no_grad()
     def merge(self, state: State, inbox: Inbox) -> None:
-        state["params"].add_(exchange_delta(state["params"], inbox["params"], self.mix))
+        add_exchange_delta(state["params"], state["params"], inbox["params"], self.mix)
 
 
 class PairwiseAveraging(ADPSGD):

@@ -24,6 +24,7 @@ from gossipfl.config import RunConfig
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
 from gossipfl.node.buffers import Buffer, BufferPool
 from gossipfl.node.replay import RateLimit, ReplayGuard
+from gossipfl.node.transport import SLICE, slices
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
 from gossipfl.node.worker import Worker
 from gossipfl.web.page import page_response, serves
@@ -167,11 +168,24 @@ class Handlers:
             return _error_response(400, "incomplete", "the connection closed before the body was complete")
         status, out = await self.handle(request.method, request.path, body, scan)
         binary = request.path == "/exchange" and status == 200
+        if binary and len(out) > SLICE:
+            # A large reply (a model) in slices, each drained before the next: one write of it all
+            # makes Python 3.11's transport shift the unsent rest after every send (quadratic).
+            response = web.StreamResponse(status=status)
+            response.content_type = "application/octet-stream"
+            response.content_length = len(out)
+            await response.prepare(request)
+            async for piece in slices(out):
+                await response.write(piece)  # sent, or copied into the transport's buffer
+            await response.write_eof()
+            if isinstance(out, memoryview):
+                self._worker.reply_pool.give(out.obj)  # its bytes are out: the next reply may reuse it
+            return response
         return web.Response(status=status, body=out,
                             content_type="application/octet-stream" if binary else "application/json")
 
     async def handle(self, method: str, path: str, body: bytes | Buffer,
-                     scan: FiniteScan | None = None) -> tuple[int, bytes]:
+                     scan: FiniteScan | None = None) -> tuple[int, bytes | memoryview]:
         """The node's one entry point for requests, shared by HTTP and the in-memory network.
         ``scan``: the NaN/Inf scan `read_body` ran over ``body`` as it arrived, if any."""
         if path == "/status" and method == "GET":
@@ -232,7 +246,7 @@ class Handlers:
         return 200, _OK
 
     async def rpc_exchange(self, body: bytes | Buffer,
-                           decoded: Decoded | WireError | None = None) -> tuple[int, bytes]:
+                           decoded: Decoded | WireError | None = None) -> tuple[int, bytes | memoryview]:
         """The responder's side of a pairwise exchange: average atomically, return our part."""
         node, worker = self._node, self._worker
         if not node.algorithm.requirements.pairwise:
@@ -249,11 +263,16 @@ class Handlers:
         why = await worker.acquire_to_answer(env.sender, wait)  # our own exchange in flight, or a long step
         if why is not None:
             return _refusal(423, why, f"node {node.id} is {why} (refused, or not free within {wait:g} s)")
-        try:
+        def answer() -> memoryview:  # under the lock: the average and our reply, one atomic step
             incoming = message_of(env)
             worker.staleness.add(worker.state.step - incoming.step)
-            reply = worker.state.respond(incoming)
-            out = bytes(worker.encode_locked(reply, kind="reply"))
+            return worker.encode_locked(worker.state.respond(incoming), kind="reply")
+
+        try:
+            # A large model's average and encoding read and write every parameter (~0.1 s and more
+            # at 100M): in a worker thread, so the loop keeps serving; a small one's stay here.
+            large = len(body) >= OFF_LOOP_BYTES
+            out = await node._clock.to_thread(answer) if large else answer()
         finally:
             worker.lock.release()
         node.count_in(env.sender, len(body))

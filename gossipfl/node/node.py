@@ -265,7 +265,7 @@ class Node:
 
     # ------------------------------------------------------------------ serving
 
-    async def handle(self, method: str, path: str, body: bytes | bytearray) -> tuple[int, bytes]:
+    async def handle(self, method: str, path: str, body: bytes | bytearray) -> tuple[int, bytes | memoryview]:
         """The node's one entry point for requests, shared by HTTP and the in-memory network."""
         return await self._handlers.handle(method, path, body)
 
@@ -273,7 +273,7 @@ class Node:
         """Validate one message and queue it for the next merge; the model is untouched on error."""
         return self._handlers.rpc_gossip(body)
 
-    async def rpc_exchange(self, body: bytes | bytearray) -> tuple[int, bytes]:
+    async def rpc_exchange(self, body: bytes | bytearray) -> tuple[int, bytes | memoryview]:
         """The responder's side of a pairwise exchange: average atomically, return our part."""
         return await self._handlers.rpc_exchange(body)
 

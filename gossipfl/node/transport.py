@@ -16,9 +16,11 @@ from typing import Any, Protocol
 import aiohttp
 
 from gossipfl.errors import PeerError, PeerTimeout
+from gossipfl.node.buffers import new_buffer
 from gossipfl.node.clock import Clock, WallClock
 
-__all__ = ["Handler", "HttpTransport", "MemoryNetwork", "MemoryTransport", "Reply", "Transport"]
+__all__ = ["READ_BUFSIZE", "SLICE", "Handler", "HttpTransport", "MemoryNetwork", "MemoryTransport", "Reply",
+           "Transport", "slices"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Reply:
     """A peer's answer: HTTP status and its JSON body (or raw bytes for binary replies)."""
 
     status: int
-    body: bytes
+    body: bytes | memoryview
 
     def json(self) -> Any:
         try:
@@ -36,7 +38,7 @@ class Reply:
 
 
 # (method, path, body) -> (status, body); the node's single entry point for requests.
-Handler = Callable[[str, str, bytes | bytearray], Awaitable[tuple[int, bytes]]]
+Handler = Callable[[str, str, bytes | bytearray], Awaitable[tuple[int, bytes | memoryview]]]
 
 
 class Transport(Protocol):
@@ -75,11 +77,11 @@ class HttpTransport:
         # the remainder and shift it after every send, which is quadratic in the body size; and
         # aiohttp joins the headers with the first piece it is given (bytes.join: a copy), so the
         # first slice is small.
-        data: Any = _slices(body) if len(body) > _FIRST_SLICE else (body or None)
+        data: Any = slices(body) if len(body) > _FIRST_SLICE else (body or None)
         try:
             async with self._clock.timeout(timeout):
                 async with session.request(method, url, data=data, headers=headers) as resp:
-                    return Reply(resp.status, await resp.read())
+                    return Reply(resp.status, await _read_reply(resp))
         except TimeoutError:
             raise PeerTimeout(f"{address}: no answer to {method} {path} within {timeout:g} s") from None
         except aiohttp.ClientError as exc:
@@ -91,7 +93,7 @@ class HttpTransport:
             await session.close()
 
 
-_SLICE = 1 << 20
+SLICE = 1 << 20
 _FIRST_SLICE = 1 << 14  # what aiohttp copies to put the headers in front of it (Python < 3.12.9)
 
 READ_BUFSIZE = 1 << 18
@@ -101,17 +103,38 @@ mark (twice the limit) and pauses and resumes the socket, two epoll calls and a 
 read: a 10 MB body took ~0.7 ms longer (of ~5). Each connection buffers at most ~twice this."""
 
 
-async def _slices(body: bytes | bytearray | memoryview) -> AsyncIterator[memoryview]:
-    """The body in `_SLICE` pieces after a `_FIRST_SLICE` one, yielding to the event loop before
+async def _read_reply(resp: aiohttp.ClientResponse) -> bytes | memoryview:
+    """A reply's body; a large one (an exchange's model) read straight into one new buffer of the
+    announced size, as a node reads a request (`gossipfl.node.handlers.read_body`): aiohttp's own
+    read keeps every chunk and joins them, twice the model's size and one long copy on the loop."""
+    n = resp.content_length
+    if n is None or n < 1 << 16 or resp.content_type != "application/octet-stream":  # JSON stays bytes
+        return await resp.read()
+    buf = new_buffer(n)
+    view = memoryview(buf)
+    off = 0
+    async for chunk in resp.content.iter_any():
+        end = off + len(chunk)
+        if end > n:
+            raise aiohttp.ClientPayloadError(f"reply longer than its Content-Length of {n}")
+        view[off:end] = chunk
+        off = end
+    if off != n:
+        raise aiohttp.ClientPayloadError(f"reply of {off} bytes, its Content-Length says {n}")
+    return view
+
+
+async def slices(body: bytes | bytearray | memoryview) -> AsyncIterator[memoryview]:
+    """The body in `SLICE` pieces after a `_FIRST_SLICE` one, yielding to the event loop before
     each one after the first.
 
     aiohttp awaits nothing while the socket takes every write whole (a fast loopback peer), so
     without the yield a 400 MB body went out in one ~0.1 s stretch of the loop."""
     view = memoryview(body)
     yield view[:_FIRST_SLICE]
-    for off in range(_FIRST_SLICE, len(view), _SLICE):
+    for off in range(_FIRST_SLICE, len(view), SLICE):
         await asyncio.sleep(0)
-        yield view[off : off + _SLICE]
+        yield view[off : off + SLICE]
 
 
 class MemoryNetwork:

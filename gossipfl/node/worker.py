@@ -55,6 +55,9 @@ class Worker:
         # an exchange request's own buffer: answering others meanwhile reuses _tx_buf, and a node has
         # at most one exchange of its own in flight, so this one is never overwritten while it travels
         self._exchange_buf: Buffer = bytearray()
+        # replies to others' exchange requests: each its own buffer while it travels, recycled after
+        # (a new 400 MB one per exchange costs ~100 000 page faults); small replies are not pooled
+        self.reply_pool = BufferPool(keep=1)
         self.arrived = asyncio.Event()  # set on every queued message (neighbour-local rounds wait on it)
         # pairwise: our own exchange is in flight (snapshot sent, reply not yet applied); event-loop only
         self.exchanging = False
@@ -212,8 +215,9 @@ class Worker:
 
     def encode_locked(self, msg: Message, *, kind: str = "gossip") -> memoryview:
         """Frame ``msg`` into the send buffer (a view of it: valid until the next encode; an
-        exchange request: until the node's next exchange request); signed frames carry their time
-        and a nonce (`gossipfl.node.replay`)."""
+        exchange request: until the node's next exchange request; a reply: its own new buffer,
+        which lives as long as the view, so that answering never waits for a buffer to be free);
+        signed frames carry their time and a nonce (`gossipfl.node.replay`)."""
         meta = {**msg.meta, "addr": self.address, "deg": self.view.degree}
         env = wire.Envelope(
             cluster=self.cluster, sender=self.id, algorithm=self.algorithm.name, kind=kind,
@@ -221,6 +225,9 @@ class Worker:
             meta=stamp(meta, self.wall) if self.secret is not None else meta,
             tensors=dict(msg.tensors),
         )
+        if kind == "reply":  # give the view's buffer (``.obj``) to `reply_pool` once it is sent
+            buf, n = wire.encode_reusing(env, bytearray(), self.reply_pool.take, secret=self.secret)
+            return memoryview(buf)[:n]
         name = "_exchange_buf" if kind == "exchange" else "_tx_buf"
         # a new buffer when this one is too small: a large one without zeroing it under the GIL
         buf, n = wire.encode_reusing(env, getattr(self, name), new_buffer, secret=self.secret)

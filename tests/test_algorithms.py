@@ -895,3 +895,28 @@ def test_the_chunked_exchange_update_is_the_plain_one_bit_for_bit(
         aliased = own.clone()
         adpsgd.add_exchange_delta(aliased, aliased, other, mix)  # a merge: own is the target
         assert torch.equal(aliased, want)
+
+
+@pytest.mark.parametrize("name", ["adpsgd", "pairwise_averaging"])
+def test_a_snapshot_reply_is_the_cloned_one_without_the_clone(name: str) -> None:
+    """`respond(..., snapshot=f)`: the reply is what ``f`` returned (a node's frame views), and the
+    state after the exchange is bit-for-bit the one the algorithm's own clone gives."""
+    g = torch.Generator().manual_seed(5)
+    params, incoming = (torch.randn(2, 9, generator=g, dtype=torch.float64) for _ in range(2))
+    algo = get_algorithm(name)
+    plain = {"params": params.clone()}
+    algo.init_state(plain)
+    want = algo.respond(plain, {"params": incoming})
+    copies: list[torch.Tensor] = []
+
+    def into_frame(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        copies.append(tensors["params"].clone())  # stands in for the frame a node encodes
+        return {"params": copies[-1]}
+
+    snap = {"params": params.clone()}
+    algo.init_state(snap)
+    got = algo.respond(snap, {"params": incoming}, snapshot=into_frame)
+    assert got["params"] is copies[0]
+    assert torch.equal(got["params"], want["params"])
+    assert torch.equal(got["params"], params)  # the reply: the model from before the exchange
+    assert torch.equal(snap["params"], plain["params"])

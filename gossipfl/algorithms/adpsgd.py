@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from gossipfl.algorithms._util import check_real
-from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, Send, State, Targets
+from gossipfl.algorithms.base import AlgorithmBase, Channel, Inbox, Requirements, Send, Snapshot, State, Targets
 
 __all__ = ["ADPSGD", "PairwiseAveraging", "add_exchange_delta", "exchange_delta"]
 
@@ -51,13 +51,13 @@ def exchange_delta(own: torch.Tensor, other: torch.Tensor, mix: float = 0.5) -> 
     return mix * (other - own)
 
 
-_CHUNK = 1 << 20  # elements per slice of `add_exchange_delta`'s temporary (4 MB of float32)
+_CHUNK = 1 << 18  # elements per slice of `add_exchange_delta`'s temporary (1 MB of float32)
 
 
 def add_exchange_delta(target: torch.Tensor, own: torch.Tensor, other: torch.Tensor, mix: float = 0.5) -> None:
     """``target += exchange_delta(own, other, mix)``, element for element the same floats, with a
     temporary of at most `_CHUNK` elements per row instead of two of the model's size: for a
-    100M-parameter model the difference between 1.2 GB and 4 MB of scratch per exchange.
+    100M-parameter model the difference between 1.2 GB and 1 MB of scratch per exchange.
     ``target`` may be ``own`` itself."""
     width = target.shape[-1] if target.dim() else 1
     if width <= _CHUNK:
@@ -96,9 +96,11 @@ class ADPSGD(AlgorithmBase):
         return {"params": state["sent"]}
 
     @torch.no_grad()
-    def respond(self, state: State, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        old = state["params"].clone()
-        add_exchange_delta(state["params"], old, incoming["params"], self.mix)
+    def respond(self, state: State, incoming: dict[str, torch.Tensor], *,
+                snapshot: Snapshot | None = None) -> dict[str, torch.Tensor]:
+        params = state["params"]
+        old = snapshot({"params": params})["params"] if snapshot is not None else params.clone()
+        add_exchange_delta(params, old, incoming["params"], self.mix)
         return {"params": old}
 
     @torch.no_grad()

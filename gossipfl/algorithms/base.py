@@ -45,7 +45,7 @@ each neighbour); otherwise every message counts exactly once (push-sum mass, CHO
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
@@ -296,13 +296,22 @@ class Algorithm(Protocol):
         """Round algorithms: whose round-``round`` message a node waits for before its next step."""
         ...
 
-    def respond(self, state: State, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Pairwise algorithms: the responders' side of one atomic exchange each (rows pair up)."""
+    def respond(self, state: State, incoming: dict[str, torch.Tensor], *,
+                snapshot: Snapshot | None = None) -> dict[str, torch.Tensor]:
+        """Pairwise algorithms: the responders' side of one atomic exchange each (rows pair up).
+
+        The reply is the responders' tensors from before the exchange. ``snapshot``, if given,
+        copies them somewhere of the caller's (a node: into the reply's frame) and returns the
+        copies, which the reply then is: no copy of the algorithm's own on top."""
         ...
 
     def apply_reply(self, state: State, reply: dict[str, torch.Tensor]) -> None:
         """Pairwise algorithms: the initiators' side once their replies arrived."""
         ...
+
+
+Snapshot = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+"""Copies a pairwise reply's tensors (``[N, ...]``) out of the state and returns the copies."""
 
 
 class AlgorithmBase:
@@ -339,7 +348,8 @@ class AlgorithmBase:
     def expected_senders(self, in_neighbours: Sequence[str], *, round: int) -> list[str]:
         return list(in_neighbours) if self.requirements.rounds else []
 
-    def respond(self, state: State, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def respond(self, state: State, incoming: dict[str, torch.Tensor], *,
+                snapshot: Snapshot | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self.name} is not a pairwise algorithm")
 
     def apply_reply(self, state: State, reply: dict[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ import torch
 from aiohttp import web
 
 from gossipfl import wire
-from gossipfl.algorithms import Algorithm
+from gossipfl.algorithms import Algorithm, Message
 from gossipfl.config import RunConfig
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
 from gossipfl.node.buffers import Buffer, BufferPool
@@ -266,7 +266,16 @@ class Handlers:
         def answer() -> memoryview:  # under the lock: the average and our reply, one atomic step
             incoming = message_of(env)
             worker.staleness.add(worker.state.step - incoming.step)
-            return worker.encode_locked(worker.state.respond(incoming), kind="reply")
+            frames: list[memoryview] = []
+
+            def into_frame(reply: Message) -> dict[str, torch.Tensor]:
+                # The reply's frame is the snapshot: encoded from the state before the average,
+                # its tensors (views of it) are what the average reads; no clone of the model.
+                frames.append(worker.encode_locked(reply, kind="reply"))
+                return wire.decode(frames[-1], max_bytes=len(frames[-1])).tensors  # ours: no HMAC to verify
+
+            worker.state.respond(incoming, snapshot=into_frame)
+            return frames[-1]
 
         try:
             # A large model's average and encoding read and write every parameter (~0.1 s and more

@@ -10,7 +10,7 @@ Not thread-safe: the node calls it under its learning lock.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -132,8 +132,18 @@ class NodeLearning:
         tensors = {k: v[0] for k, v in out.items() if self.step % self._every.get(k, 1) == 0}
         return Message(tensors=tensors, step=self.step, round=self.step)
 
-    def respond(self, incoming: Message) -> Message:
-        reply = self.algorithm.respond(self.state, {k: v.unsqueeze(0) for k, v in incoming.tensors.items()})
+    def respond(self, incoming: Message, *,
+                snapshot: Callable[[Message], dict[str, torch.Tensor]] | None = None) -> Message:
+        """The responder's side of an exchange. ``snapshot``: copies the reply (a `Message` of this
+        node's tensors from before the exchange) where it will travel and returns the copies, so
+        that the reply is encoded once, straight from the state (`Algorithm.respond`)."""
+        snap = None
+        if snapshot is not None:
+            def snap(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                msg = Message(tensors={k: v[0] for k, v in tensors.items()}, step=self.step, round=self.step)
+                return {k: v.unsqueeze(0) for k, v in snapshot(msg).items()}
+        reply = self.algorithm.respond(self.state, {k: v.unsqueeze(0) for k, v in incoming.tensors.items()},
+                                       snapshot=snap)
         self._realias()
         return Message(tensors={k: v[0] for k, v in reply.items()}, step=self.step, round=self.step)
 

@@ -21,7 +21,8 @@ watch and at the end. At the end it says:
   than `GROWTH` allows (memory: 5 % and 16 MiB; open files: 4; tasks: 8);
 * whether every restarted node resumed: its step counter carried on from its last checkpoint
   (the first step it reports is at least the checkpoint's, which is > 0), and its first accuracy
-  after the restart is within --tolerance (0.02) of its last one before the kill.
+  after the restart is at most --tolerance (0.02) below its last one before the kill (higher is
+  fine: that first reading comes after some hundred steps of training and merging).
 
 Exit code 0 when nothing grew and every restart resumed, else 1. Samples go to --out as JSONL.
 """
@@ -111,8 +112,11 @@ def resumed(before: dict[str, Any], saved_step: int | None, after: dict[str, Any
     a, b = before.get("accuracy"), after.get("accuracy")
     if a is None or b is None:
         return "no accuracy before or after"
-    if abs(a - b) > tolerance:
-        return f"accuracy {b:.4f} after the restart, {a:.4f} before (more than {tolerance} apart)"
+    # One-sided: its first accuracy after the restart comes some hundred steps in (it trains and
+    # merges from the moment it is up), and a node that catches up with better neighbours has
+    # resumed all the same; one that started afresh is far below.
+    if b < a - tolerance:
+        return f"accuracy {b:.4f} after the restart, {a:.4f} before (lost more than {tolerance})"
     return None
 
 
@@ -317,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill", type=int, default=2, help="nodes killed (SIGKILL) at each churn point")
     ap.add_argument("--down", type=float, default=5.0, metavar="SECONDS", help="seconds a killed node stays down")
     ap.add_argument("--every", type=float, default=30.0, metavar="SECONDS", help="seconds between samples")
-    ap.add_argument("--tolerance", type=float, default=0.02, help="accuracy a restarted node may lose or gain")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="accuracy a restarted node may lose")
     ap.add_argument("--base-port", type=int, default=7400)
     ap.add_argument("--state-dir", help="parent folder of the nodes' state dirs and logs (default: a temp folder)")
     ap.add_argument("--out", help="write every sample here as JSONL")

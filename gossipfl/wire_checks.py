@@ -280,39 +280,49 @@ def nonfinite_message(name: str, t: torch.Tensor) -> str:
     return f"tensor {name!r} holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} Inf values"
 
 
-# IEEE-754 exponent bits per 16-bit float: all ones means Inf or NaN.
-_EXPONENT_16: Final = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+# IEEE-754 exponent bits per 16-bit float (by wire name): all ones means Inf or NaN.
+EXPONENT_16: Final = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _CHUNK: Final = 1 << 16
-_SMALL: Final = 1 << 16  # elements: a tensor this small is checked by max and min (see _all_finite)
+_SMALL: Final = 1 << 16  # elements: an array this small is checked by max and min (see floats_finite)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite; one pass on the calling thread, no full-size temporary.
 
     Torch reductions are avoided for the same reason as ``Tensor.copy_`` in encoding (they stall
-    when the cores are busy training). For float32/64 a finite sum proves every element finite
-    (NaN and Inf propagate); only a non-finite sum, maybe a harmless overflow, needs the exact
-    check. (One pass: over a tensor larger than the cache it beats the max-and-min pair, which is
-    faster on one that fits, and needs no ``errstate``: small tensors, and `gossipfl.wire_scan`.)
-    NumPy has no bfloat16, and float16 arithmetic there is slow, so 16-bit floats are checked on
-    their exponent bits, chunk by chunk.
+    when the cores are busy training). NumPy has no bfloat16, and float16 arithmetic there is
+    slow, so 16-bit floats are checked on their exponent bits (`bits16_finite`).
     """
     t = t.detach()
     if t.device.type != "cpu":
         return bool(torch.isfinite(t).all())
     if t.is_neg():
         t = t.resolve_neg()
-    mask = _EXPONENT_16.get(t.dtype)
+    mask = EXPONENT_16.get(_DTYPE_NAMES[t.dtype])
     if mask is None:
-        arr = t.numpy()
-        if arr.size <= _SMALL:  # in cache: max and min, which never warn (no errstate to set up)
-            return arr.size == 0 or (math.isfinite(arr.max()) and math.isfinite(arr.min()))
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(arr.sum()):
-                return True
-        return bool(np.isfinite(arr).all())
-    bits = t.view(torch.int16).numpy().reshape(-1)
-    scratch = np.empty(min(bits.size, _CHUNK), dtype=np.int16)
+        return floats_finite(t.numpy())  # any shape: strided views are not copied
+    return bits16_finite(t.view(torch.int16).numpy().reshape(-1), mask)
+
+
+def floats_finite(arr: np.ndarray) -> bool:
+    """Whether a float32/64 array (any shape) holds no NaN or Inf.
+
+    A small array (in cache) by its maximum and minimum, which are finite exactly when every
+    element is (both propagate NaN, an Inf is one of them) and never warn; a large one by its sum,
+    one pass, which wins once the data is past the cache: a finite sum proves every element finite,
+    and only a non-finite one (maybe a harmless overflow) needs the exact check."""
+    if arr.size <= _SMALL:
+        return arr.size == 0 or (math.isfinite(arr.max()) and math.isfinite(arr.min()))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(arr.sum()):
+            return True
+    return bool(np.isfinite(arr).all())
+
+
+def bits16_finite(bits: np.ndarray, mask: int) -> bool:
+    """Whether a 1-D array of 16-bit floats' bits (int16 or uint16) holds no NaN or Inf: no element
+    has all of ``mask``'s exponent bits set. Chunk by chunk, so no full-size temporary."""
+    scratch = np.empty(min(bits.size, _CHUNK), dtype=bits.dtype)
     for start in range(0, bits.size, _CHUNK):
         chunk = bits[start : start + _CHUNK]
         out = scratch[: chunk.size]

@@ -17,7 +17,6 @@ finding is only a shortcut: :func:`gossipfl.wire.decode` still validates the who
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -28,10 +27,13 @@ from gossipfl.wire_checks import (
     _PREFIX,
     _SIG_LEN,
     _UINT32,
+    EXPONENT_16,
     _align,
     _check_count,
     _check_table,
     _unpack_header,
+    bits16_finite,
+    floats_finite,
     nonfinite_message,
 )
 
@@ -42,8 +44,6 @@ __all__ = ["FiniteScan"]
 
 # Little-endian as on the wire, whatever the host: NumPy swaps on the fly on a big-endian one.
 _FLOATS: Final[dict[str, np.dtype[np.floating]]] = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
-# 16-bit floats (NumPy has no bfloat16): Inf/NaN iff the exponent bits are all ones.
-_EXPONENT_16: Final = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _BITS_16: Final = np.dtype("<u2")
 
 
@@ -83,7 +83,7 @@ class FiniteScan:
         while self._i < len(blocks):
             name, dtype, offset, nbytes = blocks[self._i]
             start = max(offset, self._pos)
-            itemsize = 2 if dtype in _EXPONENT_16 else _FLOATS[dtype].itemsize
+            itemsize = 2 if dtype in EXPONENT_16 else _FLOATS[dtype].itemsize
             stop = min(offset + nbytes, end)
             stop -= (stop - offset) % itemsize  # whole elements only; the rest with the next chunk
             if stop > start:
@@ -130,18 +130,15 @@ class FiniteScan:
             self._given_up = True  # decode will say what is wrong
             return False
         self._blocks = [(name, dtype, offset, nbytes) for name, dtype, _, offset, nbytes in rows
-                        if nbytes and (dtype in _FLOATS or dtype in _EXPONENT_16)]
+                        if nbytes and (dtype in _FLOATS or dtype in EXPONENT_16)]
         self.names = frozenset(name for name, *_ in self._blocks)
         return True
 
 
 def _finite(mv: memoryview, dtype: str, start: int, stop: int) -> bool:
     """Whether the elements of ``dtype`` in bytes ``[start, stop)`` of ``mv`` are all finite."""
-    mask = _EXPONENT_16.get(dtype)
+    mask = EXPONENT_16.get(dtype)
     if mask is not None:
-        bits = np.frombuffer(mv, dtype=_BITS_16, count=(stop - start) // 2, offset=start)
-        return not bool(((bits & mask) == mask).any())
+        return bits16_finite(np.frombuffer(mv, dtype=_BITS_16, count=(stop - start) // 2, offset=start), mask)
     kind = _FLOATS[dtype]
-    arr = np.frombuffer(mv, dtype=kind, count=(stop - start) // kind.itemsize, offset=start)
-    # max and min propagate NaN (silently), and an Inf is one of them: two fast vector passes
-    return math.isfinite(arr.max()) and math.isfinite(arr.min())
+    return floats_finite(np.frombuffer(mv, dtype=kind, count=(stop - start) // kind.itemsize, offset=start))

@@ -185,3 +185,22 @@ def test_a_large_exchange_is_answered_off_the_loop_and_its_reply_buffer_recycled
             await node.aclose()
 
     asyncio.run(main())
+
+
+def test_read_into_copies_every_chunk_and_refuses_a_body_longer_than_its_buffer() -> None:
+    from gossipfl.node.buffers import read_into
+
+    async def chunks(*parts: bytes):  # type: ignore[no-untyped-def]
+        for p in parts:
+            yield p
+
+    async def main() -> None:
+        view = memoryview(bytearray(7))
+        ends: list[int] = []
+        assert await read_into(chunks(b"abc", b"defg"), view, ends.append) == 7
+        assert bytes(view) == b"abcdefg"
+        assert ends == [3, 7]  # told after each chunk
+        assert await read_into(chunks(b"ab"), memoryview(bytearray(7))) == 2  # short: the caller refuses it
+        assert await read_into(chunks(b"abcd", b"efgh"), memoryview(bytearray(7))) is None
+
+    asyncio.run(main())

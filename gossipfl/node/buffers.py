@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import mmap
 import threading
+from collections.abc import AsyncIterator, Callable
 
-__all__ = ["MAPPED_FROM", "Buffer", "BufferPool", "new_buffer"]
+__all__ = ["MAPPED_FROM", "Buffer", "BufferPool", "new_buffer", "read_into"]
 
 Buffer = bytearray | mmap.mmap
 """A writable receive or send buffer (`new_buffer`)."""
@@ -54,3 +55,20 @@ class BufferPool:
             if len(self._spare) >= self.keep:
                 self._spare.pop(0)
             self._spare.append(buf)
+
+
+async def read_into(chunks: AsyncIterator[bytes], view: memoryview,
+                    on_chunk: Callable[[int], None] | None = None) -> int | None:
+    """Copy a body arriving in ``chunks`` into ``view`` (one copy per byte, no chunk list to join)
+    and return its length; None if it is longer than ``view``. ``on_chunk(end)`` after each chunk,
+    while it is still in cache."""
+    off = 0
+    async for chunk in chunks:
+        end = off + len(chunk)
+        if end > len(view):
+            return None
+        view[off:end] = chunk
+        off = end
+        if on_chunk is not None:
+            on_chunk(off)
+    return off

@@ -22,7 +22,7 @@ from gossipfl import wire
 from gossipfl.algorithms import Algorithm, Message
 from gossipfl.config import RunConfig
 from gossipfl.errors import BadSignature, FingerprintMismatch, MessageTooLarge, WireError
-from gossipfl.node.buffers import Buffer, BufferPool
+from gossipfl.node.buffers import Buffer, BufferPool, read_into
 from gossipfl.node.replay import RateLimit, ReplayGuard
 from gossipfl.node.transport import SLICE, slices
 from gossipfl.node.util import WarnOnce, json_body, message_of, valid_address
@@ -305,16 +305,9 @@ async def read_body(request: web.Request, pool: BufferPool, *, scan: bool = Fals
     buf = pool.take(n)
     view = memoryview(buf)
     scanner = FiniteScan(view) if scan else None
-    off = 0
-    async for chunk in request.content.iter_any():
-        end = off + len(chunk)
-        if end > n:
-            return b"", None  # longer than announced: let the codec reject an empty frame
-        view[off:end] = chunk
-        off = end
-        if scanner is not None:
-            scanner.feed(off)  # while the chunk is in cache
-    return (buf, scanner) if off == n else (b"", None)
+    got = await read_into(request.content.iter_any(), view, scanner.feed if scanner is not None else None)
+    # longer or shorter than announced: let the codec reject an empty frame
+    return (buf, scanner) if got == n else (b"", None)
 
 
 def _error_response(status: int, reason: str, message: str) -> web.Response:

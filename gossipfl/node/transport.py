@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from gossipfl.errors import PeerError, PeerTimeout
-from gossipfl.node.buffers import new_buffer
+from gossipfl.node.buffers import new_buffer, read_into
 from gossipfl.node.clock import Clock, WallClock
 
 __all__ = ["READ_BUFSIZE", "SLICE", "Handler", "HttpTransport", "MemoryNetwork", "MemoryTransport", "Reply",
@@ -110,17 +110,11 @@ async def _read_reply(resp: aiohttp.ClientResponse) -> bytes | memoryview:
     n = resp.content_length
     if n is None or n < 1 << 16 or resp.content_type != "application/octet-stream":  # JSON stays bytes
         return await resp.read()
-    buf = new_buffer(n)
-    view = memoryview(buf)
-    off = 0
-    async for chunk in resp.content.iter_any():
-        end = off + len(chunk)
-        if end > n:
-            raise aiohttp.ClientPayloadError(f"reply longer than its Content-Length of {n}")
-        view[off:end] = chunk
-        off = end
-    if off != n:
-        raise aiohttp.ClientPayloadError(f"reply of {off} bytes, its Content-Length says {n}")
+    view = memoryview(new_buffer(n))
+    got = await read_into(resp.content.iter_any(), view)
+    if got != n:
+        raise aiohttp.ClientPayloadError(f"reply of {'more' if got is None else got} bytes, "
+                                         f"its Content-Length says {n}")
     return view
 
 
